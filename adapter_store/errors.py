@@ -1,0 +1,70 @@
+"""One error tree for all of Mosaic, rooted in :class:`MosaicError`.
+
+Each error carries the HTTP status and OpenAI error ``type``/``code`` it maps to, so the
+HTTP boundary translates them in one place. Subclasses also inherit the stdlib error a
+caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input).
+"""
+
+from __future__ import annotations
+
+
+class MosaicError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.message
+
+
+class NotFoundError(MosaicError, KeyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class InvalidRequestError(MosaicError, ValueError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AdapterValidationError(InvalidRequestError):
+    """An adapter failed validation; ``problems`` lists every problem found, not just the first."""
+
+    code = "invalid_adapter"
+
+    def __init__(self, problems: list[str], *, param: str | None = None) -> None:
+        self.problems = list(problems)
+        summary = f"adapter refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
+        super().__init__(summary + "; ".join(problems), param=param)
+
+
+class ConflictError(MosaicError, ValueError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnavailableError(MosaicError, RuntimeError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class CompositionError(MosaicError, ArithmeticError):
+    """The composer produced something unusable (e.g. non-finite values)."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "composition_failed"

@@ -1,0 +1,182 @@
+"""Validation at the door: an adapter is checked against the base model before it is stored.
+
+Every problem is collected and reported at once (as vLLM's ``PEFTHelper.validate_legal`` does),
+so a user fixes an adapter in one round trip. Nothing is written unless the list is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+
+from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, config_rank, parse_key
+from adapter_store.errors import AdapterValidationError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESERVED_NAMES = {"auto", "base"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Config fields whose non-default value changes what the adapter computes and that no engine
+# here applies: refused by name rather than silently ignored.
+_UNSUPPORTED = {
+    "use_dora": (False, None),
+    "modules_to_save": (None, [], ()),
+    "lora_bias": (False, None),
+    "bias": ("none", None),
+    "layer_replication": (None, [], ()),
+    "fan_in_fan_out": (False, None),
+    "target_parameters": (None, [], ()),
+}
+
+
+@dataclass(frozen=True)
+class BaseModelSpec:
+    """What an adapter is checked against: the base model's id and linear-module shapes."""
+
+    model_id: str
+    shapes: dict[str, tuple[int, int]]  # module name -> (d_out, d_in)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, model_id: str | None = None) -> "BaseModelSpec":
+        """Read module shapes from the safetensors headers only (no weights are loaded)."""
+        path = Path(path)
+        shapes: dict[str, tuple[int, int]] = {}
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key.endswith(".weight"):
+                        shape = f.get_slice(key).get_shape()
+                        if len(shape) == 2:
+                            shapes[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+        if not shapes:
+            raise FileNotFoundError(f"no safetensors weights found in {path}")
+        return cls(model_id=model_id or path.name, shapes=shapes)
+
+
+def check_name(name: str) -> list[str]:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        return [
+            f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        ]
+    if name.lower() in RESERVED_NAMES:
+        return [f"name {name!r} is reserved"]
+    return []
+
+
+def validate_files(
+    files: dict[str, bytes], spec: BaseModelSpec, *, max_rank: int, name: str | None = None
+) -> LoraAdapter:
+    """Check an uploaded PEFT folder (file name -> bytes); return the adapter or raise with all problems."""
+    problems: list[str] = check_name(name) if name is not None else []
+    if name is not None and name == spec.model_id:
+        problems.append(f"name {name!r} is the base model's id")
+    pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        problems.append(
+            f"pickle weights are refused ({', '.join(sorted(pickles))}): upload {WEIGHTS_FILE} (safetensors)"
+        )
+    config: dict | None = None
+    if CONFIG_FILE not in files:
+        problems.append(f"{CONFIG_FILE} is missing")
+    else:
+        try:
+            config = json.loads(files[CONFIG_FILE])
+            if not isinstance(config, dict):
+                problems.append(f"{CONFIG_FILE} must hold a JSON object")
+                config = None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
+    tensors: dict[str, torch.Tensor] | None = None
+    if WEIGHTS_FILE not in files:
+        problems.append(f"{WEIGHTS_FILE} is missing")
+    else:
+        try:
+            tensors = st_load(files[WEIGHTS_FILE])
+        except Exception as exc:  # safetensors raises several types for corrupt input
+            problems.append(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}")
+    if config is not None:
+        problems += _check_config(config, max_rank)
+    if config is not None and tensors is not None:
+        problems += _check_tensors(config, tensors, spec, max_rank)
+    if problems:
+        raise AdapterValidationError(problems)
+    assert config is not None and tensors is not None
+    return LoraAdapter.from_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE])
+
+
+def validate_adapter(adapter: LoraAdapter, spec: BaseModelSpec, *, max_rank: int, name: str | None = None) -> None:
+    """The same checks for an adapter already in memory (e.g. a composition result)."""
+    validate_files(
+        {CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, spec, max_rank=max_rank, name=name
+    )
+
+
+def _check_config(config: dict, max_rank: int) -> list[str]:
+    problems = []
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        problems.append(f"peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        problems.append(f"r must be a positive integer, got {r!r}")
+    elif r > max_rank:
+        problems.append(f"rank r={r} exceeds the maximum {max_rank}")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        problems.append(f"lora_alpha must be a number, got {alpha!r}")
+    if not config.get("target_modules"):
+        problems.append("target_modules is empty or missing")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in config and config[key] not in allowed:
+            problems.append(f"{key}={config[key]!r} is not supported (only {allowed[0]!r})")
+    return problems
+
+
+def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, max_rank: int) -> list[str]:
+    problems: list[str] = []
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        parsed = parse_key(key)
+        if parsed is None:
+            problems.append(f"tensor {key!r} is not a LoRA factor (expected base_model.model.<module>.lora_A|B.weight)")
+            continue
+        module, kind = parsed
+        if module not in spec.shapes:
+            problems.append(f"tensor {key!r} names module {module!r}, which base model {spec.model_id!r} does not have")
+            continue
+        pairs.setdefault(module, {})[kind] = t
+    if not tensors:
+        problems.append(f"{WEIGHTS_FILE} holds no tensors")
+    for module, kinds in sorted(pairs.items()):
+        if set(kinds) != {"A", "B"}:
+            missing = ({"A", "B"} - set(kinds)).pop()
+            problems.append(f"{module}: lora_{missing} is missing")
+            continue
+        A, B = kinds["A"], kinds["B"]
+        d_out, d_in = spec.shapes[module]
+        for kind, t in (("A", A), ("B", B)):
+            if not t.is_floating_point():
+                problems.append(f"{module}.lora_{kind}: dtype {t.dtype} is not floating point")
+            elif not bool(torch.isfinite(t).all()):
+                problems.append(f"{module}.lora_{kind}: holds NaN or Inf values")
+        if A.dim() != 2 or B.dim() != 2:
+            problems.append(f"{module}: factors must be 2-D, got A{tuple(A.shape)} B{tuple(B.shape)}")
+            continue
+        r = A.shape[0]
+        if A.shape[1] != d_in:
+            problems.append(f"{module}.lora_A: shape {tuple(A.shape)} does not match the module's input size {d_in}")
+        if B.shape[0] != d_out:
+            problems.append(f"{module}.lora_B: shape {tuple(B.shape)} does not match the module's output size {d_out}")
+        if B.shape[1] != r:
+            problems.append(f"{module}: lora_A rank {r} and lora_B rank {B.shape[1]} differ")
+        expected = config_rank(config, module) if isinstance(config.get("r"), int) else None
+        if expected is not None and r != expected:
+            problems.append(f"{module}: tensor rank {r} differs from the config's rank {expected}")
+        if r > max_rank:
+            problems.append(f"{module}: rank {r} exceeds the maximum {max_rank}")
+    return problems

@@ -1,0 +1,8 @@
+"""The composer room: pure tensor math on LoRA factors. No Redis, no HTTP."""
+
+from composer import methods as _methods  # noqa: F401  (registers the built-in methods)
+from composer.compose import ComposeReport, compose
+from composer.registry import METHODS, MergeMethod, get_method, merge_method
+from composer.spec import Composition
+
+__all__ = ["METHODS", "ComposeReport", "Composition", "MergeMethod", "compose", "get_method", "merge_method"]

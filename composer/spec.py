@@ -1,0 +1,70 @@
+"""What a composition is: a frozen spec whose content hash names its result everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from composer.registry import METHODS, get_method
+
+MAX_SKILLS = 16
+
+
+class Composition(BaseModel):
+    """(skills, weights, method, params, rank). ``weights`` default to 1.0 each (every skill at
+    full strength, plain task arithmetic); ``rank`` None means exact (no re-factoring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    skills: tuple[str, ...] = Field(min_length=1, max_length=MAX_SKILLS)
+    weights: tuple[float, ...] | None = None
+    method: str = "linear"
+    params: dict[str, Any] = Field(default_factory=dict)
+    rank: int | None = Field(default=None, ge=1, le=4096)
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _auto_rank(cls, v: Any) -> Any:
+        return None if v in ("auto", "") else v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Composition":
+        if self.weights is not None:
+            if len(self.weights) != len(self.skills):
+                raise ValueError(f"{len(self.skills)} skills but {len(self.weights)} weights")
+            if not all(math.isfinite(w) for w in self.weights):
+                raise ValueError("weights must be finite numbers")
+        get_method(self.method).check_params(self.params)
+        return self
+
+    @property
+    def resolved_weights(self) -> tuple[float, ...]:
+        return self.weights if self.weights is not None else tuple(1.0 for _ in self.skills)
+
+    @property
+    def resolved_params(self) -> dict[str, Any]:
+        return get_method(self.method).check_params(self.params)
+
+    def content_key(self, skill_hashes: list[str]) -> str:
+        """Hash of (each skill's weights sha256, weights, method, params, rank): names of skills
+        do not enter, so renaming changes nothing and a new version always changes the key."""
+        doc = {
+            "v": 1,
+            "skills": list(skill_hashes),
+            "weights": [float(w) for w in self.resolved_weights],
+            "method": self.method,
+            "params": self.resolved_params,
+            "rank": self.rank,
+        }
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

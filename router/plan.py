@@ -1,0 +1,25 @@
+"""A plan says what serves a request: the base model, one skill, or a composition."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from composer.spec import Composition
+
+
+class Plan(BaseModel):
+    kind: Literal["base", "skill", "composition"]
+    skill: str | None = None  # a skill reference (name or name@version) when kind == "skill"
+    composition: Composition | None = None
+    reason: str = ""
+    scores: dict[str, float] = Field(default_factory=dict)  # the router's scores, when it decided
+
+    @property
+    def skills(self) -> list[str]:
+        if self.kind == "skill":
+            return [self.skill or ""]
+        if self.kind == "composition" and self.composition is not None:
+            return list(self.composition.skills)
+        return []

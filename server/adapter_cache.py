@@ -1,0 +1,126 @@
+"""Engine-ready adapter folders: skills by content hash, compositions by composition hash.
+
+Everything here is named by content, so a name that gets a new version can never serve a
+stale folder, and every replica computes the same folder name and the same ``lora_int_id``.
+A composition is computed once: the result goes to Redis (for other replicas) and to local
+disk (for the engine); concurrent first requests for the same key wait for one computation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapter_store.adapter import LoraAdapter
+from adapter_store.registry import Registry, SkillInfo
+from composer import Composition, compose
+from server.engine import EngineAdapter
+
+
+def stable_int_id(key: str) -> int:
+    """A positive 31-bit id from a hex content hash (vLLM needs one int per adapter)."""
+    return (int(key[:8], 16) & 0x7FFFFFFF) or 1
+
+
+@dataclass
+class Served:
+    adapter: EngineAdapter
+    skills: list[str]  # resolved references, name@version
+    weights: list[float]
+    method: str | None
+    cache: str | None  # "hit" | "miss" for compositions
+    rank: int
+    refactored: bool = False
+    relative_error: float = 0.0
+
+    def describe(self) -> dict:
+        return {
+            "skills": self.skills, "weights": self.weights, "method": self.method, "cache": self.cache,
+            "rank": self.rank, "refactored": self.refactored, "relative_error": round(self.relative_error, 6),
+        }
+
+
+class AdapterCache:
+    def __init__(self, registry: Registry, data_dir: Path, max_rank: int) -> None:
+        self.registry = registry
+        self.dir = data_dir
+        self.max_rank = max_rank
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+    @staticmethod
+    def _write(folder: Path, adapter: LoraAdapter, meta: dict | None = None) -> None:
+        """Write the folder under a temporary name and rename it: readers never see half of it."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            adapter.save_dir(tmp)
+            if meta is not None:
+                (tmp / "mosaic.json").write_text(json.dumps(meta))
+            tmp.chmod(0o755)
+            tmp.rename(folder)
+        except OSError:
+            if not folder.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    async def skill(self, ref: str) -> Served:
+        info = await asyncio.to_thread(self.registry.info, ref)
+        folder = self.dir / "adapters" / info.sha256
+        refactored, rel, rank = False, 0.0, info.rank
+        async with self._lock(info.sha256):
+            if not (folder / "adapter_config.json").exists():
+                _, adapter = await asyncio.to_thread(self.registry.load, info.ref)
+                if not adapter.is_engine_native() or adapter.rank > self.max_rank:
+                    # rank/alpha patterns or a rank above the engine's limit: hand the engine
+                    # the equivalent uniform-rank adapter (exact unless the rank must shrink)
+                    adapter, report = await asyncio.to_thread(
+                        compose, [adapter], [1.0], method="linear", max_rank=self.max_rank
+                    )
+                    refactored, rel, rank = report.refactored, report.relative_error, report.rank
+                await asyncio.to_thread(self._write, folder, adapter)
+        engine_adapter = EngineAdapter(name=info.ref, int_id=stable_int_id(info.sha256), path=str(folder))
+        return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
+
+    async def composition(self, comp: Composition) -> Served:
+        infos: list[SkillInfo] = [await asyncio.to_thread(self.registry.info, ref) for ref in comp.skills]
+        key = comp.content_key([i.sha256 for i in infos])
+        folder = self.dir / "compositions" / key
+        async with self._lock(key):
+            meta: dict
+            if (folder / "adapter_config.json").exists() and (folder / "mosaic.json").exists():
+                cache, meta = "hit", _read_meta(folder)
+            else:
+                stored = await asyncio.to_thread(self.registry.get_composition, key)
+                if stored is not None:
+                    cache, (meta, adapter) = "hit", stored
+                else:
+                    cache = "miss"
+                    adapters = [(await asyncio.to_thread(self.registry.load, i.ref))[1] for i in infos]
+                    adapter, report = await asyncio.to_thread(
+                        compose, adapters, list(comp.resolved_weights), method=comp.method,
+                        params=comp.resolved_params, rank=comp.rank, max_rank=self.max_rank,
+                    )
+                    meta = {
+                        "key": key, "skills": [i.ref for i in infos], "rank": report.rank,
+                        "exact_rank": report.exact_rank, "refactored": report.refactored,
+                        "relative_error": report.relative_error,
+                    }
+                    await asyncio.to_thread(self.registry.put_composition, key, adapter, meta)
+                await asyncio.to_thread(self._write, folder, adapter, meta)
+        engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=stable_int_id(key), path=str(folder))
+        return Served(
+            engine_adapter, [i.ref for i in infos], list(comp.resolved_weights), comp.method, cache,
+            int(meta["rank"]), bool(meta["refactored"]), float(meta["relative_error"]),
+        )
+
+
+def _read_meta(folder: Path) -> dict:
+    return json.loads((folder / "mosaic.json").read_text())

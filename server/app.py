@@ -1,0 +1,68 @@
+"""The FastAPI application: OpenAI API + skill library API + health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+from server import admin_api, errors, openai_api
+from server.settings import Settings, get_settings
+from server.state import Mosaic, build
+
+log = logging.getLogger("mosaic.server")
+
+
+async def _start_engine(m: Mosaic) -> None:
+    t0 = time.monotonic()
+    try:
+        await m.engine.start()
+        log.info("engine %s ready in %.1f s", m.settings.engine, time.monotonic() - t0)
+        m.engine_start_seconds = time.monotonic() - t0
+    except Exception:
+        log.exception("the engine failed to start")
+        m.engine_error = "the engine failed to start; see the server log"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        m = await asyncio.to_thread(build, settings)
+        m.started = time.time()
+        app.state.mosaic = m
+        if not settings.api_key:
+            log.warning("MOSAIC_API_KEY is not set: the admin endpoints (upload, delete, compose) are open to anyone who can reach this server")
+        task = asyncio.create_task(_start_engine(m))
+        try:
+            yield
+        finally:
+            task.cancel()
+            await m.engine.stop()
+
+    app = FastAPI(title="Mosaic", version="0.1.0", lifespan=lifespan,
+                  description="LoRA adapter composition server with an OpenAI-compatible API.")
+    errors.install(app)
+    app.include_router(openai_api.router)
+    app.include_router(admin_api.router)
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/health", tags=["ops"])
+    async def health(request: Request) -> JSONResponse:
+        m: Mosaic = request.app.state.mosaic
+        ready = m.engine.ready()
+        body = {
+            "status": "ok" if ready else ("error" if m.engine_error else "starting"),
+            "engine": m.settings.engine, "base_model": m.base_id, "engine_start_seconds": m.engine_start_seconds,
+        }
+        if m.engine_error:
+            body["error"] = m.engine_error
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return app

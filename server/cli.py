@@ -1,0 +1,294 @@
+"""The ``mosaic`` command line: a thin layer over the functions the server uses."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
+from adapter_store.errors import MosaicError
+
+app = typer.Typer(help="Mosaic: a LoRA adapter composition server.", no_args_is_help=True, pretty_exceptions_enable=False)
+skills_app = typer.Typer(help="The skill library (LoRA adapters in Redis).", no_args_is_help=True)
+base_app = typer.Typer(help="The base model.", no_args_is_help=True)
+app.add_typer(skills_app, name="skills")
+app.add_typer(base_app, name="base")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _settings():
+    from server.settings import get_settings
+
+    return get_settings()
+
+
+def _registry():
+    from server.state import open_registry
+
+    try:
+        return open_registry(_settings())
+    except MosaicError as exc:
+        _fail(str(exc))
+
+
+def _spec():
+    from adapter_store.validation import BaseModelSpec
+    from server.base_model import base_model_id, prepare
+
+    s = _settings()
+    return BaseModelSpec.from_dir(prepare(s), model_id=base_model_id(s))
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+) -> None:
+    """Run the OpenAI-compatible server (the engine starts in the background; /health says when ready)."""
+    import logging
+
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info")
+
+
+@base_app.command("prepare")
+def base_prepare() -> None:
+    """Prepare the base model (converts the bundled GGUF once) and print its folder."""
+    from server.base_model import prepare
+
+    try:
+        path = prepare(_settings(), quiet=False)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    print(path)
+
+
+def _read_dir_meta(path: Path) -> dict:
+    meta_file = path / "mosaic.json"
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+@skills_app.command("add")
+def skills_add(
+    directory: Annotated[Path, typer.Argument(help="a PEFT adapter folder or a .tar.gz/.zip of one")],
+    name: Annotated[str, typer.Option("--name", help="the skill's name")],
+    description: Annotated[Optional[str], typer.Option(help="what the skill does (used for routing)")] = None,
+    example: Annotated[Optional[list[str]], typer.Option("--example", help="an example prompt (repeatable)")] = None,
+    examples_file: Annotated[Optional[Path], typer.Option(help="a file with one example prompt per line, or a JSON list")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option("--tag", help="a tag (repeatable)")] = None,
+    if_changed: Annotated[bool, typer.Option(help="do nothing if the latest version has the same weights")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Validate an adapter and store it as the next version of NAME."""
+    from adapter_store.validation import validate_files
+    from server.uploads import unpack
+
+    if not directory.exists():
+        _fail(f"{directory} does not exist")
+    if directory.is_dir():
+        files = [(p.name, p.read_bytes()) for p in sorted(directory.iterdir()) if p.is_file() and p.name != "mosaic.json"]
+    else:
+        files = [(directory.name, directory.read_bytes())]
+    meta = _read_dir_meta(directory) if directory.is_dir() else {}
+    examples = list(example or [])
+    if examples_file:
+        if not examples_file.exists():
+            _fail(f"{examples_file} does not exist")
+        text = examples_file.read_text()
+        try:
+            loaded = json.loads(text)
+            examples += [str(x) for x in loaded] if isinstance(loaded, list) else [text.strip()]
+        except json.JSONDecodeError:
+            examples += [line.strip() for line in text.splitlines() if line.strip()]
+    examples = examples or list(meta.get("examples", []))
+    reg = _registry()
+    settings = _settings()
+    try:
+        payload = unpack(files, settings.max_upload_mb * 1024 * 1024)
+        adapter = validate_files(payload, _spec(), max_rank=settings.max_adapter_rank, name=name)
+        if if_changed and reg.exists(name) and reg.info(name).sha256 == adapter.sha256():
+            info = reg.info(name)
+            if not as_json:
+                out.print(f"{info.ref} unchanged")
+        else:
+            info = reg.add(name, adapter, description=description or meta.get("description", ""), examples=examples, tags=tag or [])
+            if not as_json:
+                out.print(f"stored [bold]{info.ref}[/] (rank {info.rank}, {info.size:,} bytes, sha256 {info.sha256[:12]}…)")
+    except MosaicError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(info.model_dump())
+
+
+@skills_app.command("list")
+def skills_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the latest version of every skill."""
+    infos = _registry().list()
+    if as_json:
+        _print_json([i.model_dump() for i in infos])
+        return
+    table = Table("name", "version", "rank", "modules", "size", "description")
+    for i in infos:
+        table.add_row(i.name, str(i.version), str(i.rank), ",".join(i.target_modules), f"{i.size:,}", i.description[:60])
+    out.print(table if infos else "no skills yet: add one with `mosaic skills add DIR --name NAME`")
+
+
+@skills_app.command("show")
+def skills_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show one skill (NAME or NAME@VERSION)."""
+    reg = _registry()
+    try:
+        info = reg.info(name)
+        versions = [v.version for v in reg.versions(info.name)]
+    except MosaicError as exc:
+        _fail(str(exc))
+    doc = {**info.model_dump(), "versions": versions}
+    if as_json:
+        _print_json(doc)
+        return
+    table = Table(show_header=False)
+    for k, v in doc.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+    out.print(table)
+
+
+@skills_app.command("rm")
+def skills_rm(name: str) -> None:
+    """Delete a skill (every version), or one version with NAME@VERSION."""
+    try:
+        gone = _registry().delete(name)
+    except MosaicError as exc:
+        _fail(str(exc))
+    out.print("deleted " + ", ".join(g.ref for g in gone))
+
+
+@skills_app.command("export")
+def skills_export(name: str, directory: Path) -> None:
+    """Write a skill as a PEFT folder (adapter_config.json + adapter_model.safetensors)."""
+    try:
+        info, adapter = _registry().load(name)
+    except MosaicError as exc:
+        _fail(str(exc))
+    adapter.save_dir(directory)
+    out.print(f"wrote {info.ref} to {directory}/{{{CONFIG_FILE},{WEIGHTS_FILE}}}")
+
+
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--param takes KEY=VALUE, got {item!r}", 2)
+        params[key] = value
+    return params
+
+
+@app.command()
+def compose(
+    skills: Annotated[Optional[str], typer.Option(help="comma-separated skill names (name or name@version)")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="comma-separated weights, one per skill (default 1 each)")] = None,
+    method: Annotated[str, typer.Option(help="merge method (see --list-methods)")] = "linear",
+    rank: Annotated[Optional[str], typer.Option(help="target rank, or 'auto' (exact)")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="a method parameter KEY=VALUE (repeatable)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="store the result as this new skill")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="write the result as a PEFT folder here")] = None,
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="list the merge methods and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Compose skills into one adapter, stored as a new skill (--name) or written to a folder (--out)."""
+    from pydantic import ValidationError
+
+    from composer import METHODS, Composition, compose as do_compose
+
+    if list_methods:
+        rows = [
+            {"name": m.name, "space": m.space, "params": {k: f"{p.type.__name__}={p.default!r}: {p.help}" for k, p in m.params.items()},
+             "reference": m.reference, "description": m.description}
+            for m in METHODS.values()
+        ]
+        if as_json:
+            _print_json(rows)
+        else:
+            table = Table("method", "space", "parameters", "reference")
+            for r in rows:
+                table.add_row(r["name"], r["space"], "; ".join(f"{k} ({v})" for k, v in r["params"].items()) or "-", r["reference"])
+            out.print(table)
+        return
+    if not skills:
+        _fail("--skills is required (e.g. --skills a,b)", 2)
+    if (name is None) == (out_dir is None):
+        _fail("give exactly one of --name NEW (store as a skill) or --out DIR (write a folder)", 2)
+    try:
+        comp = Composition(
+            skills=tuple(s.strip() for s in skills.split(",") if s.strip()),
+            weights=tuple(float(w) for w in weights.split(",")) if weights else None,
+            method=method, params=_parse_params(param or []), rank=rank,
+        )
+    except (ValidationError, ValueError) as exc:
+        _fail(f"bad composition: {exc}", 2)
+    settings = _settings()
+    reg = _registry()
+    try:
+        if name is not None:
+            from server.library import store_composition
+
+            info = store_composition(reg, _spec(), comp, name, max_rank=settings.max_adapter_rank)
+            result = info.model_dump()
+            message = f"stored [bold]{info.ref}[/] (rank {info.rank})"
+        else:
+            adapters = [reg.load(ref)[1] for ref in comp.skills]
+            adapter, report = do_compose(
+                adapters, list(comp.resolved_weights), method=comp.method, params=comp.resolved_params, rank=comp.rank,
+            )
+            adapter.save_dir(out_dir)
+            result = {"out": str(out_dir), "rank": report.rank, "sha256": adapter.sha256()}
+            message = f"wrote rank-{report.rank} adapter to {out_dir}"
+    except MosaicError as exc:
+        _fail(str(exc))
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(message)
+
+
+@app.command()
+def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the router's decision for TEXT, without generating."""
+    from router.policy import LexicalPolicy
+
+    reg = _registry()
+    plan = LexicalPolicy().route(text, reg.list(), reg.generation())
+    if as_json:
+        _print_json(plan.model_dump(mode="json"))
+    else:
+        out.print(f"{plan.kind}: {plan.skill or ''} ({plan.reason})")
+        for k, v in sorted(plan.scores.items(), key=lambda kv: -kv[1])[:5]:
+            out.print(f"  {v:.3f}  {k}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

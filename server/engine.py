@@ -1,0 +1,214 @@
+"""The generation engine seam: vLLM's multi-LoRA async engine, or transformers+PEFT as a reference.
+
+The server talks to an :class:`Engine` only: token ids in, text deltas out, with an optional
+:class:`EngineAdapter` (a PEFT folder on local disk and a stable integer id) per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from adapter_store.errors import UnavailableError
+from server.settings import Settings
+
+log = logging.getLogger("mosaic.engine")
+
+
+@dataclass(frozen=True)
+class EngineAdapter:
+    name: str
+    int_id: int  # stable, derived from the content hash: same content -> same id on every replica
+    path: str
+
+
+@dataclass
+class GenerationParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+@dataclass
+class Chunk:
+    text: str  # new text since the previous chunk
+    prompt_tokens: int
+    completion_tokens: int  # cumulative
+    finish_reason: str | None = None
+
+
+class Engine(Protocol):
+    model_id: str
+    max_lora_rank: int
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def ready(self) -> bool: ...
+    def tokenizer(self): ...
+    def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: EngineAdapter | None) -> AsyncIterator[Chunk]: ...
+
+
+class VllmEngine:
+    """vLLM's ``AsyncLLM`` in-process (its engine core runs in a child process)."""
+
+    def __init__(self, settings: Settings, model_dir: Path, model_id: str) -> None:
+        self.settings = settings
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self.max_lora_rank = settings.max_lora_rank
+        self._llm = None
+        self._tokenizer = None
+
+    async def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=str(self.model_dir),
+            served_model_name=[self.model_id],
+            dtype=self.settings.dtype,
+            enforce_eager=True,
+            enable_lora=True,
+            max_loras=self.settings.max_loras,
+            max_lora_rank=self.settings.max_lora_rank,
+            max_cpu_loras=self.settings.max_cpu_loras,
+            max_model_len=self.settings.max_model_len,
+            gpu_memory_utilization=self.settings.gpu_memory_utilization,
+            disable_log_stats=True,
+        )
+        self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
+        # building the engine blocks for tens of seconds (it starts and profiles the engine core):
+        # off the event loop, so the admin API and /health answer meanwhile
+        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def tokenizer(self):
+        return self._tokenizer
+
+    async def generate(self, prompt_ids, params, adapter):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        if not self.ready():
+            raise UnavailableError("the engine is not ready")
+        sp = SamplingParams(
+            max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+            stop=params.stop or None, seed=params.seed, presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty, output_kind=RequestOutputKind.DELTA,
+        )
+        lora = LoRARequest(adapter.name, adapter.int_id, adapter.path) if adapter else None
+        done = 0
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, uuid.uuid4().hex, lora_request=lora):
+            o = out.outputs[0]
+            done += len(o.token_ids)
+            yield Chunk(o.text, len(out.prompt_token_ids or prompt_ids), done, o.finish_reason if out.finished else None)
+
+
+class HfEngine:
+    """transformers + PEFT, one request at a time: the numerical reference, and a fallback for
+    machines without vLLM. Not a serving engine (no batching)."""
+
+    def __init__(self, settings: Settings, model_dir: Path, model_id: str) -> None:
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self.max_lora_rank = settings.max_lora_rank
+        self._model = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+        self._loaded: set[str] = set()
+
+    async def start(self) -> None:
+        def load():
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+
+        await asyncio.to_thread(load)
+
+    async def stop(self) -> None:
+        self._model = None
+
+    def ready(self) -> bool:
+        return self._model is not None
+
+    def tokenizer(self):
+        return self._tokenizer
+
+    def _run(self, prompt_ids, params, adapter) -> tuple[list[int], str, str]:
+        import torch
+        from peft import PeftModel
+
+        with self._lock, torch.inference_mode():
+            model = self._model
+            if adapter is not None:
+                key = f"a{adapter.int_id}"
+                if not isinstance(model, PeftModel):
+                    model = self._model = PeftModel.from_pretrained(model, adapter.path, adapter_name=key)
+                elif key not in self._loaded:
+                    model.load_adapter(adapter.path, adapter_name=key)
+                self._loaded.add(key)
+                model.set_adapter(key)
+                ctx = _nullcontext()
+            else:
+                ctx = model.disable_adapter() if isinstance(model, PeftModel) else _nullcontext()
+            with ctx:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                greedy = params.temperature == 0
+                y = model.generate(
+                    torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                    max_new_tokens=params.max_tokens, do_sample=not greedy,
+                    temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
+                    stop_strings=params.stop or None, tokenizer=self._tokenizer,
+                )
+        new = y[0, len(prompt_ids):].tolist()
+        eos = self._tokenizer.eos_token_id
+        finished_by_eos = bool(new) and new[-1] == eos
+        text = self._tokenizer.decode(new, skip_special_tokens=True)
+        for s in params.stop:
+            if s in text:
+                text = text[: text.index(s)]
+        reason = "stop" if finished_by_eos or len(new) < params.max_tokens else "length"
+        return new, text, reason
+
+    async def generate(self, prompt_ids, params, adapter):
+        if not self.ready():
+            raise UnavailableError("the engine is not ready")
+        new, text, reason = await asyncio.to_thread(self._run, prompt_ids, params, adapter)
+        yield Chunk(text, len(prompt_ids), len(new), reason)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def make_engine(settings: Settings, model_dir: Path, model_id: str) -> Engine:
+    return (VllmEngine if settings.engine == "vllm" else HfEngine)(settings, model_dir, model_id)

@@ -1,0 +1,29 @@
+"""Library operations shared by the CLI and the HTTP API."""
+
+from __future__ import annotations
+
+from adapter_store.registry import Registry, SkillInfo
+from adapter_store.validation import BaseModelSpec, validate_adapter
+from composer import Composition, compose
+
+
+def store_composition(
+    registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
+    examples: list[str] | None = None, *, max_rank: int,
+) -> SkillInfo:
+    """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill."""
+    infos, adapters = zip(*(registry.load(ref) for ref in comp.skills))
+    adapter, report = compose(
+        list(adapters), list(comp.resolved_weights), method=comp.method, params=comp.resolved_params,
+        rank=comp.rank, max_rank=max_rank,
+    )
+    validate_adapter(adapter, spec, max_rank=max_rank, name=name)
+    examples = examples or [e for i in infos for e in i.examples]
+    description = description or "Composition of " + ", ".join(f"{w:g}×{i.ref}" for w, i in zip(comp.resolved_weights, infos))
+    return registry.add(
+        name, adapter, description=description, examples=examples, origin="composition",
+        composition={
+            **comp.model_dump(mode="json"), "skills": [i.ref for i in infos], "sha256": [i.sha256 for i in infos],
+            "refactored": report.refactored, "relative_error": report.relative_error,
+        },
+    )

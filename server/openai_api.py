@@ -1,0 +1,182 @@
+"""OpenAI-compatible inference: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+from router.plan import Plan
+from server.engine import Chunk, EngineAdapter, GenerationParams
+from server.errors import error_payload
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
+from server.state import Mosaic
+
+router = APIRouter(tags=["inference"])
+
+
+def _state(request: Request) -> Mosaic:
+    return request.app.state.mosaic
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    m = _state(request)
+    skills = await asyncio.to_thread(m.registry.list)
+    cards = [ModelCard(id=m.base_id, created=int(m.started), owned_by="mosaic", mosaic={"kind": "base"})]
+    cards += [
+        ModelCard(
+            id=s.name, created=int(s.created), owned_by="mosaic", root=m.base_id, parent=m.base_id,
+            mosaic={"kind": "skill", "version": s.version, "sha256": s.sha256, "rank": s.rank, "description": s.description},
+        )
+        for s in skills
+    ]
+    cards.append(ModelCard(id="auto", created=int(m.started), owned_by="mosaic", mosaic={"kind": "router"}))
+    return ModelList(data=cards)
+
+
+async def plan_for(m: Mosaic, model: str, composition, text: str) -> Plan:
+    """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice)."""
+    if composition is not None:
+        return Plan(kind="composition", composition=composition, reason="composition given in the request")
+    if model == "auto":
+        return await m.route(text)
+    if model == m.base_id:
+        return Plan(kind="base", reason="base model requested")
+    if not await asyncio.to_thread(m.registry.exists, model):
+        raise NotFoundError(f"the model {model!r} does not exist: use the base model {m.base_id!r}, a skill name, or 'auto'", param="model")
+    return Plan(kind="skill", skill=model, reason="skill requested by name")
+
+
+async def serve_plan(m: Mosaic, plan: Plan) -> tuple[EngineAdapter | None, MosaicInfo]:
+    info = {"plan": plan.kind, "reason": plan.reason, "scores": plan.scores or None}
+    if plan.kind == "base":
+        return None, MosaicInfo(**info)
+    served = await (m.cache.skill(plan.skill) if plan.kind == "skill" else m.cache.composition(plan.composition))
+    return served.adapter, MosaicInfo(**info, **served.describe())
+
+
+def _params(m: Mosaic, req, prompt_len: int, max_tokens: int | None) -> GenerationParams:
+    room = m.settings.max_model_len - prompt_len
+    if room < 1:
+        raise InvalidRequestError(
+            f"the prompt has {prompt_len} tokens; the model's context is {m.settings.max_model_len}", param="messages"
+        )
+    if max_tokens is not None and max_tokens > min(room, m.settings.max_tokens_limit):
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} is more than this request allows ({min(room, m.settings.max_tokens_limit)}: "
+            f"context {m.settings.max_model_len}, prompt {prompt_len} tokens, limit {m.settings.max_tokens_limit})",
+            param="max_tokens",
+        )
+    return GenerationParams(
+        max_tokens=max_tokens or min(room, m.settings.max_tokens_limit), temperature=req.temperature, top_p=req.top_p,
+        stop=req.stop_list(), seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+    )
+
+
+def _ready(m: Mosaic) -> None:
+    if not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    m = _state(request)
+    _ready(m)
+    tok = m.engine.tokenizer()
+    messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
+    try:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template's own validation (e.g. role order)
+        raise InvalidRequestError(f"the messages do not fit the model's chat template: {exc}", param="messages") from exc
+    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+    params = _params(m, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens)
+    last_user = next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
+    plan = await plan_for(m, req.model, req.composition, last_user)
+    adapter, info = await serve_plan(m, plan)
+    return await _respond(m, req, prompt_ids, params, adapter, info, chat=True)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request):
+    m = _state(request)
+    _ready(m)
+    tok = m.engine.tokenizer()
+    prompt = req.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        prompt_ids, text = list(prompt), tok.decode(prompt)
+    else:
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise InvalidRequestError("send one prompt per request (a list of several is not served)", param="prompt")
+            prompt = prompt[0]
+        text = str(prompt)
+        prompt_ids = tok(text)["input_ids"]
+    if not prompt_ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    params = _params(m, req, len(prompt_ids), req.max_tokens)
+    plan = await plan_for(m, req.model, req.composition, text)
+    adapter, info = await serve_plan(m, plan)
+    return await _respond(m, req, prompt_ids, params, adapter, info, chat=False, echo=text if req.echo else "")
+
+
+async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, chat: bool, echo: str = ""):
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    model = req.model
+    mosaic = info.model_dump(mode="json", exclude_none=True)
+    stream = m.engine.generate(prompt_ids, params, adapter)
+    if not req.stream:
+        text, last = echo, None
+        async for chunk in stream:
+            text += chunk.text
+            last = chunk
+        assert last is not None
+        usage = _usage(last)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason, "logprobs": None}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}
+            obj = "text_completion"
+        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage, "mosaic": mosaic})
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return EventSourceResponse(_sse(rid, created, model, stream, chat, mosaic, include_usage, echo), ping=15)
+
+
+def _usage(c: Chunk) -> dict:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+async def _sse(rid, created, model, stream: AsyncIterator[Chunk], chat: bool, mosaic: dict, include_usage: bool, echo: str):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(choice: dict | None, **extra) -> str:
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice] if choice else [], **extra}
+        return json.dumps(body)
+
+    def choice(text: str, finish: str | None, first: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+    last = None
+    try:
+        yield event(choice(echo, None, first=True), mosaic=mosaic)
+        async for chunk in stream:
+            last = chunk
+            if chunk.text or chunk.finish_reason:
+                yield event(choice(chunk.text, chunk.finish_reason))
+        if include_usage and last is not None:
+            yield event(None, usage=_usage(last))
+    except MosaicError as exc:
+        yield json.dumps(error_payload(exc))
+    yield "[DONE]"

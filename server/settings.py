@@ -1,0 +1,44 @@
+"""Every setting of Mosaic, read once from the environment (``MOSAIC_*``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOSAIC_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "mosaic"
+    base_model: str | None = Field(default=None, description="HF causal-LM folder; unset = the bundled SmolLM2-135M-Instruct")
+    base_model_id: str | None = Field(default=None, description="the model id clients use; default: the folder's name")
+    data_dir: Path = Path("~/.cache/mosaic").expanduser()
+    api_key: str | None = None
+    engine: Literal["vllm", "hf"] = "vllm"
+
+    # engine
+    max_lora_rank: int = 64  # one of vLLM's allowed values: 1, 8, 16, 32, 64, 128, 256, 320, 512
+    max_loras: int = 4  # adapters resident in one batch
+    max_cpu_loras: int = 32  # adapters kept loaded in the engine's cache
+    max_model_len: int = 2048
+    gpu_memory_utilization: float = 0.4
+    kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
+    dtype: str = "bfloat16"
+
+    # limits
+    max_adapter_rank: int = 256
+    max_upload_mb: int = 512
+    max_tokens_limit: int = 2048
+
+    def model_post_init(self, _ctx: object) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

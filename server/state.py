@@ -1,0 +1,59 @@
+"""The running server's parts, built once at start and shared by the endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapter_store.redis_conn import connect
+from adapter_store.registry import Registry
+from adapter_store.validation import BaseModelSpec
+from router.plan import Plan
+from router.policy import LexicalPolicy, RouterPolicy
+from server.adapter_cache import AdapterCache
+from server.base_model import base_model_id, prepare
+from server.engine import Engine, make_engine
+from server.settings import Settings
+
+log = logging.getLogger("mosaic.server")
+
+
+@dataclass
+class Mosaic:
+    settings: Settings
+    registry: Registry
+    spec: BaseModelSpec
+    engine: Engine
+    cache: AdapterCache
+    policy: RouterPolicy
+    model_dir: Path
+    started: float = 0.0
+    engine_error: str | None = None
+    engine_start_seconds: float | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def base_id(self) -> str:
+        return self.spec.model_id
+
+    async def route(self, text: str) -> Plan:
+        skills = await asyncio.to_thread(self.registry.list)
+        generation = await asyncio.to_thread(self.registry.generation)
+        return await asyncio.to_thread(self.policy.route, text, skills, generation)
+
+
+def open_registry(settings: Settings) -> Registry:
+    client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis")
+    return Registry(client, prefix=settings.redis_prefix)
+
+
+def build(settings: Settings) -> Mosaic:
+    model_dir = prepare(settings, quiet=True)
+    model_id = base_model_id(settings)
+    spec = BaseModelSpec.from_dir(model_dir, model_id=model_id)
+    registry = open_registry(settings)
+    engine = make_engine(settings, model_dir, model_id)
+    cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank)
+    return Mosaic(settings, registry, spec, engine, cache, LexicalPolicy(), model_dir)

@@ -1,0 +1,97 @@
+"""Training a LoRA skill on the base model from (prompt, answer) pairs, on CPU.
+
+Loss on the answer tokens only; the prompt is wrapped in the base model's chat template,
+exactly as the server wraps chat requests, so a skill learns the format it will be served in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from adapter_store.adapter import LoraAdapter
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return p_ids + a_ids, [-100] * len(p_ids) + a_ids
+
+
+def train_lora(
+    base_dir: str | Path,
+    data: Sequence[tuple[str, str]],
+    *,
+    rank: int = 8,
+    alpha: int = 16,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    steps: int = 80,
+    lr: float = 2e-3,
+    batch: int = 8,
+    seed: int = 0,
+    base_model_id: str | None = None,
+    save_dtype: torch.dtype = torch.bfloat16,
+    on_step: Callable[[int, float], None] | None = None,
+) -> LoraAdapter:
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
+    encoded = [_encode(tokenizer, p, a) for p, a in data]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.train()
+    for step in range(steps):
+        chunk = rng.sample(encoded, min(batch, len(encoded)))
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk])
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in chunk])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if on_step:
+            on_step(step, float(loss))
+    state = {k: v.detach().to(save_dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    cfg = model.peft_config["default"].to_dict()
+    cfg["base_model_name_or_path"] = base_model_id or Path(base_dir).name
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg["peft_type"] = "LORA"
+    cfg["task_type"] = "CAUSAL_LM"
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    return LoraAdapter(config=cfg, tensors=state)
+
+
+@torch.inference_mode()
+def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy answers of the base model (with the adapter, if given) via transformers+PEFT."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    out = []
+    for p in prompts:
+        x = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out

@@ -1,0 +1,74 @@
+"""Validation at the door, against the real base model's module shapes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, factor_key
+from adapter_store.errors import AdapterValidationError
+from adapter_store.validation import validate_files
+from tests.helpers import random_adapter
+
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.3.self_attn.v_proj"
+
+
+def _files(adapter):
+    return {CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}
+
+
+def test_good_adapter_passes(base_spec):
+    shapes = {Q: base_spec.shapes[Q], V: base_spec.shapes[V]}
+    adapter = random_adapter(shapes, r=4)
+    got = validate_files(_files(adapter), base_spec, max_rank=64, name="good-skill_1.0")
+    assert got.weights_bytes() == adapter.weights_bytes()
+
+
+def test_every_problem_is_reported_at_once(base_spec):
+    d_out, d_in = base_spec.shapes[Q]
+    tensors = {
+        factor_key(Q, "A"): torch.randn(4, d_in + 1),  # wrong input size
+        factor_key(Q, "B"): torch.full((d_out, 4), float("nan")),  # NaN
+        factor_key("model.layers.0.self_attn.nope_proj", "A"): torch.randn(4, d_in),  # no such module
+        factor_key(V, "A"): torch.randn(4, d_in),  # B missing
+        "some.other.tensor": torch.zeros(2),  # not a LoRA factor
+    }
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "use_dora": True,
+              "modules_to_save": ["lm_head"]}
+    files = {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: save(tensors), "training_args.bin": b"\x80"}
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_files(files, base_spec, max_rank=64, name="bad name!")
+    problems = "\n".join(exc.value.problems)
+    for expected in ["name 'bad name!'", "pickle", "use_dora", "modules_to_save", "input size", "NaN",
+                     "nope_proj", "lora_B is missing", "not a LoRA factor"]:
+        assert expected in problems, expected
+    assert len(exc.value.problems) >= 9
+
+
+def test_rank_limit_config_and_missing_files(base_spec):
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=16)
+    with pytest.raises(AdapterValidationError, match="exceeds the maximum 8"):
+        validate_files(_files(adapter), base_spec, max_rank=8)
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_files({"adapter_model.bin": b"x"}, base_spec, max_rank=8)
+    assert any("adapter_config.json is missing" in p for p in exc.value.problems)
+    assert any("adapter_model.safetensors is missing" in p for p in exc.value.problems)
+    assert any("pickle" in p for p in exc.value.problems)
+    with pytest.raises(AdapterValidationError, match="not a readable safetensors"):
+        validate_files({CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: b"garbage"}, base_spec, max_rank=64)
+
+
+def test_config_rank_must_match_tensors(base_spec):
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=4)
+    adapter.config["r"] = 8
+    with pytest.raises(AdapterValidationError, match="differs from the config's rank 8"):
+        validate_files(_files(adapter), base_spec, max_rank=64)
+
+
+@pytest.mark.parametrize("name", ["auto", "", "a/b", "x" * 65, "-lead", "with space", "SmolLM2-135M-Instruct"])
+def test_bad_names(base_spec, name):
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=2)
+    with pytest.raises(AdapterValidationError, match="name"):
+        validate_files(_files(adapter), base_spec, max_rank=64, name=name)
