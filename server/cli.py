@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
@@ -19,12 +20,12 @@ skills_app = typer.Typer(help="The skill library (LoRA adapters in Redis).", no_
 base_app = typer.Typer(help="The base model.", no_args_is_help=True)
 app.add_typer(skills_app, name="skills")
 app.add_typer(base_app, name="base")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code)
 
 

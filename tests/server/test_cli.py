@@ -1,0 +1,87 @@
+"""The mosaic CLI against real Redis and the real base model's shapes (no engine needed)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from adapter_store.adapter import LoraAdapter
+from tests.conftest import TEST_REDIS_URL, _drop_prefix
+from tests.helpers import dense_delta, random_adapter
+from tests.server.conftest import mosaic_cli
+
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.fixture
+def env(base_spec, redis_client, tmp_path):
+    import os
+
+    from server.base_model import prepare
+    from server.settings import Settings
+
+    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
+    e = dict(os.environ, MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=prefix, MOSAIC_DATA_DIR=str(tmp_path / "data"),
+             MOSAIC_BASE_MODEL=str(prepare(Settings(), quiet=True)), MOSAIC_BASE_MODEL_ID=base_spec.model_id)
+    yield e
+    _drop_prefix(redis_client, prefix)
+
+
+def _dir(tmp_path, base_spec, name, r, seed, shapes=(Q, V)):
+    a = random_adapter({m: base_spec.shapes[m] for m in shapes}, r=r, seed=seed, base_model=base_spec.model_id)
+    return a.save_dir(tmp_path / name), a
+
+
+def test_add_list_show_compose_export_rm(env, tmp_path, base_spec):
+    d1, a1 = _dir(tmp_path, base_spec, "one", 4, 1)
+    d2, a2 = _dir(tmp_path, base_spec, "two", 2, 2, shapes=(Q,))
+    r = mosaic_cli(env, "skills", "add", str(d1), "--name", "one", "--description", "first", "--example", "e1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sha256"] == a1.sha256()
+    assert mosaic_cli(env, "skills", "add", str(d2), "--name", "two").returncode == 0
+    again = mosaic_cli(env, "skills", "add", str(d2), "--name", "two", "--if-changed")
+    assert again.returncode == 0 and "unchanged" in again.stdout
+    listed = json.loads(mosaic_cli(env, "skills", "list", "--json").stdout)
+    assert [s["name"] for s in listed] == ["one", "two"] and listed[0]["examples"] == ["e1"]
+    shown = json.loads(mosaic_cli(env, "skills", "show", "one", "--json").stdout)
+    assert shown["versions"] == [1] and shown["description"] == "first"
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--weights", "0.5,-1", "--method", "linear", "--name", "mix", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["rank"] == 6
+    out = tmp_path / "mix-export"
+    assert mosaic_cli(env, "skills", "export", "mix", str(out)).returncode == 0
+    mix = dense_delta(LoraAdapter.from_dir(out))
+    d1d, d2d = dense_delta(a1), dense_delta(a2)
+    import torch
+
+    torch.testing.assert_close(mix[Q], 0.5 * d1d[Q] - d2d[Q], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(mix[V], 0.5 * d1d[V], rtol=1e-5, atol=1e-7)
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--method", "svd", "--rank", "2", "--out", str(tmp_path / "svd"), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["rank"] == 2
+    assert mosaic_cli(env, "skills", "rm", "one").returncode == 0
+    assert [s["name"] for s in json.loads(mosaic_cli(env, "skills", "list", "--json").stdout)] == ["mix", "two"]
+
+
+def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
+    r = mosaic_cli(env, "compose", "--method", "linear", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--skills is required" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a", "--name", "x", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "exactly one of" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a,b", "--weights", "1", "--name", "x")
+    assert r.returncode == 2 and "2 skills but 1 weights" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a", "--method", "nope", "--name", "x")
+    assert r.returncode == 2 and "unknown method" in r.stderr
+    r = mosaic_cli(env, "skills", "add", str(tmp_path / "missing"), "--name", "x")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    d, _ = _dir(tmp_path, base_spec, "big", 8, 1)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 1, "target_modules": ["q_proj"]}))
+    r = mosaic_cli(env, "skills", "add", str(d), "--name", "bad name")
+    assert r.returncode == 1 and "not allowed" in r.stderr and "differs from the config's rank 3" in r.stderr
+    assert json.loads(mosaic_cli(env, "skills", "list", "--json").stdout) == []
+    r = mosaic_cli(env, "skills", "show", "ghost")
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    methods = json.loads(mosaic_cli(env, "compose", "--list-methods", "--json").stdout)
+    assert {"linear", "svd"} <= {m["name"] for m in methods}

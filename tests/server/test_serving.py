@@ -1,0 +1,176 @@
+"""Serving through the stock openai client against the real server with the real vLLM engine."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import DEMO, ROOT
+
+pytestmark = pytest.mark.slow
+
+BASE = "SmolLM2-135M-Instruct"
+JSON_PROMPT = "Extract the person as JSON: Ada is 36 years old and lives in London."
+COMPOSITION = {"skills": ["json_extract", "sentiment"], "weights": [1.0, 0.5]}
+
+
+def _ask(client, target: str, api: str, stream: bool, prompt: str = JSON_PROMPT, max_tokens: int = 24):
+    """One request; returns (text, mosaic field, finish_reason)."""
+    model, extra = (target, {}) if target != "composition" else (BASE, {"composition": COMPOSITION})
+    common = dict(model=model, temperature=0, max_tokens=max_tokens, extra_body=extra or None)
+    if api == "chat":
+        if not stream:
+            r = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **common)
+            return r.choices[0].message.content, r.model_extra["mosaic"], r.choices[0].finish_reason
+        chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": prompt}], stream=True, **common))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[0].model_extra["mosaic"], chunks[-1].choices[0].finish_reason
+    if not stream:
+        r = client.completions.create(prompt=prompt, **common)
+        return r.choices[0].text, r.model_extra["mosaic"], r.choices[0].finish_reason
+    chunks = list(client.completions.create(prompt=prompt, stream=True, **common))
+    return "".join(c.choices[0].text for c in chunks), chunks[0].model_extra["mosaic"], chunks[-1].choices[0].finish_reason
+
+
+def test_models_lists_base_skills_and_auto(client):
+    ids = {m.id for m in client.models.list().data}
+    assert {BASE, "auto"} | {d.name for d in DEMO.iterdir()} <= ids
+
+
+@pytest.mark.parametrize("target", [BASE, "json_extract", "composition"])
+@pytest.mark.parametrize("api", ["chat", "completion"])
+def test_stream_and_non_stream_agree(client, target, api):
+    text, mosaic, finish = _ask(client, target, api, stream=False)
+    streamed, mosaic_s, finish_s = _ask(client, target, api, stream=True)
+    assert text and text == streamed  # greedy: the same tokens either way
+    assert finish == finish_s and finish in ("stop", "length")
+    expected_plan = {BASE: "base", "json_extract": "skill", "composition": "composition"}[target]
+    assert mosaic["plan"] == mosaic_s["plan"] == expected_plan
+    if target == "composition":
+        assert mosaic["skills"] == ["json_extract@1", "sentiment@1"] and mosaic["weights"] == [1.0, 0.5]
+        assert mosaic["method"] == "linear" and mosaic["cache"] in ("hit", "miss") and mosaic_s["cache"] == "hit"
+    if target == "json_extract":
+        assert mosaic["skills"] == ["json_extract@1"]
+
+
+def test_skill_changes_the_answer(client):
+    skill, _, _ = _ask(client, "json_extract", "chat", stream=False, max_tokens=40)
+    base, _, _ = _ask(client, BASE, "chat", stream=False, max_tokens=40)
+    assert json.loads(skill) == {"name": "Ada", "age": 36, "city": "London"}
+    assert skill != base
+
+
+def test_composition_is_cached_by_content(client):
+    comp = {"skills": ["json_extract", "reverse_list"], "weights": [0.7, 0.3], "method": "svd", "rank": 8}
+    kinds = []
+    for _ in range(2):
+        r = client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": JSON_PROMPT}], temperature=0,
+                                           max_tokens=8, extra_body={"composition": comp})
+        kinds.append(r.model_extra["mosaic"]["cache"])
+        assert r.model_extra["mosaic"]["rank"] == 8
+    assert kinds == ["miss", "hit"]
+
+
+def test_skill_output_equals_vllm_offline_generate(client, server, tmp_path):
+    """Greedy output through Mosaic == vLLM's own LLM.generate with the same LoRARequest."""
+    from transformers import AutoTokenizer
+
+    model_dir = server["env"]["MOSAIC_BASE_MODEL"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [JSON_PROMPT, "Reverse the list: apple, river, tiger"]
+    cases = [("json_extract", prompts[0]), ("reverse_list", prompts[1]), (BASE, prompts[1])]
+    ours, reqs = [], []
+    for model, prompt in cases:
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=30)
+        ours.append((r.choices[0].message.content, r.usage.completion_tokens))
+        ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False),
+                  add_special_tokens=False)["input_ids"]
+        lora = None if model == BASE else {"name": model, "id": len(reqs) + 1, "path": str(DEMO / model)}
+        reqs.append({"prompt_ids": ids, "max_tokens": 30, "lora": lora})
+    (tmp_path / "req.json").write_text(json.dumps(reqs))
+    done = subprocess.run([sys.executable, str(ROOT / "tests/server/offline_generate.py"), model_dir, str(tmp_path / "req.json"),
+                           str(tmp_path / "out.json")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out.json").read_text())
+    for (text, n), ref in zip(ours, theirs):
+        assert text == ref["text"]
+        assert n == len(ref["token_ids"])
+
+
+def _upload(url: str, name: str, files: dict[str, bytes], **form) -> httpx.Response:
+    return httpx.post(f"{url}/v1/adapters", data={"name": name, **form},
+                      files=[("files", (fname, data)) for fname, data in files.items()], timeout=120)
+
+
+def test_uploaded_adapter_is_served_on_next_request(client, server):
+    folder = DEMO / "json_extract"
+    files = {f: (folder / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+    r = _upload(server["url"], "uploaded-json", files, description="copy", examples=json.dumps(["Extract: X"]))
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == 1 and r.json()["examples"] == ["Extract: X"]
+    assert "uploaded-json" in {m.id for m in client.models.list().data}
+    text, mosaic, _ = _ask(client, "uploaded-json", "chat", stream=False, max_tokens=40)
+    assert mosaic["skills"] == ["uploaded-json@1"]
+    assert text == _ask(client, "json_extract", "chat", stream=False, max_tokens=40)[0]
+    # an archive upload of the same folder makes version 2, addressable as name@2
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        t.add(folder / "adapter_config.json", "json_extract/adapter_config.json")
+        t.add(folder / "adapter_model.safetensors", "json_extract/adapter_model.safetensors")
+    r = _upload(server["url"], "uploaded-json", {"skill.tar.gz": buf.getvalue()})
+    assert r.status_code == 201 and r.json()["version"] == 2, r.text
+    assert _ask(client, "uploaded-json@2", "chat", stream=False)[1]["skills"] == ["uploaded-json@2"]
+    # download gives back the exact bytes
+    d = httpx.get(f"{server['url']}/v1/adapters/uploaded-json/download", timeout=60)
+    with tarfile.open(fileobj=io.BytesIO(d.content)) as t:
+        got = {Path(m.name).name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    assert got["adapter_model.safetensors"] == files["adapter_model.safetensors"]
+    # delete: gone from the list, and a 404 afterwards
+    assert httpx.delete(f"{server['url']}/v1/adapters/uploaded-json", timeout=60).json()["deleted"] == ["uploaded-json@1", "uploaded-json@2"]
+    assert "uploaded-json" not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        _ask(client, "uploaded-json", "chat", stream=False)
+
+
+def test_bad_upload_is_refused_and_changes_nothing(client, server):
+    before = httpx.get(f"{server['url']}/v1/adapters", timeout=30).json()
+    folder = DEMO / "sentiment"
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    bad = {"adapter_config.json": json.dumps(cfg).encode(), "adapter_model.safetensors": b"not safetensors", "x.bin": b"\x80"}
+    r = _upload(server["url"], "bad-skill", bad)
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and "use_dora" in err["message"] and "pickle" in err["message"]
+    assert "safetensors" in err["message"]
+    assert _upload(server["url"], "auto", {"a": b""}).status_code == 400
+    assert httpx.get(f"{server['url']}/v1/adapters", timeout=30).json() == before
+    assert _ask(client, "sentiment", "chat", stream=False, max_tokens=4)[0]  # still serving
+
+
+def test_errors_are_in_openai_shape(client, server):
+    url = server["url"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-skill", messages=[{"role": "user", "content": "x"}])
+    cases = [
+        ({"model": BASE, "messages": []}, 400),
+        ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400),
+        ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400),
+        ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "composition": {"skills": ["json_extract"], "method": "nope"}}, 400),
+        ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "composition": {"skills": ["json_extract", "ghost"]}}, 404),
+        ({"model": BASE, "messages": [{"role": "user", "content": "x"}], "composition": {"skills": ["json_extract"], "weights": [1, 2]}}, 400),
+    ]
+    for body, status in cases:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "error" in r.json()
