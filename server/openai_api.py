@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 from router.plan import Plan
 from server.engine import Chunk, EngineAdapter, GenerationParams
 from server.errors import error_payload
-from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
+from server.protocol import ChatMessage, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
 from server.state import Mosaic
 
 router = APIRouter(tags=["inference"])
@@ -180,3 +181,17 @@ async def _sse(rid, created, model, stream: AsyncIterator[Chunk], chat: bool, mo
     except MosaicError as exc:
         yield json.dumps(error_payload(exc))
     yield "[DONE]"
+
+
+class RouteRequest(BaseModel):
+    prompt: str | None = Field(default=None, description="the text to route")
+    messages: list[ChatMessage] | None = Field(default=None, description="or chat messages (the last user turn is routed)")
+
+
+@router.post("/v1/route", response_model=Plan, tags=["router"])
+async def route(req: RouteRequest, request: Request) -> Plan:
+    """The router's decision for a prompt, without generating."""
+    if req.prompt is None and not req.messages:
+        raise InvalidRequestError("give a prompt or messages", param="prompt")
+    text = req.prompt if req.prompt is not None else next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
+    return await _state(request).route(text)
