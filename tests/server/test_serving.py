@@ -174,3 +174,15 @@ def test_errors_are_in_openai_shape(client, server):
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     r = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and "error" in r.json()
+
+
+def test_auto_routes_by_content(client, server):
+    r = client.chat.completions.create(model="auto", temperature=0, max_tokens=4, messages=[
+        {"role": "user", "content": "Is this review positive or negative? I found the pizza delightful."}])
+    assert r.model_extra["mosaic"]["plan"] == "skill" and r.model_extra["mosaic"]["skills"] == ["sentiment@1"]
+    assert r.choices[0].message.content == "positive"
+    plan = httpx.post(f"{server['url']}/v1/route", json={"prompt": "What is the boiling point of water?"}, timeout=30).json()
+    assert plan["kind"] == "base" and set(plan["scores"]) >= {"json_extract", "sentiment", "reverse_list"}
+    for prompt in ["", "   ", "x" * 100_000, "日本語のテキストです"]:
+        r = httpx.post(f"{server['url']}/v1/route", json={"prompt": prompt}, timeout=30)
+        assert r.status_code == 200 and r.json()["kind"] in ("base", "skill")
