@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,8 +10,10 @@ import torch
 
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import CompositionError
-from composer.lowrank import frobenius_error_sq, truncate
-from composer.registry import get_method
+from composer.lowrank import frobenius_error_sq, frobenius_sq, truncate
+from composer.registry import MethodContext, get_method
+
+AUTO_RANK_CAP = 64  # "auto" rank never exceeds this unless the engine's limit says otherwise
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,28 @@ class ComposeReport:
     exact_rank: int  # rank the exact sum would need
     refactored: bool  # True when the result was cut to fit ``max_rank``
     relative_error: float  # ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of that cut (0 when exact), over all modules
+    weights: tuple[float, ...] = ()  # the adapter weights the method used (after e.g. PSEC's softmax/top-k)
+
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(module: str) -> int | None:
+    m = _LAYER.search("." + module)
+    return int(m.group(1)) if m else None
+
+
+def varm_weights(norms_sq: list[float], weights: list[float]) -> list[float]:
+    """FuseChat's VaRM for one module: w_i · ‖ΔW_i‖² / Σ_j ‖ΔW_j‖² (the module's share of change)."""
+    total = sum(norms_sq)
+    return [w * (n / total if total > 0 else 1.0 / len(norms_sq)) for w, n in zip(weights, norms_sq)]
+
+
+def lines_scale(layer: int | None, num_layers: int, alpha: float, beta: float) -> float:
+    """LiNeS: λ(ℓ) = α + β(ℓ−1)/(L−1) for layer ℓ = 1..L (shallow layers change least)."""
+    if layer is None:
+        return 1.0
+    return alpha + beta * (layer / (num_layers - 1) if num_layers > 1 else 1.0)
 
 
 def compose(
@@ -30,33 +55,46 @@ def compose(
     rank: int | None = None,
     max_rank: int | None = None,
     base_model: str | None = None,
+    weighting: str = "none",
+    lines: tuple[float, float] | None = None,
 ) -> tuple[LoraAdapter, ComposeReport]:
     """Compose ``adapters`` with ``weights`` into one adapter (scaling folded into B, r = lora_alpha).
 
     Modules are the union of the inputs' modules; each is composed from the adapters that
     have it. If the result's rank exceeds ``max_rank`` (an engine's limit) it is re-factored
     to ``max_rank`` by the low-rank SVD, and the report says so with the error it cost.
+
+    Weighting helpers for any method: ``weighting="varm"`` scales each adapter's weight per
+    module by its share of ‖ΔW‖² (computed from r×r traces); ``lines=(α, β)`` scales layer ℓ's
+    composed update by α + β(ℓ−1)/(L−1).
     """
+    if weighting not in ("none", "varm"):
+        raise ValueError(f"weighting must be 'none' or 'varm', got {weighting!r}")
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     spec = get_method(method)
     params = spec.check_params(params or {})
+    weights = spec.weights_fn(list(weights), params)
     per_adapter = [a.modules() for a in adapters]
+    cap = max_rank or AUTO_RANK_CAP
     names = sorted(set().union(*per_adapter))
+    num_layers = 1 + max((i for n in names if (i := layer_index(n)) is not None), default=0)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     exact_rank = 0
     err_sq = total_sq = 0.0
     refactored = False
     for name in names:
-        factors = [
-            (m[name].A, (w * m[name].scaling) * m[name].B)
-            for m, w in zip(per_adapter, weights)
-            if name in m
-        ]
+        present = [(m[name], w) for m, w in zip(per_adapter, weights) if name in m]
+        ws = [w for _, w in present]
+        if weighting == "varm":
+            ws = varm_weights([m.scaling**2 * frobenius_sq(m.A, m.B) for m, _ in present], ws)
+        factors = [(m.A, (w * m.scaling) * m.B) for (m, _), w in zip(present, ws)]
         exact_rank = max(exact_rank, sum(a.shape[0] for a, _ in factors))
-        A, B = spec.fn(factors, rank=rank, **params)
+        A, B = spec.fn(factors, rank=rank, ctx=MethodContext(module=name, cap=cap), **params)
+        if lines is not None:
+            B = B * lines_scale(layer_index(name), num_layers, *lines)
         if max_rank is not None:
-            total_sq += frobenius_error_sq(A, B, torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1]))
+            total_sq += frobenius_sq(A, B)
             if A.shape[0] > max_rank:
                 A2, B2 = truncate(A, B, max_rank)
                 err_sq += frobenius_error_sq(A, B, A2, B2)
@@ -67,4 +105,6 @@ def compose(
     base = base_model or adapters[0].config.get("base_model_name_or_path")
     result = LoraAdapter.from_modules(out, base_model=base)
     rel = (err_sq / total_sq) ** 0.5 if total_sq > 0 else 0.0
-    return result, ComposeReport(rank=result.rank, exact_rank=exact_rank, refactored=refactored, relative_error=rel)
+    return result, ComposeReport(
+        rank=result.rank, exact_rank=exact_rank, refactored=refactored, relative_error=rel, weights=tuple(weights)
+    )

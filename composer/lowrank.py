@@ -43,3 +43,9 @@ def frobenius_error_sq(A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2: t
     t2 = torch.trace((B2.T @ B) @ (A @ A2.T))
     t3 = torch.trace((B2.T @ B2) @ (A2 @ A2.T))
     return float(max(t1 - 2 * t2 + t3, torch.tensor(0.0, dtype=torch.float64)))
+
+
+def frobenius_sq(A: torch.Tensor, B: torch.Tensor) -> float:
+    """‖BA‖²_F = tr((BᵀB)(AAᵀ)), from r×r matrices only."""
+    A, B = A.double(), B.double()
+    return float(torch.trace((B.T @ B) @ (A @ A.T)))

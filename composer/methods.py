@@ -1,13 +1,36 @@
 """The merge methods. Each is a pure function over one module's factors.
 
 Inputs arrive with each adapter's scaling s_i and weight w_i already folded into B_i, so
-Σ_i B_i A_i is the exact weighted sum Σ_i w_i ΔW_i.
+Σ_i B_i A_i is the exact weighted sum Σ_i w_i ΔW_i. Factor-space methods never form a dense
+ΔW; the dense family forms one module's τ_i at a time (memory O(one module)) and re-factors
+its result to the target rank by SVD.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from composer import dense
+from composer.lego import lego_merge
 from composer.lowrank import concat, truncate
-from composer.registry import Factors, merge_method
+from composer.registry import Factors, MethodContext, Param, merge_method
+
+DENSITY = Param(float, 0.5, "fraction of entries kept per task vector", low=0.0, high=1.0)
+SIGN = Param(str, "total", "sign election: 'total' (sign of the sum) or 'frequency' (majority count)",
+             choices=("total", "frequency"))
+DROP = Param(float, 0.5, "DARE drop rate p (each entry dropped with probability p, the rest rescaled by 1/(1-p))",
+             low=0.0, high=0.99)
+SEED = Param(int, 0, "random seed (per-module masks derive from it: same inputs, same bytes)")
+
+
+def _exact(factors: list[Factors], rank: int | None) -> Factors:
+    A, B = concat(factors)
+    if rank is not None and rank < A.shape[0]:
+        return truncate(A, B, rank)
+    return A, B
 
 
 @merge_method(
@@ -16,11 +39,8 @@ from composer.registry import Factors, merge_method
     space="factors",
     description="Exact Σ w_i ΔW_i by concatenating factors (rank Σ r_i); re-factored by SVD only if a smaller rank is asked.",
 )
-def linear(factors: list[Factors], *, rank: int | None) -> Factors:
-    A, B = concat(factors)
-    if rank is not None and rank < A.shape[0]:
-        return truncate(A, B, rank)
-    return A, B
+def linear(factors: list[Factors], *, rank: int | None, ctx: MethodContext) -> Factors:
+    return _exact(factors, rank)
 
 
 @merge_method(
@@ -30,6 +50,156 @@ def linear(factors: list[Factors], *, rank: int | None) -> Factors:
     description="The exact sum, truncated to the best rank-k approximation (Frobenius-optimal).",
     needs_rank=True,
 )
-def svd(factors: list[Factors], *, rank: int | None) -> Factors:
+def svd(factors: list[Factors], *, rank: int | None, ctx: MethodContext) -> Factors:
     A, B = concat(factors)
-    return truncate(A, B, rank if rank is not None else A.shape[0])
+    return truncate(A, B, rank if rank is not None else min(A.shape[0], ctx.cap))
+
+
+def _psec_weights(weights: list[float], params: dict[str, Any]) -> list[float]:
+    """PSEC's α: softmax(w / T) when T > 0, then the top-k kept and renormalised when k > 0."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    if params["temperature"] > 0:
+        w = torch.softmax(w / params["temperature"], 0)
+    k = params["top_k"]
+    if 0 < k < len(weights):
+        keep = torch.zeros_like(w, dtype=torch.bool)
+        keep[w.abs().topk(k).indices] = True
+        w = torch.where(keep, w, torch.zeros_like(w))
+        total = w.sum()
+        if total.abs() > 1e-12:
+            w = w / total
+    return [float(x) for x in w]
+
+
+@merge_method(
+    "psec",
+    reference="Liu et al., Skill Expansion and Composition in Parameter Space (PSEC, ICLR 2025)",
+    space="factors",
+    description="α-weighted exact sum of skills (α per request, e.g. from the router); optional softmax temperature "
+    "and top-k; re-factored only if the rank must shrink.",
+    params={
+        "temperature": Param(float, 0.0, "softmax temperature over the weights (0: use the weights as α)", low=0.0),
+        "top_k": Param(int, 0, "keep the k largest α and renormalise (0: all)", low=0),
+    },
+    weights_fn=_psec_weights,
+)
+def psec(factors: list[Factors], *, rank: int | None, ctx: MethodContext, temperature: float, top_k: int) -> Factors:
+    return _exact(factors, rank)
+
+
+def _dense_method(
+    name: str, *, reference: str, description: str, params: dict[str, Param]
+) -> Callable[[Callable[..., torch.Tensor]], Callable]:
+    """Register a dense method from a function of the stacked τ (K × d_out × d_in) -> merged ΔW."""
+
+    def register(on_taus: Callable[..., torch.Tensor]) -> Callable:
+        def method(factors: list[Factors], *, rank: int | None, ctx: MethodContext, **p: Any) -> Factors:
+            taus = torch.stack([B @ A for A, B in factors])
+            merged = on_taus(taus, ctx=ctx, **p)
+            return dense.refactor_dense(merged, rank, ctx.cap)
+
+        method.__doc__ = on_taus.__doc__
+        merge_method(name, reference=reference, space="dense", description=description, params=params, needs_rank=True)(method)
+        return on_taus
+
+    return register
+
+
+@_dense_method(
+    "ties",
+    reference="Yadav et al., TIES-Merging (NeurIPS 2023)",
+    description="Trim each τ_i to its top density by magnitude, elect a sign per entry, average the agreeing entries.",
+    params={"density": DENSITY, "majority_sign_method": SIGN},
+)
+def ties(taus: torch.Tensor, *, ctx: MethodContext, density: float, majority_sign_method: str) -> torch.Tensor:
+    trimmed = torch.stack([t * dense.magnitude_mask(t, density) for t in taus])
+    return dense.disjoint_merge(trimmed, dense.elect_sign(trimmed, majority_sign_method))
+
+
+def _dare(taus: torch.Tensor, ctx: MethodContext, p: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(dense.module_seed(seed, ctx.module))
+    return torch.stack([dense.random_keep(t, 1.0 - p, g) for t in taus])
+
+
+@_dense_method(
+    "dare_linear",
+    reference="Yu et al., Language Models are Super Mario (DARE, ICML 2024)",
+    description="Drop each entry of each τ_i with probability p, rescale the rest by 1/(1-p), sum.",
+    params={"p": DROP, "seed": SEED},
+)
+def dare_linear(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int) -> torch.Tensor:
+    return _dare(taus, ctx, p, seed).sum(0)
+
+
+@_dense_method(
+    "dare_ties",
+    reference="Yu et al. (DARE, ICML 2024) with TIES sign election (Yadav et al., NeurIPS 2023)",
+    description="DARE's random drop and rescale, then TIES sign election and disjoint mean.",
+    params={"p": DROP, "seed": SEED, "majority_sign_method": SIGN},
+)
+def dare_ties(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int, majority_sign_method: str) -> torch.Tensor:
+    dropped = _dare(taus, ctx, p, seed)
+    return dense.disjoint_merge(dropped, dense.elect_sign(dropped, majority_sign_method))
+
+
+@_dense_method(
+    "magnitude_prune",
+    reference="Magnitude pruning of task vectors (as in peft merge_utils.magnitude_prune)",
+    description="Keep the top density fraction of each τ_i by magnitude, then sum.",
+    params={"density": DENSITY},
+)
+def magnitude_prune(taus: torch.Tensor, *, ctx: MethodContext, density: float) -> torch.Tensor:
+    return torch.stack([t * dense.magnitude_mask(t, density) for t in taus]).sum(0)
+
+
+@_dense_method(
+    "breadcrumbs",
+    reference="Davari & Belilovsky, Model Breadcrumbs (ECCV 2024)",
+    description="Per module and task, drop the largest beta and the smallest gamma fraction of |τ_i| (outliers and "
+    "noise), then sum.",
+    params={
+        "beta": Param(float, 0.01, "fraction of the largest entries dropped", low=0.0, high=1.0),
+        "gamma": Param(float, 0.85, "fraction of the smallest entries dropped", low=0.0, high=1.0),
+    },
+)
+def breadcrumbs(taus: torch.Tensor, *, ctx: MethodContext, beta: float, gamma: float) -> torch.Tensor:
+    if beta + gamma >= 1:
+        raise ValueError(f"beta + gamma must be below 1, got {beta} + {gamma}")
+    return torch.stack([t * dense.breadcrumbs_mask(t, beta, gamma) for t in taus]).sum(0)
+
+
+@_dense_method(
+    "consensus",
+    reference="Wang et al., Localizing Task Information for Improved Model Merging and Compression (TALL masks, "
+    "ICML 2024)",
+    description="Keep the entries of Σ τ_i that are important (|τ_i| ≥ λ|Σ τ − τ_i|) to at least k tasks (k is "
+    "capped at the number of inputs that have the module, so a module only one skill touches is kept).",
+    params={
+        "k": Param(int, 2, "an entry survives when important to at least k tasks", low=1),
+        "lam": Param(float, 0.5, "λ of the TALL mask", low=0.0),
+    },
+)
+def consensus(taus: torch.Tensor, *, ctx: MethodContext, k: int, lam: float) -> torch.Tensor:
+    return taus.sum(0) * dense.consensus_mask(taus, min(k, taus.shape[0]), lam)
+
+
+@merge_method(
+    "lego",
+    reference="LoRA-LEGO: rank-wise clustering of Minimal Semantic Units (Zhao et al., 2024); sklearn KMeans",
+    space="factors",
+    description="Pool every rank-1 unit (a_j, b_j) of every input, cluster them into K groups (K = target rank), and "
+    "replace each group by one unit. Never forms a dense ΔW.",
+    params={
+        "centroid": Param(str, "svd", "a group's unit: 'svd' (best rank-1 of the group's sum) or 'mean' (mean of the "
+                          "canonicalised units, norm-reweighted)", choices=("svd", "mean")),
+        "output_reweight": Param(bool, False, "'mean' only: scale B by sqrt(units/K) (the public re-implementation's "
+                                 "output reweighting)"),
+        "n_init": Param(int, 4, "k-means restarts", low=1),
+        "seed": SEED,
+    },
+    needs_rank=True,
+)
+def lego(factors: list[Factors], *, rank: int | None, ctx: MethodContext, centroid: str, output_reweight: bool,
+         n_init: int, seed: int) -> Factors:
+    k = rank if rank is not None else max(a.shape[0] for a, _ in factors)
+    return lego_merge(factors, k, centroid=centroid, output_reweight=output_reweight, n_init=n_init, seed=seed)

@@ -11,8 +11,20 @@ import torch
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × d_in, B: d_out × r) with scaling and weight folded into B
 
 
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may know besides the factors: which module, and the rank cap for ``auto``."""
+
+    module: str = ""
+    cap: int = 64
+
+
 class MethodFn(Protocol):
-    def __call__(self, factors: list[Factors], *, rank: int | None, **params: Any) -> Factors: ...
+    def __call__(self, factors: list[Factors], *, rank: int | None, ctx: MethodContext, **params: Any) -> Factors: ...
+
+
+def _same_weights(weights: list[float], params: dict[str, Any]) -> list[float]:
+    return list(weights)
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,24 @@ class Param:
     type: type
     default: Any
     help: str
+    low: float | None = None  # inclusive bounds for numbers
+    high: float | None = None
+    choices: tuple | None = None
+
+    def check(self, name: str, value: Any) -> Any:
+        if self.type is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"parameter {name!r} must be true or false, got {value!r}")
+            value = value.lower() in ("true", "1", "yes")
+        try:
+            value = self.type(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"parameter {name!r} must be {self.type.__name__}: {exc}") from exc
+        if self.low is not None and value < self.low or self.high is not None and value > self.high:
+            raise ValueError(f"parameter {name!r} must be within [{self.low}, {self.high}], got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"parameter {name!r} must be one of {list(self.choices)}, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -32,7 +62,9 @@ class MergeMethod:
     space: Literal["factors", "dense"]
     description: str
     params: dict[str, Param] = field(default_factory=dict)
-    needs_rank: bool = False  # True: the caller must give a target rank (or "auto" picks one)
+    needs_rank: bool = False  # True: the result is re-factored to a target rank ("auto" picks one)
+    # adapter-level weight transform applied before weights are folded in (e.g. PSEC's softmax/top-k)
+    weights_fn: Callable[[list[float], dict[str, Any]], list[float]] = _same_weights
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(self.params)
@@ -40,10 +72,7 @@ class MergeMethod:
             raise ValueError(f"method {self.name!r} has no parameter(s) {sorted(unknown)}; it takes {sorted(self.params)}")
         out = {k: p.default for k, p in self.params.items()}
         for k, v in params.items():
-            try:
-                out[k] = self.params[k].type(v)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"parameter {k!r} of {self.name!r} must be {self.params[k].type.__name__}: {exc}") from exc
+            out[k] = self.params[k].check(k, v)
         return out
 
 
@@ -58,6 +87,7 @@ def merge_method(
     description: str,
     params: dict[str, Param] | None = None,
     needs_rank: bool = False,
+    weights_fn: Callable[[list[float], dict[str, Any]], list[float]] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a merge method under ``name``; a duplicate name is an error, never an overwrite."""
 
@@ -66,7 +96,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         METHODS[name] = MergeMethod(
             name=name, fn=fn, reference=reference, space=space, description=description,
-            params=dict(params or {}), needs_rank=needs_rank,
+            params=dict(params or {}), needs_rank=needs_rank, weights_fn=weights_fn or _same_weights,
         )
         return fn
 

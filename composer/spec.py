@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +25,8 @@ class Composition(BaseModel):
     method: str = "linear"
     params: dict[str, Any] = Field(default_factory=dict)
     rank: int | None = Field(default=None, ge=1, le=4096)
+    weighting: Literal["none", "varm"] = Field(default="none", description="'varm': per-module weights from each skill's ‖ΔW‖²")
+    lines: tuple[float, float] | None = Field(default=None, description="LiNeS (α, β): layer ℓ scaled by α + β(ℓ−1)/(L−1)")
 
     @field_validator("rank", mode="before")
     @classmethod
@@ -56,6 +58,11 @@ class Composition(BaseModel):
     def resolved_params(self) -> dict[str, Any]:
         return get_method(self.method).check_params(self.params)
 
+    def compose_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`composer.compose` this spec stands for (besides adapters)."""
+        return {"weights": list(self.resolved_weights), "method": self.method, "params": self.resolved_params,
+                "rank": self.rank, "weighting": self.weighting, "lines": self.lines}
+
     def content_key(self, skill_hashes: list[str]) -> str:
         """Hash of (each skill's weights sha256, weights, method, params, rank): names of skills
         do not enter, so renaming changes nothing and a new version always changes the key."""
@@ -66,5 +73,7 @@ class Composition(BaseModel):
             "method": self.method,
             "params": self.resolved_params,
             "rank": self.rank,
+            "weighting": self.weighting,
+            "lines": list(self.lines) if self.lines else None,
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

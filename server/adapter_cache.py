@@ -105,19 +105,18 @@ class AdapterCache:
                     cache = "miss"
                     adapters = [(await asyncio.to_thread(self.registry.load, i.ref))[1] for i in infos]
                     adapter, report = await asyncio.to_thread(
-                        compose, adapters, list(comp.resolved_weights), method=comp.method,
-                        params=comp.resolved_params, rank=comp.rank, max_rank=self.max_rank,
+                        lambda: compose(adapters, max_rank=self.max_rank, **comp.compose_kwargs())
                     )
                     meta = {
                         "key": key, "skills": [i.ref for i in infos], "rank": report.rank,
                         "exact_rank": report.exact_rank, "refactored": report.refactored,
-                        "relative_error": report.relative_error,
+                        "relative_error": report.relative_error, "weights": list(report.weights),
                     }
                     await asyncio.to_thread(self.registry.put_composition, key, adapter, meta)
                 await asyncio.to_thread(self._write, folder, adapter, meta)
         engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=stable_int_id(key), path=str(folder))
         return Served(
-            engine_adapter, [i.ref for i in infos], list(comp.resolved_weights), comp.method, cache,
+            engine_adapter, [i.ref for i in infos], meta.get("weights", list(comp.resolved_weights)), comp.method, cache,
             int(meta["rank"]), bool(meta["refactored"]), float(meta["relative_error"]),
         )
 

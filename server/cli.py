@@ -211,6 +211,8 @@ def compose(
     method: Annotated[str, typer.Option(help="merge method (see --list-methods)")] = "linear",
     rank: Annotated[Optional[str], typer.Option(help="target rank, or 'auto' (exact)")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="a method parameter KEY=VALUE (repeatable)")] = None,
+    weighting: Annotated[str, typer.Option(help="'none' or 'varm' (per-module weights from each skill's ‖ΔW‖²)")] = "none",
+    lines: Annotated[Optional[str], typer.Option(help="LiNeS 'ALPHA,BETA': scale layer l by ALPHA + BETA(l-1)/(L-1)")] = None,
     name: Annotated[Optional[str], typer.Option(help="store the result as this new skill")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="write the result as a PEFT folder here")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the merge methods and exit")] = False,
@@ -243,7 +245,8 @@ def compose(
         comp = Composition(
             skills=tuple(s.strip() for s in skills.split(",") if s.strip()),
             weights=tuple(float(w) for w in weights.split(",")) if weights else None,
-            method=method, params=_parse_params(param or []), rank=rank,
+            method=method, params=_parse_params(param or []), rank=rank, weighting=weighting,
+            lines=tuple(float(x) for x in lines.split(",")) if lines else None,
         )
     except (ValidationError, ValueError) as exc:
         _fail(f"bad composition: {exc}", 2)
@@ -258,9 +261,7 @@ def compose(
             message = f"stored [bold]{info.ref}[/] (rank {info.rank})"
         else:
             adapters = [reg.load(ref)[1] for ref in comp.skills]
-            adapter, report = do_compose(
-                adapters, list(comp.resolved_weights), method=comp.method, params=comp.resolved_params, rank=comp.rank,
-            )
+            adapter, report = do_compose(adapters, **comp.compose_kwargs())
             adapter.save_dir(out_dir)
             result = {"out": str(out_dir), "rank": report.rank, "sha256": adapter.sha256()}
             message = f"wrote rank-{report.rank} adapter to {out_dir}"

@@ -13,10 +13,7 @@ def store_composition(
 ) -> SkillInfo:
     """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill."""
     infos, adapters = zip(*(registry.load(ref) for ref in comp.skills))
-    adapter, report = compose(
-        list(adapters), list(comp.resolved_weights), method=comp.method, params=comp.resolved_params,
-        rank=comp.rank, max_rank=max_rank,
-    )
+    adapter, report = compose(list(adapters), max_rank=max_rank, **comp.compose_kwargs())
     validate_adapter(adapter, spec, max_rank=max_rank, name=name)
     examples = examples or [e for i in infos for e in i.examples]
     description = description or "Composition of " + ", ".join(f"{w:g}×{i.ref}" for w, i in zip(comp.resolved_weights, infos))

@@ -187,3 +187,16 @@ def test_auto_routes_by_content(client, server):
     for prompt in ["", "   ", "x" * 100_000, "日本語のテキストです"]:
         r = httpx.post(f"{server['url']}/v1/route", json={"prompt": prompt}, timeout=30)
         assert r.status_code == 200 and r.json()["kind"] in ("base", "skill")
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.3}), ("lego", {}), ("psec", {"temperature": 1.0, "top_k": 1}),
+                                           ("dare_ties", {"p": 0.3, "seed": 1})])
+def test_every_method_family_is_servable(client, method, params):
+    comp = {"skills": ["sentiment", "reverse_list"], "weights": [2.0, 0.5], "method": method, "params": params, "rank": 8}
+    r = client.chat.completions.create(model=BASE, temperature=0, max_tokens=4, extra_body={"composition": comp},
+                                       messages=[{"role": "user", "content": "Is this review positive or negative? The tea was lovely."}])
+    mosaic = r.model_extra["mosaic"]
+    assert mosaic["method"] == method and mosaic["rank"] <= 8
+    if method == "psec":  # top-1 of softmax(w): all of α on sentiment, which then answers as itself
+        assert mosaic["weights"] == [1.0, 0.0]
+        assert r.choices[0].message.content == "positive"

@@ -1,0 +1,83 @@
+"""Building blocks of the dense task-vector family (TIES, DARE, breadcrumbs, TALL/consensus).
+
+Each works on one module's stacked task vectors τ (K × d_out × d_in), the weights already
+folded in (τ_i = w_i s_i B_i A_i). Methods in ``composer.methods`` compose these parts, as
+peft's ``merge_utils`` and mergekit's generalized task arithmetic do.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+
+def module_seed(seed: int, module: str) -> int:
+    """A stable per-module seed: the same (seed, module) draws the same mask on every run and host."""
+    return zlib.crc32(f"{seed}:{module}".encode()) & 0x7FFFFFFF
+
+
+def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction of |t| (k = int(density · numel), as peft does)."""
+    if density >= 1:
+        return torch.ones_like(t, dtype=torch.bool)
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = True
+    return mask.reshape(t.shape)
+
+
+def random_keep(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and rescale by 1/density."""
+    if density >= 1:
+        return t
+    return t * torch.bernoulli(torch.full_like(t, density), generator=generator) / density
+
+
+def elect_sign(taus: torch.Tensor, method: str = "total") -> torch.Tensor:
+    """TIES sign election: +1/−1 per entry by the sign of Σ τ_i ("total") or by count ("frequency")."""
+    if method == "total":
+        score = taus.sum(0)
+    elif method == "frequency":
+        score = taus.sign().sum(0)
+    else:
+        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {method!r}")
+    return torch.where(score >= 0, 1.0, -1.0).to(taus.dtype)
+
+
+def disjoint_merge(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Mean over the task vectors whose entry agrees with the elected sign (zeros never agree)."""
+    agree = taus.sign() == sign
+    return (taus * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top ``beta`` and the bottom ``gamma`` fractions of |t|."""
+    n = t.numel()
+    order = t.abs().reshape(-1).argsort(descending=True)
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[int(beta * n): n - int(gamma * n)]] = True
+    return keep.reshape(t.shape)
+
+
+def consensus_mask(taus: torch.Tensor, k: int, lam: float) -> torch.Tensor:
+    """TALL masks: entry e is important to task i when |τ_i| ≥ λ·|τ_MTL − τ_i|; keep entries
+    important to at least ``k`` tasks."""
+    total = taus.sum(0)
+    important = taus.abs() >= lam * (total - taus).abs()
+    return important.sum(0) >= k
+
+
+def refactor_dense(M: torch.Tensor, rank: int | None, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-k factors (A k × d_in, B d_out × k) of a dense module update, by its SVD.
+
+    ``rank`` None ("auto") takes the numerical rank, capped at ``cap``.
+    """
+    U, S, Vh = torch.linalg.svd(M.float(), full_matrices=False)
+    if rank is None:
+        tol = S[0].item() * max(M.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
+        rank = max(1, min(int((S > tol).sum()), cap))
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
