@@ -238,6 +238,24 @@ class Registry:
             return None
         return json.loads(meta), LoraAdapter.from_bytes(config, weights)
 
+    # ---- auxiliary state of other rooms (e.g. the router's trained model) -------------
+    def put_aux(self, key: str, mapping: dict[str, bytes | str]) -> None:
+        """Replace the hash ``P:aux:KEY`` atomically."""
+        with self._guard(), self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("aux", key))
+            pipe.hset(self._k("aux", key), mapping=mapping)
+            pipe.execute()
+
+    def get_aux(self, key: str, fields: list[str] | None = None) -> dict[str, bytes]:
+        with self._guard():
+            if fields is None:
+                return {k.decode(): v for k, v in self.r.hgetall(self._k("aux", key)).items()}
+            return {f: v for f, v in zip(fields, self.r.hmget(self._k("aux", key), fields)) if v is not None}
+
+    def add_aux_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
+        with self._guard():
+            self.r.hset(self._k("aux", key), mapping=mapping)
+
     # ---- helpers ------------------------------------------------------------------
     @staticmethod
     def _meta(raw: bytes | None) -> SkillInfo:

@@ -14,7 +14,8 @@ class Plan(BaseModel):
     skill: str | None = None  # a skill reference (name or name@version) when kind == "skill"
     composition: Composition | None = None
     reason: str = ""
-    scores: dict[str, float] = Field(default_factory=dict)  # the router's scores, when it decided
+    scores: dict[str, float] = Field(default_factory=dict)  # the router's α per skill, when it decided
+    similarity: dict[str, float] = Field(default_factory=dict)  # cosine of the prompt to each skill's nearest example
 
     @property
     def skills(self) -> list[str]:

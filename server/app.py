@@ -29,6 +29,14 @@ async def _start_engine(m: Mosaic) -> None:
         m.engine_error = "the engine failed to start; see the server log"
 
 
+def _warm_router(m: Mosaic) -> None:
+    """Load the encoder and the router model before the first ``auto`` request needs them."""
+    try:
+        m.policy.route("warm up", m.skills())
+    except Exception:
+        log.exception("router warm-up failed (auto requests will retry)")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -40,10 +48,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.api_key:
             log.warning("MOSAIC_API_KEY is not set: the admin endpoints (upload, delete, compose) are open to anyone who can reach this server")
         task = asyncio.create_task(_start_engine(m))
+        warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))
         try:
             yield
         finally:
             task.cancel()
+            warm.cancel()
             await m.engine.stop()
 
     app = FastAPI(title="Mosaic", version="0.1.0", lifespan=lifespan,

@@ -273,19 +273,39 @@ def compose(
         out.print(message)
 
 
+router_app = typer.Typer(help="The router behind model=\"auto\".", no_args_is_help=True)
+app.add_typer(router_app, name="router")
+
+
 @app.command()
 def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the router's decision for TEXT, without generating."""
-    from router.policy import LexicalPolicy
+    from server.state import make_policy
 
     reg = _registry()
-    plan = LexicalPolicy().route(text, reg.list(), reg.generation())
+    plan = make_policy(_settings(), reg).route(text, reg.list(), reg.generation())
     if as_json:
         _print_json(plan.model_dump(mode="json"))
-    else:
-        out.print(f"{plan.kind}: {plan.skill or ''} ({plan.reason})")
-        for k, v in sorted(plan.scores.items(), key=lambda kv: -kv[1])[:5]:
-            out.print(f"  {v:.3f}  {k}")
+        return
+    what = plan.skill if plan.kind == "skill" else (
+        ", ".join(f"{w:g}×{s}" for s, w in zip(plan.composition.skills, plan.composition.weights)) if plan.composition else "")
+    out.print(f"[bold]{plan.kind}[/] {escape(what)}  ({escape(plan.reason)})")
+    table = Table("skill", "α", "similarity")
+    for k, v in sorted(plan.scores.items(), key=lambda kv: -kv[1])[:8]:
+        table.add_row(k, f"{v:.3f}", f"{plan.similarity.get(k, float('nan')):.3f}")
+    if plan.scores:
+        out.print(table)
+
+
+@router_app.command("train")
+def router_train() -> None:
+    """Retrain the router on the current library now (it also retrains by itself when the library changes)."""
+    from router.psec import PsecRouter
+
+    reg = _registry()
+    model = PsecRouter(reg).train(reg.list())
+    out.print(f"trained on {len(model.names)} skills ({len(model.y)} profile texts) in {model.trained_seconds:.2f} s; "
+              f"stored as {model.key}")
 
 
 def main() -> None:

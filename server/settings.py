@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     dtype: str = "bfloat16"
 
+    # router (model="auto"); defaults measured on the demo skills (bench/route.py)
+    router: Literal["psec", "lexical"] = "psec"
+    router_ood: float = 0.43
+    router_mix_similarity: float = 0.32
+    router_mix_min: float = 0.05
+
     # limits
     max_adapter_rank: int = 256
     max_upload_mb: int = 512

@@ -12,6 +12,7 @@ from adapter_store.registry import Registry
 from adapter_store.validation import BaseModelSpec
 from router.plan import Plan
 from router.policy import LexicalPolicy, RouterPolicy
+from router.psec import PsecRouter, Thresholds
 from server.adapter_cache import AdapterCache
 from server.base_model import base_model_id, prepare
 from server.engine import Engine, make_engine
@@ -38,10 +39,21 @@ class Mosaic:
     def base_id(self) -> str:
         return self.spec.model_id
 
+    _skills: tuple[int, list] = (-1, [])
+
+    def skills(self) -> list:
+        """The library's latest versions, re-read only when the registry's generation moved."""
+        generation = self.registry.generation()
+        if self._skills[0] != generation:
+            self._skills = (generation, self.registry.list())
+        return self._skills[1]
+
     async def route(self, text: str) -> Plan:
-        skills = await asyncio.to_thread(self.registry.list)
-        generation = await asyncio.to_thread(self.registry.generation)
-        return await asyncio.to_thread(self.policy.route, text, skills, generation)
+        def decide() -> Plan:
+            skills = self.skills()
+            return self.policy.route(text, skills, self._skills[0])
+
+        return await asyncio.to_thread(decide)
 
 
 def open_registry(settings: Settings) -> Registry:
@@ -56,4 +68,11 @@ def build(settings: Settings) -> Mosaic:
     registry = open_registry(settings)
     engine = make_engine(settings, model_dir, model_id)
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank)
-    return Mosaic(settings, registry, spec, engine, cache, LexicalPolicy(), model_dir)
+    return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir)
+
+
+def make_policy(settings: Settings, registry: Registry) -> RouterPolicy:
+    if settings.router == "lexical":
+        return LexicalPolicy()
+    return PsecRouter(registry, thresholds=Thresholds(ood=settings.router_ood, mix_similarity=settings.router_mix_similarity,
+                                                      mix_min=settings.router_mix_min))

@@ -200,3 +200,41 @@ def test_every_method_family_is_servable(client, method, params):
     if method == "psec":  # top-1 of softmax(w): all of α on sentiment, which then answers as itself
         assert mosaic["weights"] == [1.0, 0.0]
         assert r.choices[0].message.content == "positive"
+
+
+def test_compositions_endpoint_stores_a_new_skill(client, server):
+    url = server["url"]
+    body = {"name": "sent-rev", "skills": ["sentiment", "reverse_list"], "weights": [1.0, 1.0], "method": "svd", "rank": 8}
+    r = httpx.post(f"{url}/v1/compositions", json=body, timeout=300)
+    assert r.status_code == 201, r.text
+    info = r.json()
+    assert info["rank"] == 8 and info["origin"] == "composition" and info["composition"]["skills"] == ["sentiment@1", "reverse_list@1"]
+    assert "sent-rev" in {m.id for m in client.models.list().data}
+    assert _ask(client, "sent-rev", "chat", stream=False, max_tokens=4)[1]["skills"] == ["sent-rev@1"]
+    bad = httpx.post(f"{url}/v1/compositions", json={**body, "name": "x", "method": "ties", "params": {"density": 7}}, timeout=60)
+    assert bad.status_code == 400 and "density" in bad.json()["error"]["message"]
+    assert httpx.delete(f"{url}/v1/adapters/sent-rev", timeout=60).status_code == 200
+
+
+def test_auto_composes_and_follows_library_changes(client, server):
+    from bench.route_prompts import MULTI
+
+    prompt, expected = MULTI[0]
+    r = client.chat.completions.create(model="auto", temperature=0, max_tokens=8, messages=[{"role": "user", "content": prompt}])
+    mosaic = r.model_extra["mosaic"]
+    assert mosaic["plan"] == "composition" and mosaic["method"] == "psec"
+    assert {s.split("@")[0] for s in mosaic["skills"]} == expected and sum(mosaic["weights"]) == pytest.approx(1, abs=1e-3)
+    # a skill uploaded over HTTP is routable on the next request, without a restart; a delete removes it
+    url, french = server["url"], "Translate into French: good morning, my friend"
+    assert httpx.post(f"{url}/v1/route", json={"prompt": french}, timeout=60).json()["kind"] == "base"
+    folder = DEMO / "reverse_list"
+    files = {f: (folder / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+    examples = ["Translate into French: the cat sleeps", "Translate to French: I like apples",
+                "How do you say 'thank you very much' in French?"]
+    r = _upload(url, "french", files, description="Translates English sentences into French.", examples=json.dumps(examples))
+    assert r.status_code == 201
+    plan = httpx.post(f"{url}/v1/route", json={"messages": [{"role": "user", "content": french}]}, timeout=60).json()
+    assert plan["kind"] == "skill" and plan["skill"] == "french"
+    httpx.delete(f"{url}/v1/adapters/french", timeout=60)
+    plan = httpx.post(f"{url}/v1/route", json={"prompt": french}, timeout=60).json()
+    assert "french" not in plan["scores"] and plan.get("skill") != "french"

@@ -1,0 +1,91 @@
+"""The auto router with the real MiniLM encoder, the demo skills' real profiles and real Redis."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapter_store.registry import SkillInfo
+from bench.demo_data import examples
+from bench.route_prompts import MULTI, OOD
+from router.psec import MODEL_KEY, PsecRouter
+from tests.helpers import random_adapter
+
+DEMO = Path(__file__).resolve().parents[2] / "bench" / "skills"
+SHAPES = {"model.layers.0.self_attn.q_proj": (576, 576)}
+
+
+def _add_demo(registry):
+    for d in sorted(DEMO.iterdir()):
+        meta = json.loads((d / "mosaic.json").read_text())
+        registry.add(d.name, random_adapter(SHAPES, r=2, seed=len(d.name)), description=meta["description"],
+                     examples=meta["examples"])
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from router.encoder import MiniLMEncoder
+
+    return MiniLMEncoder()
+
+
+@pytest.fixture
+def router(registry, encoder):
+    _add_demo(registry)
+    return PsecRouter(registry, encoder=encoder)
+
+
+@pytest.mark.parametrize("skill", ["json_extract", "sentiment", "reverse_list"])
+def test_held_out_paraphrases_route_to_their_skill(router, registry, skill):
+    # test templates differ from the training templates the examples were drawn from
+    prompts = [p for p, _ in examples(skill, "test", 15, seed=11)]
+    plans = [router.route(p, registry.list()) for p in prompts]
+    hits = sum(p.kind == "skill" and p.skill == skill for p in plans)
+    assert hits >= 14, [(p.kind, p.skill, p.scores) for p in plans]
+
+
+@pytest.mark.parametrize("prompt", OOD[:8])
+def test_unrelated_prompts_go_to_base(router, registry, prompt):
+    plan = router.route(prompt, registry.list())
+    assert plan.kind == "base" and "out of distribution" in plan.reason
+
+
+@pytest.mark.parametrize("prompt,expected", MULTI)
+def test_two_skill_prompt_gets_a_psec_composition(router, registry, prompt, expected):
+    plan = router.route(prompt, registry.list())
+    assert plan.kind == "composition" and plan.composition.method == "psec"
+    assert set(plan.composition.skills) == expected
+    assert sum(plan.composition.weights) == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n\t", "x" * 100_000, "これはレビューです。とても美味しかった！", "🙂" * 50])
+def test_edge_prompts_never_fail(router, registry, prompt):
+    plan = router.route(prompt, registry.list())
+    assert plan.kind in ("base", "skill", "composition")
+    if not prompt.strip():
+        assert plan.kind == "base" and "empty" in plan.reason
+
+
+def test_no_skills_means_base_with_the_reason(registry, encoder):
+    plan = PsecRouter(registry, encoder=encoder).route("Reverse the list: a, b", registry.list())
+    assert plan.kind == "base" and plan.reason == "no skills are registered"
+
+
+def test_library_changes_reach_every_replica(router, registry, encoder):
+    """Two routers on one Redis: a skill added (or deleted) through one is routed by the other."""
+    other = PsecRouter(registry, encoder=encoder)
+    prompt = "Translate into French: good morning, my friend"
+    assert other.route(prompt, registry.list()).kind == "base"
+    registry.add("french", random_adapter(SHAPES, r=2, seed=9), description="Translates English sentences into French.",
+                 examples=["Translate into French: the cat sleeps", "Translate to French: I like apples",
+                           "How do you say 'thank you very much' in French?"])
+    plan = router.route(prompt, registry.list())
+    assert plan.kind == "skill" and plan.skill == "french"
+    # the model trained by `router` is stored in Redis: `other` loads it rather than retraining
+    assert registry.get_aux(MODEL_KEY)["key"].decode() == router.model_for(registry.list()).key
+    assert other.route(prompt, registry.list()).skill == "french"
+    assert other.model_for(registry.list()).trained_seconds == router.model_for(registry.list()).trained_seconds
+    registry.delete("french")
+    for r in (router, other):
+        plan = r.route(prompt, registry.list())
+        assert "french" not in plan.skills and "french" not in plan.scores
