@@ -18,14 +18,19 @@ def module_seed(seed: int, module: str) -> int:
 
 
 def magnitude_mask(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top ``density`` fraction of |t| (k = int(density · numel), as peft does)."""
+    """Keep the top ``density`` fraction of |t| (k = int(density · numel), as peft does).
+
+    Selection by the k-th largest magnitude (O(n), unlike a full top-k); magnitudes tied at the
+    threshold are all kept, which random real-valued weights never produce.
+    """
     if density >= 1:
         return torch.ones_like(t, dtype=torch.bool)
     k = int(density * t.numel())
-    mask = torch.zeros(t.numel(), dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = True
-    return mask.reshape(t.shape)
+    if k <= 0:
+        return torch.zeros_like(t, dtype=torch.bool)
+    mags = t.abs().reshape(-1)
+    threshold = mags.kthvalue(mags.numel() - k + 1).values
+    return (mags >= threshold).reshape(t.shape)
 
 
 def random_keep(t: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
@@ -53,11 +58,16 @@ def disjoint_merge(taus: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
 
 
 def breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the top ``beta`` and the bottom ``gamma`` fractions of |t|."""
-    n = t.numel()
-    order = t.abs().reshape(-1).argsort(descending=True)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[int(beta * n): n - int(gamma * n)]] = True
+    """Model Breadcrumbs: drop the top ``beta`` and the bottom ``gamma`` fractions of |t| (by
+    selection thresholds, O(n))."""
+    mags = t.abs().reshape(-1)
+    n = mags.numel()
+    top, bottom = int(beta * n), int(gamma * n)
+    keep = torch.ones(n, dtype=torch.bool)
+    if top > 0:
+        keep &= mags < mags.kthvalue(n - top + 1).values
+    if bottom > 0:
+        keep &= mags > mags.kthvalue(bottom).values
     return keep.reshape(t.shape)
 
 

@@ -141,6 +141,91 @@ def skills_add(
         _print_json(info.model_dump())
 
 
+@skills_app.command("train")
+def skills_train(
+    data: Annotated[Path, typer.Argument(help="JSONL: {\"messages\": [...]} or {\"prompt\", \"completion\"} per line")],
+    name: Annotated[str, typer.Option("--name", help="the new skill's name")],
+    description: Annotated[Optional[str], typer.Option(help="what the skill does (default: from the data)")] = None,
+    rank: Annotated[int, typer.Option(min=1, max=256)] = 8,
+    alpha: Annotated[int, typer.Option(min=1)] = 16,
+    targets: Annotated[str, typer.Option(help="comma-separated target modules")] = "q_proj,k_proj,v_proj,o_proj",
+    steps: Annotated[int, typer.Option(min=1)] = 40,
+    lr: Annotated[float, typer.Option(min=0.0)] = 2e-3,
+    batch: Annotated[int, typer.Option(min=1)] = 8,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="held out for the exact-match check")] = 0.1,
+    max_tokens: Annotated[int, typer.Option(help="refuse examples longer than this (tokens)")] = 512,
+    init_from: Annotated[Optional[str], typer.Option(help="start from a composition of these skills (comma-separated, PSEC reuse)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Train a new LoRA skill on the base model from chat examples and register it."""
+    import random
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from transformers import AutoTokenizer
+
+    from adapter_store.validation import check_name, validate_adapter
+    from server.base_model import base_model_id, prepare
+    from server.training import greedy_answers, train_lora
+    from server.training_data import read_jsonl
+
+    if problems := check_name(name):
+        _fail("; ".join(problems), 2)
+    settings = _settings()
+    reg = _registry()
+    base = prepare(settings, quiet=True)
+    try:
+        examples = read_jsonl(data, AutoTokenizer.from_pretrained(base), max_tokens)
+    except MosaicError as exc:
+        _fail(str(exc))
+    rng = random.Random(seed)
+    shuffled = examples[:]
+    rng.shuffle(shuffled)
+    n_val = int(len(shuffled) * val_fraction) if len(shuffled) >= 10 else 0
+    val, train = shuffled[:n_val], shuffled[n_val:]
+    init = None
+    if init_from:
+        from composer import compose as do_compose
+
+        try:
+            parts = [reg.load(s.strip())[1] for s in init_from.split(",") if s.strip()]
+        except MosaicError as exc:
+            _fail(str(exc))
+        init, _ = do_compose(parts, [1.0 / len(parts)] * len(parts), method="svd", rank=rank)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, disable=as_json) as bar:
+        task = bar.add_task(f"training {name}", total=steps)
+        adapter = train_lora(
+            base, [(e.messages, e.answer) for e in train], rank=rank, alpha=alpha,
+            targets=[t.strip() for t in targets.split(",") if t.strip()], steps=steps, lr=lr, batch=batch, seed=seed,
+            base_model_id=base_model_id(settings), init=init,
+            on_step=lambda s, loss: bar.update(task, completed=s + 1, description=f"training {name} (loss {loss:.3f})"),
+        )
+    spec = _spec()
+    try:
+        validate_adapter(adapter, spec, max_rank=settings.max_adapter_rank, name=name)
+    except MosaicError as exc:
+        _fail(str(exc))
+    score = None
+    if val:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_dir(tmp)
+            answers = greedy_answers(base, tmp, [e.messages for e in val], max_new_tokens=64)
+        score = sum(a.strip() == e.answer.strip() for a, e in zip(answers, val)) / len(val)
+    prompts = [e.prompt for e in examples]
+    info = reg.add(name, adapter, description=description or f"Trained on {data.name}: e.g. {prompts[0][:80]}",
+                   examples=prompts[:8], tags=["trained"])
+    result = {**info.model_dump(), "train_examples": len(train), "val_examples": len(val), "val_exact_match": score,
+              "init_from": init_from}
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(f"stored [bold]{info.ref}[/] (rank {rank}, {len(train)} examples, {steps} steps); "
+                  + (f"validation exact match {score:.1%} on {len(val)}" if score is not None else "no validation split"))
+
+
 @skills_app.command("list")
 def skills_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the latest version of every skill."""

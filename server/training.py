@@ -17,8 +17,15 @@ from adapter_store.adapter import LoraAdapter
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+Conversation = list[dict]
+
+
+def as_messages(prompt: str | Conversation) -> Conversation:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def _encode(tokenizer, prompt: str | Conversation, answer: str) -> tuple[list[int], list[int]]:
+    prefix = tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
     p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
     return p_ids + a_ids, [-100] * len(p_ids) + a_ids
@@ -26,7 +33,7 @@ def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
 
 def train_lora(
     base_dir: str | Path,
-    data: Sequence[tuple[str, str]],
+    data: Sequence[tuple[str | Conversation, str]],
     *,
     rank: int = 8,
     alpha: int = 16,
@@ -38,7 +45,10 @@ def train_lora(
     base_model_id: str | None = None,
     save_dtype: torch.dtype = torch.bfloat16,
     on_step: Callable[[int, float], None] | None = None,
+    init: LoraAdapter | None = None,
 ) -> LoraAdapter:
+    """Train a LoRA on (prompt or conversation, answer) pairs; ``init`` starts it from an existing
+    adapter of the same rank (PSEC's reuse of prior skills), else from PEFT's default init."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -49,6 +59,8 @@ def train_lora(
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    if init is not None:
+        _load_init(model, init, rank, alpha / rank)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.05, 1 - s / steps))
     encoded = [_encode(tokenizer, p, a) for p, a in data]
@@ -66,7 +78,7 @@ def train_lora(
         sched.step()
         opt.zero_grad()
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
     state = {k: v.detach().to(save_dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
     cfg = model.peft_config["default"].to_dict()
     cfg["base_model_name_or_path"] = base_model_id or Path(base_dir).name
@@ -75,6 +87,35 @@ def train_lora(
     cfg["task_type"] = "CAUSAL_LM"
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     return LoraAdapter(config=cfg, tensors=state)
+
+
+def _load_init(model, init: LoraAdapter, rank: int, scaling: float) -> None:
+    """Copy ``init``'s factors (rank ≤ ``rank``, zero-padded) into the fresh LoRA, so the new skill starts
+    at ΔW = init's ΔW."""
+    modules = init.modules()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            key = name.removeprefix("base_model.model.")
+            if hasattr(module, "lora_A") and "default" in module.lora_A and key in modules:
+                m = modules[key]
+                r = min(m.rank, rank)
+                A = torch.zeros_like(module.lora_A["default"].weight)
+                B = torch.zeros_like(module.lora_B["default"].weight)
+                A[:r] = m.A[:r]
+                B[:, :r] = m.scaling * m.B[:, :r] / scaling
+                module.lora_A["default"].weight.copy_(A)
+                module.lora_B["default"].weight.copy_(B)
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prompts: Sequence[str | Conversation], max_new_tokens: int = 64) -> list[str]:
+    model.eval()
+    out = []
+    for p in prompts:
+        x = tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
+        out.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
 
 
 @torch.inference_mode()
@@ -88,10 +129,4 @@ def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    out = []
-    for p in prompts:
-        x = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
-    return out
+    return generate_greedy(model, tokenizer, prompts, max_new_tokens)
