@@ -15,6 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 from router.plan import Plan
+from server import metrics
 from server.engine import Chunk, EngineAdapter, GenerationParams
 from server.errors import error_payload
 from server.protocol import ChatMessage, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
@@ -61,6 +62,8 @@ async def serve_plan(m: Mosaic, plan: Plan) -> tuple[EngineAdapter | None, Mosai
     if plan.kind == "base":
         return None, MosaicInfo(**info)
     served = await (m.cache.skill(plan.skill) if plan.kind == "skill" else m.cache.composition(plan.composition))
+    if served.cache is not None:
+        metrics.COMPOSITIONS.labels(result=served.cache).inc()
     return served.adapter, MosaicInfo(**info, **served.describe())
 
 
@@ -133,7 +136,7 @@ async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, cha
     created = int(time.time())
     model = req.model
     mosaic = info.model_dump(mode="json", exclude_none=True)
-    stream = m.engine.generate(prompt_ids, params, adapter)
+    stream = _observed(m.engine.generate(prompt_ids, params, adapter), info.plan)
     if not req.stream:
         text, last = echo, None
         async for chunk in stream:
@@ -150,6 +153,19 @@ async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, cha
         return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage, "mosaic": mosaic})
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return EventSourceResponse(_sse(rid, created, model, stream, chat, mosaic, include_usage, echo), ping=15)
+
+
+async def _observed(stream: AsyncIterator[Chunk], plan: str) -> AsyncIterator[Chunk]:
+    """Count the request and time it to its last token, whatever the response shape."""
+    t0 = time.monotonic()
+    outcome = "error"
+    try:
+        async for chunk in stream:
+            yield chunk
+        outcome = "ok"
+    finally:
+        metrics.REQUESTS.labels(plan=plan, outcome=outcome).inc()
+        metrics.LATENCY.labels(plan=plan).observe(time.monotonic() - t0)
 
 
 def _usage(c: Chunk) -> dict:

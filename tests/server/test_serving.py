@@ -238,3 +238,11 @@ def test_auto_composes_and_follows_library_changes(client, server):
     httpx.delete(f"{url}/v1/adapters/french", timeout=60)
     plan = httpx.post(f"{url}/v1/route", json={"prompt": french}, timeout=60).json()
     assert "french" not in plan["scores"] and plan.get("skill") != "french"
+
+
+def test_metrics_count_requests_and_cache(client, server):
+    _ask(client, "json_extract", "chat", stream=False, max_tokens=2)
+    text = httpx.get(f"{server['url']}/metrics/", timeout=30, follow_redirects=True).text
+    assert 'mosaic_requests_total{outcome="ok",plan="skill"}' in text
+    assert 'mosaic_composition_cache_total{result="hit"}' in text
+    assert "mosaic_request_seconds_bucket" in text

@@ -1,0 +1,34 @@
+"""An engine that fails to start: /health says so, inference gets a 503 in OpenAI's shape, and the
+library API keeps answering."""
+
+import uuid
+
+from fastapi.testclient import TestClient
+
+from server import engine as engine_module
+from server.app import create_app
+from server.settings import Settings
+from tests.conftest import TEST_REDIS_URL, _drop_prefix
+
+
+def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
+    async def broken_start(self):
+        raise RuntimeError("no memory for the KV cache")
+
+    monkeypatch.setattr(engine_module.HfEngine, "start", broken_start)
+    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
+    settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix)
+    try:
+        with TestClient(create_app(settings)) as client:
+            for _ in range(50):
+                health = client.get("/health")
+                if health.json()["status"] == "error":
+                    break
+            assert health.status_code == 503 and health.json()["status"] == "error"
+            r = client.post("/v1/chat/completions", json={"model": base_spec.model_id, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503
+            assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
+            assert client.get("/v1/adapters").status_code == 200
+            assert client.get("/v1/models").status_code == 200
+    finally:
+        _drop_prefix(redis_client, prefix)
