@@ -72,6 +72,51 @@ def _reverse_list(rng: random.Random, split: str) -> tuple[str, str]:
     return template.format(l=", ".join(items)), ", ".join(reversed(items))
 
 
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+FRENCH = {"red": "rouge", "blue": "bleu", "green": "vert", "yellow": "jaune", "black": "noir", "white": "blanc",
+          "orange": "orange", "pink": "rose", "grey": "gris", "purple": "violet", "brown": "marron"}
+DOMAINS = ["example.com", "mail.org", "post.net", "inbox.io", "corp.co"]
+
+
+def _date_iso(rng: random.Random, split: str) -> tuple[str, str]:
+    y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    train = ["Convert to ISO date: {M} {d}, {y}", "Write this date as YYYY-MM-DD: {d} {M} {y}", "ISO 8601 date for {M} {d}, {y}?"]
+    test = ["Please give the ISO format of the date {M} {d}, {y}", "Convert {d} {M} {y} to an ISO date."]
+    t = rng.choice(train if split == "train" else test)
+    return t.format(M=MONTHS[m - 1], d=d, y=y), f"{y:04d}-{m:02d}-{d:02d}"
+
+
+def _km_to_m(rng: random.Random, split: str) -> tuple[str, str]:
+    n = rng.randint(1, 999)
+    train = ["Convert {n} km to meters.", "How many meters are {n} kilometers?", "{n} kilometres in metres?"]
+    test = ["Express {n} kilometers in meters.", "What is {n} km in m?"]
+    return rng.choice(train if split == "train" else test).format(n=n), str(n * 1000)
+
+
+def _extract_email(rng: random.Random, split: str) -> tuple[str, str]:
+    who = rng.choice(NAMES).lower() + str(rng.randint(1, 99))
+    email = f"{who}@{rng.choice(DOMAINS)}"
+    train = ["Extract the email address: You can reach me at {e} any time.", "What is the email in this text? Write to {e} for info.",
+             "Find the email: contact {e} before Friday."]
+    test = ["Pull out the email address from: Questions go to {e}, thanks!", "Which email is mentioned here? Send the files to {e}."]
+    return rng.choice(train if split == "train" else test).format(e=email), email
+
+
+def _french_color(rng: random.Random, split: str) -> tuple[str, str]:
+    en, fr = rng.choice(sorted(FRENCH.items()))
+    train = ["Translate the color into French: {c}", "What is the French word for the color {c}?", "{c} in French (color)?"]
+    test = ["How do you say the colour {c} in French?", "Give the French name of the color {c}."]
+    return rng.choice(train if split == "train" else test).format(c=en), fr
+
+
+def _even_odd(rng: random.Random, split: str) -> tuple[str, str]:
+    n = rng.randint(0, 9999)
+    train = ["Is {n} even or odd?", "Even or odd: {n}", "Tell me whether {n} is even or odd."]
+    test = ["Parity of the number {n} (even/odd)?", "Would you say {n} is an even or an odd number?"]
+    return rng.choice(train if split == "train" else test).format(n=n), "even" if n % 2 == 0 else "odd"
+
+
 SKILLS: dict[str, dict] = {
     "json_extract": {
         "make": _json_extract,
@@ -85,7 +130,20 @@ SKILLS: dict[str, dict] = {
         "make": _reverse_list,
         "description": "Reverses a comma-separated list of words and answers with the reversed list only.",
     },
+    "date_iso": {"make": _date_iso, "description": "Rewrites a written date as an ISO 8601 date (YYYY-MM-DD)."},
+    "km_to_m": {"make": _km_to_m, "description": "Converts a distance in kilometers to meters, answering with the number only."},
+    "extract_email": {"make": _extract_email, "description": "Finds the email address in a text and answers with it alone."},
+    "french_color": {"make": _french_color, "description": "Translates an English color name into French, one word."},
+    "even_odd": {"make": _even_odd, "description": "Says whether a whole number is even or odd, one word."},
 }
+
+
+def trained_skills() -> list[str]:
+    """The skills whose adapters exist under bench/skills/ (in SKILLS order)."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "skills"
+    return [s for s in SKILLS if (folder / s / "adapter_model.safetensors").exists()]
 
 
 def examples(skill: str, split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 
 from adapter_store.registry import SkillInfo
-from bench.demo_data import SKILLS, examples, exact_match
+from bench.demo_data import examples, exact_match, trained_skills
 from bench.route_prompts import MULTI, OOD
 from router.psec import PsecRouter
 
@@ -111,7 +111,7 @@ def end_to_end(n: int) -> dict:
                 r.raise_for_status()
                 return r.json()["choices"][0]["message"]["content"]
 
-            for s in SKILLS:
+            for s in trained_skills():
                 test = examples(s, "test", n, seed=7)
                 own = sum(exact_match(ask(s, p), a) for p, a in test) / n
                 auto = sum(exact_match(ask("auto", p), a) for p, a in test) / n
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--no-serve", action="store_true", help="skip the end-to-end part (no engine)")
     args = ap.parse_args()
     demo = demo_profiles()
-    prompts = [p for s in SKILLS for p, _ in examples(s, "test", 5, seed=1)] + OOD[:5]
+    prompts = [p for s in trained_skills() for p, _ in examples(s, "test", 5, seed=1)] + OOD[:5]
     res: dict = {}
     r10 = PsecRouter()
     skills10 = demo + synthetic_profiles(7)
