@@ -32,11 +32,12 @@ VARIANTS = [("linear (exact)", "linear", {}), ("svd", "svd", {}), ("lego centroi
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10, help="held-out prompts per skill")
+    ap.add_argument("--average", action="store_true", help="weights 1/K (an average) instead of 1 (the sum)")
     args = ap.parse_args()
     base = prepare(get_settings())
     SKILLS = trained_skills()
     adapters = [LoraAdapter.from_dir(Path(__file__).parent / "skills" / s) for s in SKILLS]
-    weights = [1.0] * len(adapters)
+    weights = [1.0 / len(adapters) if args.average else 1.0] * len(adapters)
     tests = {s: examples(s, "test", args.n, seed=3) for s in SKILLS}
     rows = []
     for rank in (8, 16):
@@ -51,7 +52,7 @@ def main() -> None:
                           for s, t in tests.items()}
             rows.append({"rank": merged.rank, "variant": label, "error": err, **scores})
             print(rows[-1], flush=True)
-    lines = ["# LoRA-LEGO choices, measured", "", "Demo skills merged with equal weights 1. Error: "
+    lines = ["# LoRA-LEGO choices, measured", "", f"Demo skills merged with equal weights {weights[0]:.3g}. Error: "
              "‖Σ ΔW_i − ΔŴ‖_F / ‖Σ ΔW_i‖_F. Exact match on held-out prompts of each skill (greedy, transformers+PEFT).", "",
              "| rank | variant | rel. error | " + " | ".join(trained_skills()) + " | mean |",
              "|---|---|---|" + "---|" * (len(trained_skills()) + 1)]
@@ -60,7 +61,7 @@ def main() -> None:
         mean = sum(r[s] for s in SKILLS) / len(SKILLS)
         lines.append(f"| {r['rank']} | {r['variant']} | {r['error']:.3f} | " + " | ".join(f"{r[s]:.2f}" for s in SKILLS) + f" | {mean:.2f} |")
     REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / "lego_choice.md").write_text("\n".join(lines) + "\n")
+    (REPORTS / ("lego_choice_average.md" if args.average else "lego_choice.md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -118,6 +118,7 @@ class PsecRouter:
         self.t = thresholds or Thresholds()
         self.C = C
         self._model: RouterModel | None = None
+        self._key: tuple[Sequence[SkillInfo], str] | None = None
         self._lock = threading.Lock()
 
     # ---- training -----------------------------------------------------------------
@@ -154,7 +155,10 @@ class PsecRouter:
         return model
 
     def model_for(self, skills: Sequence[SkillInfo]) -> RouterModel:
-        key = profile_key(skills, self.encoder.name)
+        # the same list object (the server re-reads the library only when it changes) has the same key
+        cached = self._key
+        key = cached[1] if cached is not None and cached[0] is skills else profile_key(skills, self.encoder.name)
+        self._key = (skills, key)
         with self._lock:
             if self._model is not None and self._model.key == key:
                 return self._model

@@ -38,6 +38,8 @@ class GenerationParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
 
 
 @dataclass
@@ -117,6 +119,7 @@ class VllmEngine:
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
             stop=params.stop or None, seed=params.seed, presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty, output_kind=RequestOutputKind.DELTA,
+            ignore_eos=params.ignore_eos, min_tokens=params.min_tokens,
         )
         lora = LoRARequest(adapter.name, adapter.int_id, adapter.path) if adapter else None
         done = 0
@@ -183,7 +186,8 @@ class HfEngine:
                     torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                     max_new_tokens=params.max_tokens, do_sample=not greedy,
                     temperature=None if greedy else params.temperature, top_p=None if greedy else params.top_p,
-                    stop_strings=params.stop or None, tokenizer=self._tokenizer,
+                    stop_strings=params.stop or None, tokenizer=self._tokenizer, min_new_tokens=params.min_tokens or None,
+                    **({"eos_token_id": None} if params.ignore_eos else {}),
                 )
         new = y[0, len(prompt_ids):].tolist()
         eos = self._tokenizer.eos_token_id

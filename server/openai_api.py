@@ -82,6 +82,7 @@ def _params(m: Mosaic, req, prompt_len: int, max_tokens: int | None) -> Generati
     return GenerationParams(
         max_tokens=max_tokens or min(room, m.settings.max_tokens_limit), temperature=req.temperature, top_p=req.top_p,
         stop=req.stop_list(), seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
     )
 
 

@@ -47,6 +47,8 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM extension: keep generating past the end-of-text token")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM extension: generate at least this many tokens")
     composition: Composition | None = Field(
         default=None, description="Mosaic: compose these skills for this request (model is then ignored unless 'auto')"
     )
