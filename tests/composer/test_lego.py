@@ -38,7 +38,7 @@ def _rel_err(merged, adapters):
 
 def test_lego_recovers_shared_units():
     adapters, units_a, units_b = _library(noise=0.02)
-    merged, _ = compose(adapters, [1.0] * 4, method="lego", rank=UNITS)
+    merged, _ = compose(adapters, [1.0] * 4, method="lego", params={"centroid": "svd"}, rank=UNITS)
     m = merged.modules()[MODULE]
     # each recovered unit points along one ground-truth unit (|cos| ≈ 1 for both a and b)
     cos_a = (torch.nn.functional.normalize(m.A, dim=1) @ torch.nn.functional.normalize(units_a, dim=1).T).abs()
@@ -46,6 +46,10 @@ def test_lego_recovers_shared_units():
     assert sorted(cos_a.argmax(1).tolist()) == list(range(UNITS))
     assert float(cos_a.max(1).values.min()) > 0.99 and float(cos_b.max(1).values.min()) > 0.99
     assert _rel_err(merged, adapters) < 0.05
+    # the default 'mean' centroid finds the same units (it averages copies rather than summing them)
+    mean, _ = compose(adapters, [1.0] * 4, method="lego", rank=UNITS)
+    cos = (torch.nn.functional.normalize(mean.modules()[MODULE].A, dim=1) @ torch.nn.functional.normalize(units_a, dim=1).T).abs()
+    assert float(cos.max(1).values.min()) > 0.99
 
 
 def test_lego_error_is_reported_against_svd_at_the_same_rank(capsys):
