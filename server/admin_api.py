@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
@@ -12,34 +11,18 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.errors import InvalidRequestError, MosaicError, PayloadTooLargeError
+from adapter_store.errors import InvalidRequestError, PayloadTooLargeError
 from adapter_store.registry import SkillInfo
 from adapter_store.validation import check_name, validate_files
 from composer.spec import Composition
+from server.auth import require_scope
 from server.library import store_composition
 from server.state import Mosaic
 from server.uploads import pack_tar_gz, unpack
 
 
-class AuthError(MosaicError, PermissionError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-def require_admin(request: Request) -> None:
-    """Admin endpoints need ``Authorization: Bearer $MOSAIC_API_KEY`` when that key is set."""
-    key = request.app.state.mosaic.settings.api_key
-    if not key:
-        return
-    given = request.headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not secrets.compare_digest(token.encode(), key.encode()):
-        raise AuthError("this endpoint needs an admin API key: send 'Authorization: Bearer <MOSAIC_API_KEY>'")
-
-
 router = APIRouter(tags=["skills"])
-admin = [Depends(require_admin)]
+admin = [Depends(require_scope("admin"))]
 
 
 def _state(request: Request) -> Mosaic:

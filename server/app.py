@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m = await asyncio.to_thread(build, settings)
         m.started = time.time()
         app.state.mosaic = m
-        if not settings.api_key:
+        if not settings.api_key and not m.keys.any():
             log.warning("MOSAIC_API_KEY is not set: the admin endpoints (upload, delete, compose) are open to anyone who can reach this server")
         task = asyncio.create_task(_start_engine(m))
         warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))

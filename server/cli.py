@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -391,6 +392,56 @@ def router_train() -> None:
     model = PsecRouter(reg).train(reg.list())
     out.print(f"trained on {len(model.names)} skills ({len(model.y)} profile texts) in {model.trained_seconds:.2f} s; "
               f"stored as {model.key}")
+
+
+keys_app = typer.Typer(help="API keys (stored hashed in Redis).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _keys():
+    from adapter_store.keys import KeyStore
+
+    return KeyStore(_registry().r, prefix=_settings().redis_prefix)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    scope: Annotated[Optional[list[str]], typer.Option("--scope", help="admin and/or inference (repeatable)")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Create a key; it is printed once and only its hash is stored."""
+    try:
+        key, info = _keys().create(name, scope or ["inference"])
+    except (ValueError, MosaicError) as exc:
+        _fail(str(exc), 2)
+    if as_json:
+        _print_json({**info.model_dump(), "key": key})
+    else:
+        out.print(f"key {info.name} ({', '.join(info.scopes)}): [bold]{key}[/]\nstore it now: it cannot be shown again")
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List keys (names, scopes, prefixes; never the keys)."""
+    infos = _keys().list()
+    if as_json:
+        _print_json([i.model_dump() for i in infos])
+        return
+    table = Table("name", "scopes", "prefix", "created")
+    for i in infos:
+        table.add_row(i.name, ",".join(i.scopes), i.prefix + "…", time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)))
+    out.print(table if infos else "no keys: admin endpoints are open unless MOSAIC_API_KEY is set")
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Revoke a key by name (effective on the next request, on every replica)."""
+    try:
+        info = _keys().revoke(name)
+    except MosaicError as exc:
+        _fail(str(exc))
+    out.print(f"revoked {info.name}")
 
 
 def main() -> None:

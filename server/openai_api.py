@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
@@ -16,12 +16,13 @@ from sse_starlette.sse import EventSourceResponse
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 from router.plan import Plan
 from server import metrics
+from server.auth import require_scope
 from server.engine import Chunk, EngineAdapter, GenerationParams
 from server.errors import error_payload
 from server.protocol import ChatMessage, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
 from server.state import Mosaic
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_scope("inference"))])
 
 
 def _state(request: Request) -> Mosaic:

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     base_model_id: str | None = Field(default=None, description="the model id clients use; default: the folder's name")
     data_dir: Path = Path("~/.cache/mosaic").expanduser()
     api_key: str | None = None
+    require_inference_key: bool = False  # when true, inference endpoints need a key with the 'inference' scope
     engine: Literal["vllm", "hf"] = "vllm"
 
     # engine

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapter_store.keys import KeyStore
 from adapter_store.redis_conn import connect
 from adapter_store.registry import Registry
 from adapter_store.validation import BaseModelSpec
@@ -30,6 +31,7 @@ class Mosaic:
     cache: AdapterCache
     policy: RouterPolicy
     model_dir: Path
+    keys: KeyStore
     started: float = 0.0
     engine_error: str | None = None
     engine_start_seconds: float | None = None
@@ -68,7 +70,8 @@ def build(settings: Settings) -> Mosaic:
     registry = open_registry(settings)
     engine = make_engine(settings, model_dir, model_id)
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank)
-    return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir)
+    keys = KeyStore(registry.r, prefix=settings.redis_prefix)
+    return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 
 
 def make_policy(settings: Settings, registry: Registry) -> RouterPolicy:

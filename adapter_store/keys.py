@@ -1,0 +1,81 @@
+"""API keys, stored hashed in Redis next to the library.
+
+A key is shown once, at creation; Redis keeps only its SHA-256. Each key has a name and scopes:
+``admin`` (change the library: upload, delete, compose, retrain the router) and ``inference``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+
+import redis
+from pydantic import BaseModel
+
+from adapter_store.errors import ConflictError, NotFoundError
+from adapter_store.validation import NAME_RE
+
+SCOPES = ("admin", "inference")
+
+
+class KeyInfo(BaseModel):
+    name: str
+    scopes: list[str]
+    created: float
+    prefix: str  # the first characters of the key, to tell keys apart in listings
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, client: redis.Redis, prefix: str = "mosaic") -> None:
+        self.r = client
+        self.k_hashes = f"{prefix}:keys:by-hash"  # sha256 -> name
+        self.k_info = f"{prefix}:keys:info"  # name -> KeyInfo JSON (+ hash)
+
+    def create(self, name: str, scopes: list[str]) -> tuple[str, KeyInfo]:
+        if not NAME_RE.match(name):
+            raise ValueError(f"key name {name!r} is not allowed (letters, digits, '.', '_', '-')")
+        bad = sorted(set(scopes) - set(SCOPES))
+        if bad or not scopes:
+            raise ValueError(f"scopes must be among {list(SCOPES)}, got {scopes!r}")
+        key = "mk-" + secrets.token_hex(24)
+        info = KeyInfo(name=name, scopes=sorted(set(scopes)), created=time.time(), prefix=key[:7])
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(self.k_info)
+            if pipe.hexists(self.k_info, name):
+                raise ConflictError(f"a key named {name!r} exists; revoke it first")
+            pipe.multi()
+            pipe.hset(self.k_hashes, _digest(key), name)
+            pipe.hset(self.k_info, name, json.dumps({**info.model_dump(), "hash": _digest(key)}))
+            pipe.execute()
+        return key, info
+
+    def list(self) -> list[KeyInfo]:
+        return sorted((KeyInfo.model_validate_json(v) for v in self.r.hvals(self.k_info)), key=lambda k: k.name)
+
+    def any(self) -> bool:
+        return bool(self.r.hlen(self.k_info))
+
+    def revoke(self, name: str) -> KeyInfo:
+        raw = self.r.hget(self.k_info, name)
+        if raw is None:
+            raise NotFoundError(f"no key named {name!r}", param="name")
+        doc = json.loads(raw)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.k_hashes, doc["hash"])
+            pipe.hdel(self.k_info, name)
+            pipe.execute()
+        return KeyInfo.model_validate(doc)
+
+    def scopes(self, key: str) -> list[str] | None:
+        """The key's scopes, or None when it is unknown or revoked."""
+        name = self.r.hget(self.k_hashes, _digest(key))
+        if name is None:
+            return None
+        raw = self.r.hget(self.k_info, name)
+        return KeyInfo.model_validate_json(raw).scopes if raw else None
