@@ -51,6 +51,22 @@ class ConflictError(MosaicError, ValueError):
     code = "conflict"
 
 
+class AuthError(MosaicError, PermissionError):
+    """No API key, or an unknown or revoked one."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ForbiddenError(MosaicError, PermissionError):
+    """A valid API key without the scope the endpoint needs."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "insufficient_scope"
+
+
 class PayloadTooLargeError(InvalidRequestError):
     status = 413
     code = "payload_too_large"

@@ -35,10 +35,10 @@ def main() -> None:
     ap.add_argument("--average", action="store_true", help="weights 1/K (an average) instead of 1 (the sum)")
     args = ap.parse_args()
     base = prepare(get_settings())
-    SKILLS = trained_skills()
-    adapters = [LoraAdapter.from_dir(Path(__file__).parent / "skills" / s) for s in SKILLS]
+    skills = trained_skills()
+    adapters = [LoraAdapter.from_dir(Path(__file__).parent / "skills" / s) for s in skills]
     weights = [1.0 / len(adapters) if args.average else 1.0] * len(adapters)
-    tests = {s: examples(s, "test", args.n, seed=3) for s in SKILLS}
+    tests = {s: examples(s, "test", args.n, seed=3) for s in skills}
     rows = []
     for rank in (8, 16):
         for label, method, params in VARIANTS:
@@ -54,12 +54,11 @@ def main() -> None:
             print(rows[-1], flush=True)
     lines = ["# LoRA-LEGO choices, measured", "", f"Demo skills merged with equal weights {weights[0]:.3g}. Error: "
              "‖Σ ΔW_i − ΔŴ‖_F / ‖Σ ΔW_i‖_F. Exact match on held-out prompts of each skill (greedy, transformers+PEFT).", "",
-             "| rank | variant | rel. error | " + " | ".join(trained_skills()) + " | mean |",
-             "|---|---|---|" + "---|" * (len(trained_skills()) + 1)]
+             "| rank | variant | rel. error | " + " | ".join(skills) + " | mean |",
+             "|---|---|---|" + "---|" * (len(skills) + 1)]
     for r in rows:
-        SKILLS = [k for k in r if k not in ("rank", "variant", "error")]
-        mean = sum(r[s] for s in SKILLS) / len(SKILLS)
-        lines.append(f"| {r['rank']} | {r['variant']} | {r['error']:.3f} | " + " | ".join(f"{r[s]:.2f}" for s in SKILLS) + f" | {mean:.2f} |")
+        mean = sum(r[s] for s in skills) / len(skills)
+        lines.append(f"| {r['rank']} | {r['variant']} | {r['error']:.3f} | " + " | ".join(f"{r[s]:.2f}" for s in skills) + f" | {mean:.2f} |")
     REPORTS.mkdir(parents=True, exist_ok=True)
     (REPORTS / ("lego_choice_average.md" if args.average else "lego_choice.md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -69,11 +69,11 @@ async def upload_adapter(
     if declared > limit + 1024 * 1024:  # allow for the multipart envelope
         raise PayloadTooLargeError(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
     raw = [(f.filename or "", await f.read()) for f in files]
-    names = _json_list(examples, "examples"), _json_list(tags, "tags")
+    example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
     payload = unpack(raw, limit)
     adapter = await asyncio.to_thread(validate_files, payload, m.spec, max_rank=m.settings.max_adapter_rank, name=name)
     return await asyncio.to_thread(
-        m.registry.add, name, adapter, description=description, examples=names[0], tags=names[1]
+        m.registry.add, name, adapter, description=description, examples=example_list, tags=tag_list
     )
 
 

@@ -6,19 +6,7 @@ import secrets
 
 from fastapi import Request
 
-from adapter_store.errors import MosaicError
-
-
-class AuthError(MosaicError, PermissionError):
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class ForbiddenError(MosaicError, PermissionError):
-    status = 403
-    type = "invalid_request_error"
-    code = "insufficient_scope"
+from adapter_store.errors import AuthError, ForbiddenError
 
 
 def _presented_key(request: Request) -> str:

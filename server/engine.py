@@ -12,6 +12,7 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -175,9 +176,9 @@ class HfEngine:
                     model.load_adapter(adapter.path, adapter_name=key)
                 self._loaded.add(key)
                 model.set_adapter(key)
-                ctx = _nullcontext()
+                ctx = nullcontext()
             else:
-                ctx = model.disable_adapter() if isinstance(model, PeftModel) else _nullcontext()
+                ctx = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
             with ctx:
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
@@ -204,14 +205,6 @@ class HfEngine:
             raise UnavailableError("the engine is not ready")
         new, text, reason = await asyncio.to_thread(self._run, prompt_ids, params, adapter)
         yield Chunk(text, len(prompt_ids), len(new), reason)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_engine(settings: Settings, model_dir: Path, model_id: str) -> Engine:
