@@ -10,6 +10,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from adapter_store.errors import UnavailableError
 
@@ -19,7 +21,12 @@ log = logging.getLogger("mosaic.redis")
 def connect(url: str, *, managed_dir: Path | None = None, timeout: float = 2.0) -> redis.Redis:
     """A client for ``url``; if nothing answers on a loopback URL and ``redis-server`` exists,
     start a persistent loopback-only Redis with its data under ``managed_dir`` and say so."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, health_check_interval=30)
+    # a restarted Redis leaves dead pooled connections: retry each command on a fresh one (a transaction
+    # that was WATCHing fails with WatchError instead, and the registry recomputes it)
+    client = redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3), retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
     try:
         client.ping()
         return client

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from composer.registry import METHODS, get_method
 
-MAX_SKILLS = 16
+MAX_SKILLS = 256  # schema bound; servers apply their own, lower limit
 
 
 class Composition(BaseModel):

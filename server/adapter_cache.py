@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.adapter import LoraAdapter
+from adapter_store.errors import UnavailableError
 from adapter_store.registry import Registry, SkillInfo
 from composer import Composition, compose
 from server.engine import EngineAdapter
@@ -50,6 +51,24 @@ class AdapterCache:
         self.dir = data_dir
         self.max_rank = max_rank
         self._locks: dict[str, asyncio.Lock] = {}
+        self._served: dict[str, SkillInfo] = {}  # ref as asked -> what it resolved to last time it was served
+
+    def knows(self, ref: str) -> bool:
+        """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
+        info = self._served.get(ref)
+        return info is not None and (self.dir / "adapters" / info.sha256 / "adapter_config.json").exists()
+
+    async def _info(self, ref: str) -> SkillInfo:
+        """The registry's answer; while Redis is unavailable, the last answer for a ref served before
+        (already-loaded adapters keep serving through a Redis outage; new ones get the 503)."""
+        try:
+            info = await asyncio.to_thread(self.registry.info, ref)
+        except UnavailableError:
+            if ref in self._served:
+                return self._served[ref]
+            raise
+        self._served[ref] = info
+        return info
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -72,7 +91,7 @@ class AdapterCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     async def skill(self, ref: str) -> Served:
-        info = await asyncio.to_thread(self.registry.info, ref)
+        info = await self._info(ref)
         folder = self.dir / "adapters" / info.sha256
         refactored, rel, rank = False, 0.0, info.rank
         async with self._lock(info.sha256):
@@ -90,7 +109,7 @@ class AdapterCache:
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
     async def composition(self, comp: Composition) -> Served:
-        infos: list[SkillInfo] = [await asyncio.to_thread(self.registry.info, ref) for ref in comp.skills]
+        infos: list[SkillInfo] = [await self._info(ref) for ref in comp.skills]
         key = comp.content_key([i.sha256 for i in infos])
         folder = self.dir / "compositions" / key
         async with self._lock(key):

@@ -11,10 +11,11 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.errors import InvalidRequestError, PayloadTooLargeError
+from adapter_store.errors import InvalidRequestError
 from adapter_store.registry import SkillInfo
 from adapter_store.validation import check_name, validate_files
 from composer.spec import Composition
+from server import limits
 from server.auth import require_scope
 from server.library import store_composition
 from server.state import Mosaic
@@ -64,10 +65,7 @@ async def upload_adapter(
     tags: Annotated[str | None, Form(description="JSON list of tags")] = None,
 ) -> SkillInfo:
     m = _state(request)
-    limit = m.settings.max_upload_mb * 1024 * 1024
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limit + 1024 * 1024:  # allow for the multipart envelope
-        raise PayloadTooLargeError(f"upload of {declared} bytes exceeds the limit of {limit} bytes")
+    limit = m.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
     raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
     payload = unpack(raw, limit)
@@ -118,7 +116,8 @@ async def create_composition(body: CompositionRequest, request: Request) -> Skil
     m = _state(request)
     if problems := check_name(body.name):
         raise InvalidRequestError("; ".join(problems), param="name")
-    comp = Composition(**body.model_dump(include={"skills", "weights", "method", "params", "rank"}))
+    comp = Composition(**body.model_dump(include=set(Composition.model_fields)))
+    limits.check_composition(m.settings, comp, param="skills")
     return await asyncio.to_thread(
         store_composition, m.registry, m.spec, comp, body.name, body.description, body.examples,
         max_rank=m.settings.max_adapter_rank,

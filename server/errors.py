@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import redis
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -45,6 +47,13 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(exc.status_code, str(exc.detail), type_, str(exc.status_code))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def _redis(_: Request, exc: Exception) -> JSONResponse:
+        # a Redis call outside the registry's own guard (e.g. an API-key lookup)
+        log.warning("Redis unavailable: %s", exc)
+        return error_response(503, f"the skill registry (Redis) is unavailable: {exc}", "server_error", "service_unavailable")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 from router.plan import Plan
-from server import metrics
+from server import limits, metrics
 from server.auth import require_scope
 from server.engine import Chunk, EngineAdapter, GenerationParams
 from server.errors import error_payload
@@ -48,12 +48,19 @@ async def list_models(request: Request) -> ModelList:
 async def plan_for(m: Mosaic, model: str, composition, text: str) -> Plan:
     """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice)."""
     if composition is not None:
+        limits.check_composition(m.settings, composition)
         return Plan(kind="composition", composition=composition, reason="composition given in the request")
     if model == "auto":
         return await m.route(text)
     if model == m.base_id:
         return Plan(kind="base", reason="base model requested")
-    if not await asyncio.to_thread(m.registry.exists, model):
+    try:
+        exists = await asyncio.to_thread(m.registry.exists, model)
+    except UnavailableError:
+        if not m.cache.knows(model):
+            raise
+        exists = True  # served before: keeps serving from its local folder while Redis is away
+    if not exists:
         raise NotFoundError(f"the model {model!r} does not exist: use the base model {m.base_id!r}, a skill name, or 'auto'", param="model")
     return Plan(kind="skill", skill=model, reason="skill requested by name")
 
@@ -68,22 +75,12 @@ async def serve_plan(m: Mosaic, plan: Plan) -> tuple[EngineAdapter | None, Mosai
     return served.adapter, MosaicInfo(**info, **served.describe())
 
 
-def _params(m: Mosaic, req, prompt_len: int, max_tokens: int | None) -> GenerationParams:
-    room = m.settings.max_model_len - prompt_len
-    if room < 1:
-        raise InvalidRequestError(
-            f"the prompt has {prompt_len} tokens; the model's context is {m.settings.max_model_len}", param="messages"
-        )
-    if max_tokens is not None and max_tokens > min(room, m.settings.max_tokens_limit):
-        raise InvalidRequestError(
-            f"max_tokens={max_tokens} is more than this request allows ({min(room, m.settings.max_tokens_limit)}: "
-            f"context {m.settings.max_model_len}, prompt {prompt_len} tokens, limit {m.settings.max_tokens_limit})",
-            param="max_tokens",
-        )
+def _params(m: Mosaic, req, prompt_len: int, max_tokens: int | None, param: str) -> GenerationParams:
+    limits.check_prompt_tokens(m.settings, prompt_len, param)
     return GenerationParams(
-        max_tokens=max_tokens or min(room, m.settings.max_tokens_limit), temperature=req.temperature, top_p=req.top_p,
-        stop=req.stop_list(), seed=req.seed, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        max_tokens=limits.check_max_tokens(m.settings, prompt_len, max_tokens), temperature=req.temperature,
+        top_p=req.top_p, stop=req.stop_list(), seed=req.seed, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
     )
 
 
@@ -96,6 +93,7 @@ def _ready(m: Mosaic) -> None:
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     m = _state(request)
     _ready(m)
+    limits.check_prompt_chars(m.settings, (x.text() for x in req.messages), "messages")
     tok = m.engine.tokenizer()
     messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
     try:
@@ -103,7 +101,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     except Exception as exc:  # a template's own validation (e.g. role order)
         raise InvalidRequestError(f"the messages do not fit the model's chat template: {exc}", param="messages") from exc
     prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-    params = _params(m, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens)
+    params = _params(m, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens, "messages")
     last_user = next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
     plan = await plan_for(m, req.model, req.composition, last_user)
     adapter, info = await serve_plan(m, plan)
@@ -117,6 +115,8 @@ async def completions(req: CompletionRequest, request: Request):
     tok = m.engine.tokenizer()
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        if not all(0 <= t < len(tok) for t in prompt):
+            raise InvalidRequestError(f"token ids must lie in [0, {len(tok)})", param="prompt")
         prompt_ids, text = list(prompt), tok.decode(prompt)
     else:
         if isinstance(prompt, list):
@@ -124,10 +124,11 @@ async def completions(req: CompletionRequest, request: Request):
                 raise InvalidRequestError("send one prompt per request (a list of several is not served)", param="prompt")
             prompt = prompt[0]
         text = str(prompt)
+        limits.check_prompt_chars(m.settings, [text], "prompt")
         prompt_ids = tok(text)["input_ids"]
     if not prompt_ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
-    params = _params(m, req, len(prompt_ids), req.max_tokens)
+    params = _params(m, req, len(prompt_ids), req.max_tokens, "prompt")
     plan = await plan_for(m, req.model, req.composition, text)
     adapter, info = await serve_plan(m, plan)
     return await _respond(m, req, prompt_ids, params, adapter, info, chat=False, echo=text if req.echo else "")
@@ -212,4 +213,5 @@ async def route(req: RouteRequest, request: Request) -> Plan:
     if req.prompt is None and not req.messages:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
     text = req.prompt if req.prompt is not None else next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
+    limits.check_prompt_chars(_state(request).settings, [text], "prompt" if req.prompt is not None else "messages")
     return await _state(request).route(text)

@@ -33,14 +33,18 @@ class Settings(BaseSettings):
 
     # router (model="auto"); defaults measured on the demo skills (bench/route.py)
     router: Literal["psec", "lexical"] = "psec"
-    router_ood: float = 0.43
-    router_mix_similarity: float = 0.32
-    router_mix_min: float = 0.05
+    router_ood: float = 0.48
+    router_mix_similarity: float = 0.34
+    router_mix_min: float = 0.18
 
-    # limits
-    max_adapter_rank: int = 256
-    max_upload_mb: int = 512
-    max_tokens_limit: int = 2048
+    # limits: each refused with a 4xx before any work is done
+    max_adapter_rank: int = 256  # uploads with a higher LoRA rank are refused (400)
+    max_upload_mb: int = 512  # upload body / unpacked archive size (413)
+    max_request_mb: int = 8  # any other request body (413)
+    max_composition_skills: int = 16  # skills in one composition (400)
+    max_prompt_chars: int = 100_000  # characters of prompt or messages, checked before tokenizing (400)
+    max_prompt_tokens: int = 2047  # prompt tokens; also capped by max_model_len - 1 (400)
+    max_tokens_limit: int = 2048  # tokens generated per request (400 when max_tokens asks for more)
 
     def model_post_init(self, _ctx: object) -> None:
         self.data_dir = Path(self.data_dir).expanduser()

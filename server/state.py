@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapter_store.errors import UnavailableError
 from adapter_store.keys import KeyStore
 from adapter_store.redis_conn import connect
 from adapter_store.registry import Registry
@@ -44,8 +45,14 @@ class Mosaic:
     _skills: tuple[int, list] = (-1, [])
 
     def skills(self) -> list:
-        """The library's latest versions, re-read only when the registry's generation moved."""
-        generation = self.registry.generation()
+        """The library's latest versions, re-read only when the registry's generation moved
+        (while Redis is unavailable: the last list read, so ``auto`` keeps routing)."""
+        try:
+            generation = self.registry.generation()
+        except UnavailableError:
+            if self._skills[0] < 0:
+                raise
+            return self._skills[1]
         if self._skills[0] != generation:
             self._skills = (generation, self.registry.list())
         return self._skills[1]

@@ -1,19 +1,13 @@
 """Connecting to Redis, and the managed local redis-server when none answers."""
 
 import shutil
-import socket
 
 import pytest
 import redis
 
 from adapter_store.errors import UnavailableError
 from adapter_store.redis_conn import connect
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.launch import free_port as _free_port
 
 
 def test_no_redis_and_not_allowed_to_start_one_is_a_clear_error():

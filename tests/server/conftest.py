@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
+from server.launch import ROOT, mosaic_cli, serving
 from tests.conftest import TEST_REDIS_URL, _drop_prefix
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "bench" / "skills"
 START_TIMEOUT = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -48,45 +37,18 @@ def server_env(base_spec, tmp_path_factory):
     return env
 
 
-def mosaic_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
 @pytest.fixture(scope="session")
 def server(server_env, redis_client):
     """Registers the demo skills with the CLI, starts `mosaic serve`, waits for /health."""
     for d in sorted(DEMO.iterdir()):
         done = mosaic_cli(server_env, "skills", "add", str(d), "--name", d.name)
         assert done.returncode == 0, done.stderr
-    port = _free_port()
-    log = open(Path(server_env["MOSAIC_DATA_DIR"]) / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=server_env, cwd=ROOT,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
+    log = Path(server_env["MOSAIC_DATA_DIR"]) / "server.log"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + Path(log.name).read_text()[-5000:])
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > START_TIMEOUT:
-                raise RuntimeError("server did not become ready:\n" + Path(log.name).read_text()[-5000:])
-            time.sleep(1)
-        print(f"\n[mosaic] server ready in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-        yield {"url": base, "env": server_env, "proc": proc}
+        with serving(server_env, log, timeout=START_TIMEOUT) as (url, proc, ready_s):
+            print(f"\n[mosaic] server ready in {ready_s:.1f} s", file=sys.stderr)
+            yield {"url": url, "env": server_env, "proc": proc}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
         _drop_prefix(redis_client, server_env["MOSAIC_REDIS_PREFIX"])
         shutil.rmtree(server_env["MOSAIC_DATA_DIR"], ignore_errors=True)
 

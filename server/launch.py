@@ -1,0 +1,68 @@
+"""Start ``mosaic serve`` as a child process and wait until it answers /health (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosaic_cli(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``mosaic ARGS`` with ``env``; the completed process (output captured as text)."""
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it does not leave in ``timeout`` s."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextmanager
+def serving(env: dict, log_path: Path, *, timeout: float = 900, argv: list[str] | None = None):
+    """Yields ``(url, process, seconds_to_ready)`` of a server started with ``env``; stops it afterwards.
+
+    ``argv`` replaces ``mosaic serve`` (e.g. a plain ``vllm serve``); ``{port}`` in it is filled in."""
+    port = free_port()
+    cmd = [a.format(port=port) for a in argv] if argv else [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({proc.returncode}):\n" + Path(log_path).read_text()[-5000:])
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() - t0 > timeout:
+                    raise RuntimeError("server did not become ready:\n" + Path(log_path).read_text()[-5000:])
+                time.sleep(0.5)
+            yield url, proc, time.monotonic() - t0
+        finally:
+            stop(proc)

@@ -1,0 +1,96 @@
+"""Request limits (settings ``MOSAIC_MAX_*``), each checked before any work is done and refused with a 4xx."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapter_store.errors import InvalidRequestError
+from composer.spec import Composition
+from server.errors import error_response
+from server.settings import Settings
+
+
+def check_composition(settings: Settings, comp: Composition, param: str = "composition.skills") -> None:
+    """At most ``max_composition_skills`` skills in one composition."""
+    if len(comp.skills) > settings.max_composition_skills:
+        raise InvalidRequestError(
+            f"a composition may hold at most {settings.max_composition_skills} skills; this one has {len(comp.skills)} "
+            "(setting MOSAIC_MAX_COMPOSITION_SKILLS)", param=param,
+        )
+
+
+def check_prompt_chars(settings: Settings, texts: Iterable[str], param: str) -> None:
+    """A character cap checked before tokenizing, so a huge body costs no tokenizer time."""
+    n = sum(len(t) for t in texts)
+    if n > settings.max_prompt_chars:
+        raise InvalidRequestError(
+            f"the prompt has {n} characters; the limit is {settings.max_prompt_chars} (setting MOSAIC_MAX_PROMPT_CHARS)",
+            param=param,
+        )
+
+
+def check_prompt_tokens(settings: Settings, n: int, param: str) -> None:
+    """The prompt must leave room for one generated token and stay under ``max_prompt_tokens``."""
+    limit = min(settings.max_prompt_tokens, settings.max_model_len - 1)
+    if n > limit:
+        raise InvalidRequestError(
+            f"the prompt has {n} tokens; the limit is {limit} (context {settings.max_model_len}, "
+            f"setting MOSAIC_MAX_PROMPT_TOKENS={settings.max_prompt_tokens})", param=param,
+        )
+
+
+def check_max_tokens(settings: Settings, prompt_tokens: int, max_tokens: int | None) -> int:
+    """The number of tokens to generate: the request's, or all the room left; 400 when it asks for more."""
+    room = min(settings.max_model_len - prompt_tokens, settings.max_tokens_limit)
+    if max_tokens is not None and max_tokens > room:
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} is more than this request allows ({room}: context {settings.max_model_len}, "
+            f"prompt {prompt_tokens} tokens, setting MOSAIC_MAX_TOKENS_LIMIT={settings.max_tokens_limit})",
+            param="max_tokens",
+        )
+    return max_tokens or room
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A body over its limit; FastAPI re-raises HTTP exceptions met while reading a body, so it leaves as 413."""
+
+    def __init__(self, size: int, limit: int, setting: str) -> None:
+        super().__init__(413, f"request body of {size}+ bytes exceeds the limit of {limit} bytes (setting {setting})")
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over its limit is refused with 413 before it is read.
+
+    Uploads (``POST /v1/adapters``) get ``max_upload_mb`` plus room for the multipart envelope;
+    every other request gets ``max_request_mb``. A declared Content-Length is checked up front,
+    a chunked body is counted as it arrives."""
+
+    def __init__(self, app, settings: Settings) -> None:
+        self.app = app
+        self.upload = (settings.max_upload_mb * 2**20 + 2**20, "MOSAIC_MAX_UPLOAD_MB")
+        self.other = (settings.max_request_mb * 2**20, "MOSAIC_MAX_REQUEST_MB")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/adapters"
+        limit, setting = self.upload if upload else self.other
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            exc = BodyTooLarge(int(declared), limit, setting)
+            response = error_response(413, exc.detail, "invalid_request_error", "413")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(seen, limit, setting)
+            return message
+
+        await self.app(scope, counted, send)
