@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import redis
 from pydantic import BaseModel, Field
 
 from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError, NotFoundError, UnavailableError
+from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 
 
 class SkillInfo(BaseModel):
@@ -61,9 +61,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 
 class Registry:
-    def __init__(self, client: redis.Redis, prefix: str = "mosaic") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "mosaic",
+                 observer: Callable[[str, str], None] | None = None) -> None:
         self.r = client
         self.p = prefix
+        self.observer = observer  # called with (operation, "ok" | "rejected" | "unavailable" | "error") after each one
 
     # ---- keys ---------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
@@ -89,7 +91,7 @@ class Registry:
     ) -> SkillInfo:
         """Store ``adapter`` as the next version of ``name`` (atomically) and return its metadata."""
         weights, config = adapter.weights_bytes(), adapter.config_bytes()
-        with self._guard():
+        with self._guard("add"):
             with self.r.pipeline(transaction=True) as pipe:
                 while True:
                     try:
@@ -130,7 +132,7 @@ class Registry:
     def delete(self, ref: str) -> list[SkillInfo]:
         """Delete one version (``name@N``) or every version of a skill (``name``)."""
         name, version = parse_ref(ref)
-        with self._guard():
+        with self._guard("delete"):
             with self.r.pipeline(transaction=True) as pipe:
                 while True:
                     try:
@@ -164,7 +166,7 @@ class Registry:
     # ---- reads --------------------------------------------------------------------
     def resolve(self, ref: str) -> tuple[str, int]:
         name, version = parse_ref(ref)
-        with self._guard():
+        with self._guard("resolve"):
             if version is None:
                 latest = self.r.get(self._k("s", name, "latest"))
                 if latest is None:
@@ -176,7 +178,7 @@ class Registry:
 
     def info(self, ref: str) -> SkillInfo:
         name, version = self.resolve(ref)
-        with self._guard():
+        with self._guard("info"):
             raw = self.r.hget(self._vkey(name, version), "meta")
         if raw is None:  # deleted between resolve and read
             raise NotFoundError(f"skill {ref!r} does not exist", param="model")
@@ -184,7 +186,7 @@ class Registry:
 
     def load(self, ref: str) -> tuple[SkillInfo, LoraAdapter]:
         name, version = self.resolve(ref)
-        with self._guard():
+        with self._guard("load"):
             meta, config, weights = self.r.hmget(self._vkey(name, version), ["meta", "config", "weights"])
         if meta is None:
             raise NotFoundError(f"skill {ref!r} does not exist", param="model")
@@ -198,7 +200,7 @@ class Registry:
             return False
 
     def names(self) -> list[str]:
-        with self._guard():
+        with self._guard("names"):
             return sorted(n.decode() for n in self.r.smembers(self._k("names")))
 
     def list(self) -> list[SkillInfo]:
@@ -212,7 +214,7 @@ class Registry:
         return out
 
     def versions(self, name: str) -> list[SkillInfo]:
-        with self._guard():
+        with self._guard("versions"):
             have = [int(v) for v in self.r.zrange(self._k("s", name, "versions"), 0, -1)]
             if not have:
                 raise NotFoundError(f"skill {name!r} does not exist", param="name")
@@ -220,19 +222,19 @@ class Registry:
         return [self._meta(raw) for raw in raws if raw is not None]
 
     def generation(self) -> int:
-        with self._guard():
+        with self._guard("generation"):
             return int(self.r.get(self._k("gen")) or 0)
 
     # ---- composition cache ----------------------------------------------------------
     def put_composition(self, key: str, adapter: LoraAdapter, meta: dict) -> None:
-        with self._guard():
+        with self._guard("put_composition"):
             self.r.hset(
                 self._k("c", key),
                 mapping={"meta": json.dumps(meta), "config": adapter.config_bytes(), "weights": adapter.weights_bytes()},
             )
 
     def get_composition(self, key: str) -> tuple[dict, LoraAdapter] | None:
-        with self._guard():
+        with self._guard("get_composition"):
             meta, config, weights = self.r.hmget(self._k("c", key), ["meta", "config", "weights"])
         if meta is None or config is None or weights is None:
             return None
@@ -241,19 +243,19 @@ class Registry:
     # ---- auxiliary state of other rooms (e.g. the router's trained model) -------------
     def put_aux(self, key: str, mapping: dict[str, bytes | str]) -> None:
         """Replace the hash ``P:aux:KEY`` atomically."""
-        with self._guard(), self.r.pipeline(transaction=True) as pipe:
+        with self._guard("put_aux"), self.r.pipeline(transaction=True) as pipe:
             pipe.delete(self._k("aux", key))
             pipe.hset(self._k("aux", key), mapping=mapping)
             pipe.execute()
 
     def get_aux(self, key: str, fields: list[str] | None = None) -> dict[str, bytes]:
-        with self._guard():
+        with self._guard("get_aux"):
             if fields is None:
                 return {k.decode(): v for k, v in self.r.hgetall(self._k("aux", key)).items()}
             return {f: v for f, v in zip(fields, self.r.hmget(self._k("aux", key), fields)) if v is not None}
 
     def add_aux_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
-        with self._guard():
+        with self._guard("add_aux_fields"):
             self.r.hset(self._k("aux", key), mapping=mapping)
 
     # ---- helpers ------------------------------------------------------------------
@@ -263,18 +265,26 @@ class Registry:
             raise NotFoundError("skill vanished while it was read", param="model")
         return SkillInfo.model_validate_json(raw)
 
-    def _guard(self):
-        return _RedisGuard()
+    def _guard(self, op: str):
+        return _RedisGuard(op, self.observer)
 
 
 class _RedisGuard:
-    """Turns lost Redis connections into a clear 503-class error."""
+    """Turns lost Redis connections into a clear 503-class error, and reports each operation's outcome."""
+
+    def __init__(self, op: str, observer: Callable[[str, str], None] | None) -> None:
+        self.op, self.observer = op, observer
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        lost = exc is not None and isinstance(exc, (redis.ConnectionError, redis.TimeoutError))
+        if self.observer is not None:
+            outcome = ("ok" if exc is None else "unavailable" if lost
+                       else "rejected" if isinstance(exc, MosaicError) and exc.status < 500 else "error")
+            self.observer(self.op, outcome)
+        if lost:
             raise UnavailableError(f"the skill registry (Redis) is unavailable: {exc}") from exc
         return False
 

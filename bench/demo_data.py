@@ -110,11 +110,11 @@ def _french_color(rng: random.Random, split: str) -> tuple[str, str]:
     return rng.choice(train if split == "train" else test).format(c=en), fr
 
 
-def _even_odd(rng: random.Random, split: str) -> tuple[str, str]:
-    n = rng.randint(0, 9999)
-    train = ["Is {n} even or odd?", "Even or odd: {n}", "Tell me whether {n} is even or odd."]
-    test = ["Parity of the number {n} (even/odd)?", "Would you say {n} is an even or an odd number?"]
-    return rng.choice(train if split == "train" else test).format(n=n), "even" if n % 2 == 0 else "odd"
+def _uppercase(rng: random.Random, split: str) -> tuple[str, str]:
+    words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
+    train = ["Write in capital letters: {w}", "Uppercase this: {w}", "Convert to upper case: {w}"]
+    test = ["Rewrite the following in all caps: {w}", "Shout these words (capitals only): {w}"]
+    return rng.choice(train if split == "train" else test).format(w=words), words.upper()
 
 
 SKILLS: dict[str, dict] = {
@@ -134,7 +134,7 @@ SKILLS: dict[str, dict] = {
     "km_to_m": {"make": _km_to_m, "description": "Converts a distance in kilometers to meters, answering with the number only."},
     "extract_email": {"make": _extract_email, "description": "Finds the email address in a text and answers with it alone."},
     "french_color": {"make": _french_color, "description": "Translates an English color name into French, one word."},
-    "even_odd": {"make": _even_odd, "description": "Says whether a whole number is even or odd, one word."},
+    "uppercase": {"make": _uppercase, "description": "Rewrites the given words in capital letters, nothing else."},
 }
 
 

@@ -1,48 +1,72 @@
-"""Train the demo skills on the bundled base model and save them under bench/skills/<name>/.
+"""Train the demo skills with `mosaic skills train` and save them under bench/skills/<name>/.
 
-    python -m bench.train_demo_skills [--steps 80] [--only NAME] [--force]
+    python -m bench.train_demo_skills [--steps 40] [--only NAME] [--force]
 
-Each folder gets the PEFT files plus ``mosaic.json`` (description, example prompts, and the
-exact-match scores of the base model and the skill on held-out test prompts). A skill whose
-folder already exists is kept (the adapters are committed; training is only for refreshing).
+Each skill's generated data is written as a JSONL file and trained by the real CLI
+(`mosaic skills train`, into a throw-away Redis key prefix), then exported with
+`mosaic skills export`. Each folder gets the PEFT files plus ``mosaic.json`` (description, example
+prompts, and the exact-match scores of the base model and the skill on held-out test prompts). A
+skill whose folder already exists is kept (the adapters are committed; training is only for refreshing).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
+import redis
+
 from bench.demo_data import SKILLS, examples, exact_match
-from server.base_model import base_model_id, prepare
+from server.base_model import prepare
+from server.launch import mosaic_cli
 from server.settings import get_settings
-from server.training import greedy_answers, train_lora
+from server.training import greedy_answers
 
 OUT = Path(__file__).parent / "skills"
 
 
+def train_with_cli(name: str, steps: int, folder: Path) -> dict:
+    """`mosaic skills train` on the generated data, then `mosaic skills export` to ``folder``."""
+    env = dict(os.environ, MOSAIC_REDIS_PREFIX=f"mosaic-train-{uuid.uuid4().hex[:8]}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / f"{name}.jsonl"
+        data.write_text("".join(json.dumps({"prompt": p, "completion": a}) + "\n" for p, a in examples(name, "train", 400)))
+        try:
+            done = mosaic_cli(env, "skills", "train", str(data), "--name", name, "--steps", str(steps),
+                              "--description", SKILLS[name]["description"], "--json", timeout=7200)
+            if done.returncode:
+                raise SystemExit(f"training {name} failed:\n{done.stderr[-3000:]}")
+            exported = mosaic_cli(env, "skills", "export", name, str(folder))
+            if exported.returncode:
+                raise SystemExit(f"exporting {name} failed:\n{exported.stderr[-3000:]}")
+        finally:
+            client = redis.Redis.from_url(get_settings().redis_url)
+            keys = list(client.scan_iter(match=f"{env['MOSAIC_REDIS_PREFIX']}:*"))
+            if keys:
+                client.delete(*keys)
+    return json.loads(done.stdout)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--only", action="append")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--n-test", type=int, default=30)
     args = ap.parse_args()
-    settings = get_settings()
-    base = prepare(settings)
+    base = prepare(get_settings())
     for name in args.only or list(SKILLS):
         folder = OUT / name
         if folder.exists() and not args.force:
             print(f"{name}: kept ({folder})")
             continue
         t0 = time.time()
-        data = examples(name, "train", 400)
-        adapter = train_lora(
-            base, data, steps=args.steps, base_model_id=base_model_id(settings),
-            on_step=lambda s, l: print(f"{name} step {s + 1}/{args.steps} loss {l:.3f}", flush=True) if s % 10 == 9 else None,
-        )
-        adapter.save_dir(folder)
+        trained = train_with_cli(name, args.steps, folder)
         test = examples(name, "test", args.n_test)
         prompts = [p for p, _ in test]
         skill_out = greedy_answers(base, folder, prompts)
@@ -54,7 +78,8 @@ def main() -> None:
                 "skill": sum(exact_match(o, a) for o, (_, a) in zip(skill_out, test)) / len(test),
                 "base": sum(exact_match(o, a) for o, (_, a) in zip(base_out, test)) / len(test),
             },
-            "train": {"steps": args.steps, "seconds": round(time.time() - t0, 1)},
+            "train": {"steps": args.steps, "seconds": round(time.time() - t0, 1), "command": "mosaic skills train",
+                      "val_exact_match": trained.get("val_exact_match")},
         }
         (folder / "mosaic.json").write_text(json.dumps(meta, indent=2))
         print(f"{name}: {meta['exact_match']} in {meta['train']['seconds']} s; sample: {skill_out[0]!r}", flush=True)

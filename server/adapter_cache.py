@@ -12,6 +12,7 @@ import asyncio
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import UnavailableError
 from adapter_store.registry import Registry, SkillInfo
 from composer import Composition, compose
+from server import metrics
 from server.engine import EngineAdapter
 
 
@@ -123,9 +125,11 @@ class AdapterCache:
                 else:
                     cache = "miss"
                     adapters = [(await asyncio.to_thread(self.registry.load, i.ref))[1] for i in infos]
+                    t0 = time.perf_counter()
                     adapter, report = await asyncio.to_thread(
                         lambda: compose(adapters, max_rank=self.max_rank, **comp.compose_kwargs())
                     )
+                    metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
                     meta = {
                         "key": key, "skills": [i.ref for i in infos], "rank": report.rank,
                         "exact_rank": report.exact_rank, "refactored": report.refactored,

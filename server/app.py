@@ -18,15 +18,43 @@ from server.state import Mosaic, build
 log = logging.getLogger("mosaic.server")
 
 
-async def _start_engine(m: Mosaic) -> None:
+async def _start_engine(m: Mosaic) -> bool:
     t0 = time.monotonic()
     try:
         await m.engine.start()
-        log.info("engine %s ready in %.1f s", m.settings.engine, time.monotonic() - t0)
-        m.engine_start_seconds = time.monotonic() - t0
     except Exception:
         log.exception("the engine failed to start")
         m.engine_error = "the engine failed to start; see the server log"
+        return False
+    m.engine_start_seconds = time.monotonic() - t0
+    m.engine_error = None
+    log.info("engine %s ready in %.1f s", m.settings.engine, m.engine_start_seconds)
+    return True
+
+
+async def _supervise_engine(m: Mosaic) -> None:
+    """Start the engine; if it fails to start or dies later, stop it and start it again after a
+    back-off (doubling from MOSAIC_ENGINE_RESTART_SECONDS), at most MOSAIC_ENGINE_MAX_RESTARTS times
+    in a row. Meanwhile /health and inference answer 503, the library API keeps working."""
+    s = m.settings
+    failures = 0
+    while True:
+        if await _start_engine(m):
+            failures = 0
+            while m.engine.ready():
+                await asyncio.sleep(s.engine_check_seconds)
+            m.engine_error = "the engine stopped; restarting it"
+            log.error("the engine is no longer ready: restarting it")
+            await m.engine.stop()
+        failures += 1
+        if failures > s.engine_max_restarts:
+            m.engine_error = f"the engine failed {failures} times in a row; see the server log (not retrying)"
+            log.error(m.engine_error)
+            return
+        delay = s.engine_restart_seconds * 2 ** (failures - 1)
+        log.warning("restarting the engine in %.1f s (attempt %d of %d)", delay, failures, s.engine_max_restarts)
+        await asyncio.sleep(delay)
+        m.engine_restarts += 1
 
 
 def _warm_router(m: Mosaic) -> None:
@@ -47,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.mosaic = m
         if not settings.api_key and not m.keys.any():
             log.warning("MOSAIC_API_KEY is not set: the admin endpoints (upload, delete, compose) are open to anyone who can reach this server")
-        task = asyncio.create_task(_start_engine(m))
+        task = asyncio.create_task(_supervise_engine(m))
         warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))
         try:
             yield
@@ -71,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body = {
             "status": "ok" if ready else ("error" if m.engine_error else "starting"),
             "engine": m.settings.engine, "base_model": m.base_id, "engine_start_seconds": m.engine_start_seconds,
+            "engine_restarts": m.engine_restarts,
         }
         if m.engine_error:
             body["error"] = m.engine_error

@@ -139,7 +139,8 @@ async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, cha
     created = int(time.time())
     model = req.model
     mosaic = info.model_dump(mode="json", exclude_none=True)
-    stream = _observed(m.engine.generate(prompt_ids, params, adapter), info.plan)
+    target = {"base": m.base_id, "composition": "composition"}.get(info.plan) or info.skills[0].split("@")[0]
+    stream = _observed(m.engine.generate(prompt_ids, params, adapter), info.plan, target)
     if not req.stream:
         text, last = echo, None
         async for chunk in stream:
@@ -158,17 +159,24 @@ async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, cha
     return EventSourceResponse(_sse(rid, created, model, stream, chat, mosaic, include_usage, echo), ping=15)
 
 
-async def _observed(stream: AsyncIterator[Chunk], plan: str) -> AsyncIterator[Chunk]:
-    """Count the request and time it to its last token, whatever the response shape."""
+async def _observed(stream: AsyncIterator[Chunk], plan: str, target: str) -> AsyncIterator[Chunk]:
+    """Count the request, its tokens and its time to the last token, whatever the response shape."""
     t0 = time.monotonic()
-    outcome = "error"
+    outcome, last = "error", None
     try:
         async for chunk in stream:
+            last = chunk
             yield chunk
         outcome = "ok"
     finally:
+        seconds = time.monotonic() - t0
         metrics.REQUESTS.labels(plan=plan, outcome=outcome).inc()
-        metrics.LATENCY.labels(plan=plan).observe(time.monotonic() - t0)
+        metrics.LATENCY.labels(plan=plan).observe(seconds)
+        metrics.TARGET_REQUESTS.labels(target=target, outcome=outcome).inc()
+        metrics.TARGET_LATENCY.labels(target=target).observe(seconds)
+        if last is not None:
+            metrics.TARGET_TOKENS.labels(target=target, kind="prompt").inc(last.prompt_tokens)
+            metrics.TARGET_TOKENS.labels(target=target, kind="completion").inc(last.completion_tokens)
 
 
 def _usage(c: Chunk) -> dict:

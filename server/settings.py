@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = 0.4
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     dtype: str = "bfloat16"
+    engine_check_seconds: float = 5.0  # how often a running engine is checked
+    engine_restart_seconds: float = 10.0  # first back-off before restarting a failed engine (doubles each time)
+    engine_max_restarts: int = 5  # restarts in a row before giving up (health stays "error")
 
     # router (model="auto"); defaults measured on the demo skills (bench/route.py)
     router: Literal["psec", "lexical"] = "psec"

@@ -15,6 +15,7 @@ from adapter_store.validation import BaseModelSpec
 from router.plan import Plan
 from router.policy import LexicalPolicy, RouterPolicy
 from router.psec import PsecRouter, Thresholds
+from server import metrics
 from server.adapter_cache import AdapterCache
 from server.base_model import base_model_id, prepare
 from server.engine import Engine, make_engine
@@ -36,6 +37,7 @@ class Mosaic:
     started: float = 0.0
     engine_error: str | None = None
     engine_start_seconds: float | None = None
+    engine_restarts: int = 0
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -62,12 +64,14 @@ class Mosaic:
             skills = self.skills()
             return self.policy.route(text, skills, self._skills[0])
 
-        return await asyncio.to_thread(decide)
+        plan = await asyncio.to_thread(decide)
+        metrics.ROUTER_DECISIONS.labels(decision=plan.kind).inc()
+        return plan
 
 
 def open_registry(settings: Settings) -> Registry:
     client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis")
-    return Registry(client, prefix=settings.redis_prefix)
+    return Registry(client, prefix=settings.redis_prefix, observer=metrics.registry_observer)
 
 
 def build(settings: Settings) -> Mosaic:

@@ -108,19 +108,34 @@ def _load_init(model, init: LoraAdapter, rank: int, scaling: float) -> None:
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prompts: Sequence[str | Conversation], max_new_tokens: int = 64) -> list[str]:
+def generate_greedy(model, tokenizer, prompts: Sequence[str | Conversation], max_new_tokens: int = 64,
+                    batch_size: int = 1) -> list[str]:
+    """Greedy answers, ``batch_size`` prompts at a time (left-padded; 1 = one prompt per forward pass)."""
     model.eval()
     out = []
-    for p in prompts:
-        x = tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
-        out.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+    if batch_size <= 1:
+        for p in prompts:
+            x = tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False)
+            out.append(tokenizer.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
+        return out
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=False)
+                     for p in prompts[i:i + batch_size]]
+            x = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            y = model.generate(**x, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out += tokenizer.batch_decode(y[:, x["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
     return out
 
 
 @torch.inference_mode()
-def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[str], max_new_tokens: int = 40) -> list[str]:
-    """Greedy answers of the base model (with the adapter, if given) via transformers+PEFT."""
+def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[str], max_new_tokens: int = 40,
+                   batch_size: int = 1) -> list[str]:
+    """Greedy answers of the base model (with the adapter, if given, merged into the weights) via transformers+PEFT."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -128,5 +143,5 @@ def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    return generate_greedy(model, tokenizer, prompts, max_new_tokens)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)

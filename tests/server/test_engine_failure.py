@@ -1,6 +1,7 @@
 """An engine that fails to start: /health says so, inference gets a 503 in OpenAI's shape, and the
 library API keeps answering."""
 
+import time
 import uuid
 
 from fastapi.testclient import TestClient
@@ -30,5 +31,44 @@ def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
             assert r.json()["error"]["type"] == "server_error" and "engine" in r.json()["error"]["message"]
             assert client.get("/v1/adapters").status_code == 200
             assert client.get("/v1/models").status_code == 200
+    finally:
+        _drop_prefix(redis_client, prefix)
+
+
+def _wait_for(client, status: str, tries: int = 2400):
+    for _ in range(tries):
+        health = client.get("/health")
+        if health.json()["status"] == status:
+            return health
+        time.sleep(0.05)
+    raise AssertionError(f"health never became {status!r}: {health.json()}")
+
+
+def test_engine_that_fails_or_dies_is_restarted(monkeypatch, redis_client, base_spec):
+    """The real reference engine: its first start fails, the supervisor restarts it; later it dies
+    (not ready any more) and is restarted again; inference works after each recovery."""
+    real_start = engine_module.HfEngine.start
+    starts = []
+
+    async def flaky_start(self):
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            raise RuntimeError("transient failure")
+        await real_start(self)
+
+    monkeypatch.setattr(engine_module.HfEngine, "start", flaky_start)
+    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
+    settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, engine_restart_seconds=0.2,
+                        engine_check_seconds=0.05)
+    body = {"model": base_spec.model_id, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with TestClient(create_app(settings)) as client:
+            health = _wait_for(client, "ok")
+            assert health.json()["engine_restarts"] == 1 and len(starts) == 2
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            client.app.state.mosaic.engine._model = None  # the engine dies under the server
+            health = _wait_for(client, "ok")
+            assert health.json()["engine_restarts"] == 2 and len(starts) == 3
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
     finally:
         _drop_prefix(redis_client, prefix)

@@ -225,24 +225,42 @@ def test_auto_composes_and_follows_library_changes(client, server):
     assert mosaic["plan"] == "composition" and mosaic["method"] == "psec"
     assert {s.split("@")[0] for s in mosaic["skills"]} == expected and sum(mosaic["weights"]) == pytest.approx(1, abs=1e-3)
     # a skill uploaded over HTTP is routable on the next request, without a restart; a delete removes it
-    url, french = server["url"], "Translate into French: good morning, my friend"
-    assert httpx.post(f"{url}/v1/route", json={"prompt": french}, timeout=60).json()["kind"] == "base"
+    url, piglatin = server["url"], "Write this in pig latin: good morning, my friend"
+    assert httpx.post(f"{url}/v1/route", json={"prompt": piglatin}, timeout=60).json()["kind"] == "base"
     folder = DEMO / "reverse_list"
     files = {f: (folder / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
-    examples = ["Translate into French: the cat sleeps", "Translate to French: I like apples",
-                "How do you say 'thank you very much' in French?"]
-    r = _upload(url, "french", files, description="Translates English sentences into French.", examples=json.dumps(examples))
+    examples = ["Write in pig latin: the cat sleeps", "Pig latin please: I like apples",
+                "How do you say 'thank you very much' in pig latin?"]
+    r = _upload(url, "piglatin", files, description="Rewrites English sentences in pig latin.", examples=json.dumps(examples))
     assert r.status_code == 201
-    plan = httpx.post(f"{url}/v1/route", json={"messages": [{"role": "user", "content": french}]}, timeout=60).json()
-    assert plan["kind"] == "skill" and plan["skill"] == "french"
-    httpx.delete(f"{url}/v1/adapters/french", timeout=60)
-    plan = httpx.post(f"{url}/v1/route", json={"prompt": french}, timeout=60).json()
-    assert "french" not in plan["scores"] and plan.get("skill") != "french"
+    plan = httpx.post(f"{url}/v1/route", json={"messages": [{"role": "user", "content": piglatin}]}, timeout=60).json()
+    assert plan["kind"] == "skill" and plan["skill"] == "piglatin"
+    httpx.delete(f"{url}/v1/adapters/piglatin", timeout=60)
+    plan = httpx.post(f"{url}/v1/route", json={"prompt": piglatin}, timeout=60).json()
+    assert "piglatin" not in plan["scores"] and plan.get("skill") != "piglatin"
 
 
-def test_metrics_count_requests_and_cache(client, server):
+def _metric(text: str, sample: str) -> float:
+    """The value of one sample line of the Prometheus text format (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_count_requests_tokens_cache_router_and_registry(client, server):
+    url = f"{server['url']}/metrics/"
+    before = httpx.get(url, timeout=30, follow_redirects=True).text
     _ask(client, "json_extract", "chat", stream=False, max_tokens=2)
-    text = httpx.get(f"{server['url']}/metrics/", timeout=30, follow_redirects=True).text
+    client.chat.completions.create(model="auto", max_tokens=1, messages=[{"role": "user", "content": "Why is the sky blue?"}])
+    text = httpx.get(url, timeout=30, follow_redirects=True).text
     assert 'mosaic_requests_total{outcome="ok",plan="skill"}' in text
     assert 'mosaic_composition_cache_total{result="hit"}' in text
-    assert "mosaic_request_seconds_bucket" in text
+    assert "mosaic_request_seconds_bucket" in text and "mosaic_compose_seconds_count" in text
+    per_skill = 'mosaic_target_requests_total{outcome="ok",target="json_extract"}'
+    assert _metric(text, per_skill) == _metric(before, per_skill) + 1
+    tokens = 'mosaic_target_tokens_total{kind="completion",target="json_extract"}'
+    assert _metric(text, tokens) == _metric(before, tokens) + 2
+    assert _metric(text, 'mosaic_router_decisions_total{decision="base"}') >= 1
+    info_ok = 'mosaic_registry_operations_total{op="info",outcome="ok"}'
+    assert _metric(text, info_ok) > _metric(before, info_ok)
