@@ -93,7 +93,7 @@ def quality(quick: bool) -> dict:
 
     base = prepare(get_settings())
     skills = trained_skills()
-    n = 4 if quick else 16
+    n = 4 if quick else 8
     tests = {s: examples(s, "test", n, seed=5) for s in skills}
     prompts = [p for s in skills for p, _ in tests[s]]
 
@@ -248,6 +248,7 @@ def serving(quick: bool) -> dict:
     from adapter_store.adapter import LoraAdapter
     from bench.harness import running_server
     from composer import compose
+    from server.launch import VLLM_SERVE
     from server.launch import serving as launch
     from server.settings import Settings
 
@@ -276,7 +277,7 @@ def serving(quick: bool) -> dict:
     modules = [f"{skill}={SKILLS / skill}", f"composition={work / 'composition'}"]
     if plan_skill and plan_skill != skill:
         modules.append(f"{plan_skill}={SKILLS / plan_skill}")
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", env["MOSAIC_BASE_MODEL"], "--port", "{port}",
+    argv = [*VLLM_SERVE, "--model", env["MOSAIC_BASE_MODEL"], "--port", "{port}",
             "--served-model-name", base_id, "--enable-lora", "--max-lora-rank", str(s.max_lora_rank),
             "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_cpu_loras), "--max-model-len", str(s.max_model_len),
             "--dtype", s.dtype, "--enforce-eager", "--lora-modules", *modules]
@@ -493,10 +494,15 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=SECTIONS)
     ap.add_argument("--rerun-compose", action="store_true")
     ap.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the skipped sections' results from the last REPORT.json (run timing-sensitive parts alone)")
     args = ap.parse_args()
     import platform
 
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, no GPU"}
+    last = REPORTS / ("REPORT_quick.json" if args.quick else "REPORT.json")
+    if args.reuse and last.exists():
+        res.update({k: v for k, v in json.loads(last.read_text()).items() if k in args.skip})
     steps = {"quality": lambda: quality(args.quick), "routing": lambda: routing(args.quick),
              "compose": lambda: compose_speed(args.rerun_compose), "serving": lambda: serving(args.quick),
              "registry": lambda: registry(args.quick)}

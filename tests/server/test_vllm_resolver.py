@@ -3,7 +3,6 @@ model=<skill> is resolved from Mosaic's Redis and gives the same greedy answer M
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,13 +19,13 @@ def _chat(url: str, model: str) -> httpx.Response:
 
 
 def test_plain_vllm_serve_resolves_skills_from_the_registry(server, tmp_path):
-    from server.launch import serving
+    from server.launch import VLLM_SERVE, serving
     from server.settings import Settings
 
     env = {**server["env"], "MOSAIC_RESOLVER": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "MOSAIC_DATA_DIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
     settings = Settings()
-    argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", env["MOSAIC_BASE_MODEL"], "--port", "{port}",
+    argv = [*VLLM_SERVE, "--model", env["MOSAIC_BASE_MODEL"], "--port", "{port}",
             "--served-model-name", env["MOSAIC_BASE_MODEL_ID"], "--enable-lora", "--max-lora-rank", str(settings.max_lora_rank),
             "--max-model-len", str(settings.max_model_len), "--dtype", settings.dtype, "--enforce-eager"]
     expected = _chat(server["url"], "sentiment").json()["choices"][0]["message"]["content"]
