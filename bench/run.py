@@ -200,7 +200,7 @@ def compose_speed(rerun: bool) -> dict:
     if not path.exists():
         return {"missing": "run python -m bench.compose (or bench.run --rerun-compose)"}
     data = json.loads(path.read_text())
-    data["generated"] = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+    data["source"] = "rerun now" if rerun else "the committed bench/reports/compose.json (an earlier run; --rerun-compose reruns it)"
     return data
 
 
@@ -443,7 +443,7 @@ def render(res: dict, quick: bool) -> tuple[str, str]:
         L += ["## 3. Composition speed", ""]
         if "llama" in c:
             ll = c["llama"]
-            L += [f"From `python -m bench.compose` ({c['generated']}; details in [compose.md](compose.md)): Mosaic `svd` vs "
+            L += [f"From `python -m bench.compose`, {c.get('source', '')}; details in [compose.md](compose.md). Mosaic `svd` vs "
                   "PEFT `add_weighted_adapter(svd)`, K = 4 rank-16 adapters on Llama-2-7B shapes, per layer.", "",
                   *markdown_table(["", "seconds per layer", "peak MiB above inputs", "relative error"], [
                       ["Mosaic", ll["mosaic"]["seconds"] / ll["mosaic"]["layers"], ll["mosaic"]["peak_mib"], ll["mosaic"]["error"]],
