@@ -2,30 +2,41 @@
 
 After MoS (Mixture of Shards, ICLR 2025), applied post hoc to adapters that are already trained:
 
-1. Every rank-1 unit (column b_j of B, row a_j of A, scaling folded in) is canonicalised: scaled so
-   that ‖a_j‖ = ‖b_j‖ and signed so that a_j's largest-magnitude entry is positive. b_j a_jᵀ is unchanged.
-2. Each vector is cut into ``l`` shards (zero-padded to a multiple of l). Per pool key — (projection
-   type, A or B), shared across layers and skills — a codebook of unit shard directions is learned with
-   scikit-learn's MiniBatchKMeans over the (sign-canonicalised) shard directions of the whole library.
-3. A skill is stored as integer index tables into its pools plus one gain per shard (the projection of
-   the shard on its codeword), and *private* exact shards where the shared ones fit worst, added until
+1. Every rank-1 unit (row a_j of A, column b_j of B, scaling folded in) is canonicalised: scaled so
+   that ‖a_j‖ = ‖b_j‖ and signed so that a_j's largest-magnitude entry is positive (b_j a_jᵀ unchanged),
+   then divided by that norm, so every vector of every layer and skill is a unit vector.
+2. Each unit vector is cut into shards of ``width`` values (zero-padded at the end). Per pool key —
+   (projection type, A or B), shared across layers and skills, A and B with separate pools and indices
+   (MoS's pair dissociation) — a codebook of ``pool_size`` shards is learned with scikit-learn's
+   MiniBatchKMeans over the shards of the whole library.
+3. A skill is stored as integer index tables into its pools (log2(pool_size) bits each), one fp16
+   scale per vector, and *private* exact shards (bf16) where the shared ones fit worst, added until
    the skill's relative error ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F is within its budget (trace formula, no dense ΔW).
    A skill that cannot meet the budget with at most ``max_private`` of its shards private is left exact.
+
+Bytes per value: log2(pool_size)/width bits for the shared shards (8 bits per 4 values = 2 bits at the
+defaults, against 16 for bf16), plus the private shards. Trained LoRA vectors look like Gaussian noise
+to a codebook (A barely leaves its random initialisation), so the error at a given size follows
+rate-distortion more than shared structure: the benchmark measures what the skills tolerate.
 
 This module is pure tensor math; the registry decides where pools and encodings live in Redis.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from adapter_store.adapter import LoraAdapter, factor_key
 
 SIDES = ("A", "B")
+MAX_FIT_SHARDS = 200_000  # shards per pool key given to k-means (a uniform sample beyond that)
 
 
 def pool_key(module: str, side: str) -> str:
@@ -45,10 +56,10 @@ def canonical_units(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[t
     return a * sign[:, None], b * sign[:, None]
 
 
-def to_shards(v: torch.Tensor, l: int) -> torch.Tensor:
-    """(n, d) vectors -> (n, l, ceil(d/l)) shards, zero-padded at the end."""
+def to_shards(v: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, d) vectors -> (n, ceil(d/width), width) shards, zero-padded at the end."""
     n, d = v.shape
-    width = math.ceil(d / l)
+    l = math.ceil(d / width)
     padded = torch.zeros(n, l * width, dtype=v.dtype)
     padded[:, :d] = v
     return padded.view(n, l, width)
@@ -68,56 +79,93 @@ def delta_error_sq(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat:
     return max(ww - 2 * inner(b, a, b_hat, a_hat) + inner(b_hat, a_hat, b_hat, a_hat), 0.0), ww
 
 
+def _unit_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    norms = v.norm(dim=1)
+    return v / norms.clamp_min(1e-30)[:, None], norms
+
+
 @dataclass
 class Pools:
-    """The shared codebooks: per pool key, unit-norm shard directions (n × width, float32)."""
+    """The shared codebooks: per pool key, ``pool_size`` shards of one width (float32 holding fp16 values)."""
 
-    shards_per_vector: int
     codewords: dict[str, torch.Tensor]
     version: int = 1
+    shard_width: int = 4  # values per shard, unless shards_per_vector is set
+    shards_per_vector: int | None = None  # MoS's l: every vector in l shards (width = ceil(d / l))
+
+    def width(self, d: int) -> int:
+        return math.ceil(d / self.shards_per_vector) if self.shards_per_vector else self.shard_width
+
+    @property
+    def pool_size(self) -> int:
+        return max((c.shape[0] for c in self.codewords.values()), default=0)
 
     def nbytes(self) -> int:
-        return sum(c.numel() * 2 for c in self.codewords.values())  # stored as bf16
+        return sum(c.numel() * 2 for c in self.codewords.values())  # stored as fp16
+
+    def to_bytes(self) -> bytes:
+        meta = {"version": str(self.version), "shard_width": str(self.shard_width),
+                "shards_per_vector": str(self.shards_per_vector or 0)}
+        return st_save({k: c.half().contiguous() for k, c in self.codewords.items()}, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Pools":
+        meta = _st_metadata(data)
+        return cls({k: c.float() for k, c in st_load(data).items()}, int(meta["version"]),
+                   int(meta["shard_width"]), int(meta["shards_per_vector"]) or None)
 
 
-def _directions(shards: torch.Tensor) -> torch.Tensor:
-    """Unit directions of non-negligible shards, signed so the largest-magnitude entry is positive."""
-    norms = shards.norm(dim=1)
-    keep = norms > 1e-8 * norms.max().clamp_min(1e-30)
-    u = shards[keep] / norms[keep, None]
-    sign = torch.sign(u.gather(1, u.abs().argmax(dim=1, keepdim=True)))
-    return u * sign
-
-
-def build_pools(adapters: list[LoraAdapter], shards_per_vector: int = 4, pool_size: int = 256, seed: int = 0,
-                version: int = 1) -> Pools:
+def build_pools(adapters: list[LoraAdapter], shard_width: int = 4, pool_size: int = 256, seed: int = 0,
+                version: int = 1, shards_per_vector: int | None = None) -> Pools:
     """Learn one codebook per (projection type, A/B) from every rank vector of every adapter."""
     from sklearn.cluster import MiniBatchKMeans
 
+    shell = Pools({}, version, shard_width, shards_per_vector)
     collected: dict[str, list[torch.Tensor]] = {}
     for adapter in adapters:
         for name, m in adapter.modules().items():
             a, b = canonical_units(m.A, m.B, m.scaling)
             for side, v in zip(SIDES, (a, b)):
-                s = to_shards(v, shards_per_vector)
+                u, norms = _unit_rows(v)
+                s = to_shards(u[norms > 0], shell.width(v.shape[1]))
                 collected.setdefault(pool_key(name, side), []).append(s.reshape(-1, s.shape[-1]))
-    codewords = {}
+    rng = np.random.default_rng(seed)
     for key, parts in sorted(collected.items()):
-        u = _directions(torch.cat(parts)).float().numpy()
-        k = min(pool_size, len(u))
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=max(1024, 4 * k)).fit(u)
-        c = torch.from_numpy(km.cluster_centers_).float()
-        codewords[key] = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return Pools(shards_per_vector, codewords, version)
+        x = torch.cat(parts).float().numpy()
+        if len(x) > MAX_FIT_SHARDS:
+            x = x[rng.choice(len(x), MAX_FIT_SHARDS, replace=False)]
+        k = min(pool_size, len(x))
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=max(4096, 4 * k),
+                             max_iter=50).fit(x)
+        # rounded to fp16 here, as stored, so that encoding uses exactly the codewords decoding will
+        shell.codewords[key] = torch.from_numpy(km.cluster_centers_).half().float()
+    return shell
 
 
 @dataclass
 class EncodedModule:
     d: dict[str, int]  # side -> vector length (d_in for A, d_out for B)
-    index: dict[str, torch.Tensor]  # side -> (r, l) int32 codeword indices
-    gain: dict[str, torch.Tensor]  # side -> (r, l) float16 gains
+    index: dict[str, torch.Tensor]  # side -> (r, l) int codeword indices
+    scale: dict[str, torch.Tensor]  # side -> (r,) fp16 scale of each vector
     private: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (r, l) bool: shard stored exactly
     private_values: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (p, width) bf16, in mask order
+
+
+def index_bits(pool_size: int) -> int:
+    return max(1, math.ceil(math.log2(pool_size)))
+
+
+def pack_indices(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """Flat non-negative indices -> ``bits`` bits each, bit-packed into uint8 (8 bits per 256 codewords,
+    4 per 16, 12 per 4096)."""
+    x = index.numpy().astype(np.int64)
+    planes = ((x[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(-1)))
+
+
+def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    planes = np.unpackbits(packed.numpy())[: n * bits].reshape(n, bits).astype(np.int64)
+    return torch.from_numpy(planes @ (1 << np.arange(bits)))
 
 
 @dataclass
@@ -128,27 +176,78 @@ class Encoded:
     modules: dict[str, EncodedModule]
     pool_version: int
     error: float
+    dtype: str = "bfloat16"  # of the original factors; decoding gives them back in it
 
-    def nbytes(self, pool_size: int) -> int:
-        idx = 2 if pool_size <= 2**15 else 4
-        total = 0
-        for m in self.modules.values():
+    def private_fraction(self) -> float:
+        total = sum(m.index[s].numel() for m in self.modules.values() for s in SIDES)
+        private = sum(int(p.sum()) for m in self.modules.values() for p in m.private.values())
+        return private / total if total else 0.0
+
+    def to_bytes(self, pool_size: int) -> bytes:
+        """safetensors with four flat tensors — every index table (bit-packed, log2(pool_size) bits), every
+        fp16 scale, the private masks bit-packed, the private shards (bf16) — in (module, side) order;
+        the config, each module's shape and the error as metadata."""
+        order = [(name, side) for name in sorted(self.modules) for side in SIDES]
+        mods = self.modules
+        mask = torch.cat([mods[n].private.get(s, torch.zeros_like(mods[n].index[s], dtype=torch.bool)).reshape(-1)
+                          for n, s in order])
+        values = [mods[n].private_values[s].to(torch.bfloat16) for n, s in order if s in mods[n].private]
+        tensors = {
+            "index": pack_indices(torch.cat([mods[n].index[s].reshape(-1) for n, s in order]), index_bits(pool_size)),
+            "scale": torch.cat([mods[n].scale[s].reshape(-1) for n, s in order]).half(),
+            "private": torch.from_numpy(np.packbits(mask.numpy())),
+            "values": torch.cat(values).reshape(-1) if values else torch.zeros(0, dtype=torch.bfloat16),
+        }
+        # per module, in name order: [name, d_A, d_B, r, l_A, l_B]
+        dims = [[n, m.d["A"], m.d["B"], int(m.index["A"].shape[0]), *(int(m.index[s].shape[1]) for s in SIDES)]
+                for n, m in sorted(mods.items())]
+        meta = {"config": json.dumps(self.config), "pool_version": str(self.pool_version),
+                "error": repr(self.error), "dtype": self.dtype, "dims": json.dumps(dims),
+                "index_bits": str(index_bits(pool_size))}
+        return st_save(tensors, metadata=meta)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Encoded":
+        meta, t = _st_metadata(data), st_load(data)
+        dims = {name: {"A": da, "B": db, "r": r, "l": {"A": la, "B": lb}}
+                for name, da, db, r, la, lb in json.loads(meta["dims"])}
+        n_shards = sum(d["r"] * d["l"][s] for d in dims.values() for s in SIDES)
+        index, scale = unpack_indices(t["index"], int(meta["index_bits"]), n_shards), t["scale"]
+        mask = torch.from_numpy(np.unpackbits(t["private"].numpy())[:n_shards].astype(bool))
+        values = t["values"]
+        modules, at, at_r, at_v = {}, 0, 0, 0
+        for name, d in dims.items():
+            m = EncodedModule(d={s: d[s] for s in SIDES}, index={}, scale={})
             for side in SIDES:
-                r, l = m.index[side].shape
-                total += r * l * (idx + 2) + math.ceil(r * l / 8)  # index + fp16 gain + private bit
-                if side in m.private_values:
-                    total += m.private_values[side].numel() * 2
-        return total
+                r, l = d["r"], d["l"][side]
+                width = math.ceil(d[side] / l)
+                m.index[side] = index[at: at + r * l].view(r, l)
+                m.scale[side] = scale[at_r: at_r + r]
+                private = mask[at: at + r * l].view(r, l)
+                if private.any():
+                    p = int(private.sum())
+                    m.private[side] = private
+                    m.private_values[side] = values[at_v: at_v + p * width].view(p, width)
+                    at_v += p * width
+                at, at_r = at + r * l, at_r + r
+            modules[name] = m
+        return cls(json.loads(meta["config"]), modules, int(meta["pool_version"]), float(meta["error"]), meta["dtype"])
 
 
-def _quantise(shards: torch.Tensor, codewords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest codeword by |projection| per shard: (index, gain, reconstruction)."""
-    flat = shards.reshape(-1, shards.shape[-1])
-    proj = flat.float() @ codewords.T
-    index = proj.abs().argmax(dim=1)
-    gain = proj.gather(1, index[:, None]).squeeze(1).half()
-    recon = gain.double()[:, None] * codewords[index].double()
-    return index.view(shards.shape[:2]).int(), gain.view(shards.shape[:2]), recon.view(shards.shape)
+def _quantise(v: torch.Tensor, codewords: torch.Tensor, width: int) -> dict:
+    """Nearest codeword (L2) for each shard of each unit vector of ``v``, then the least-squares scale
+    per vector; returns the pieces and the shard-wise reconstruction of ``v``."""
+    u, norms = _unit_rows(v)
+    s = to_shards(u, width)
+    flat = s.reshape(-1, width).float()
+    dist = (codewords * codewords).sum(1)[None, :] - 2 * flat @ codewords.T
+    index = dist.argmin(dim=1).view(s.shape[:2])
+    approx = codewords.double()[index]  # (r, l, width)
+    u_hat = from_shards(approx, v.shape[1])
+    scale = ((v * u_hat).sum(1) / (u_hat * u_hat).sum(1).clamp_min(1e-30)).half()
+    scale[norms == 0] = 0
+    return {"v": v, "s": to_shards(v, width), "index": index, "scale": scale,
+            "recon": scale.double()[:, None, None] * approx, "private": torch.zeros(s.shape[:2], dtype=torch.bool)}
 
 
 def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_private: float = 0.5,
@@ -156,19 +255,15 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
     """Encode against ``pools``, adding private exact shards (worst residual first, ``step`` of the
     shards at a time) until the relative error is within ``error_budget``; None when even
     ``max_private`` of the shards private does not meet it (store the skill exact)."""
-    l = pools.shards_per_vector
     parts = {}
     for name, m in adapter.modules().items():
         a, b = canonical_units(m.A, m.B, m.scaling)
         sides = {}
         for side, v in zip(SIDES, (a, b)):
-            s = to_shards(v, l)
-            cw = pools.codewords.get(pool_key(name, side))
-            if cw is None or cw.shape[1] != s.shape[-1]:
+            cw, width = pools.codewords.get(pool_key(name, side)), pools.width(v.shape[1])
+            if cw is None or cw.shape[1] != width:
                 return None  # no pool for this projection type or shape: stays exact
-            index, gain, recon = _quantise(s, cw)
-            sides[side] = {"v": v, "s": s, "index": index, "gain": gain, "recon": recon,
-                           "private": torch.zeros(s.shape[:2], dtype=torch.bool)}
+            sides[side] = _quantise(v, cw, width)
         parts[name] = sides
 
     def module_hat(sides: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,49 +283,54 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
             num, den = num + e, den + w
         return math.sqrt(num / den) if den > 0 else 0.0
 
-    # residual of each shard, weighted by the norm of its partner vector (a shard of a_j matters as ‖b_j‖)
-    candidates = []
+    # every shard's residual, weighted by the norm of its partner vector (a shard of a_j matters as ‖b_j‖)
+    slots, scores = [], []
     for name, sides in parts.items():
         for side, other in (("A", "B"), ("B", "A")):
             p, partner = sides[side], sides[other]["v"].norm(dim=1)
-            res = (p["s"] - p["recon"]).norm(dim=2) * partner[:, None]
-            for (j, k), value in np.ndenumerate(res.numpy()):
-                candidates.append((value, name, side, j, k))
-    candidates.sort(key=lambda c: -c[0])
-    total = len(candidates)
+            scores.append(((p["s"] - p["recon"]).norm(dim=2) * partner[:, None]).reshape(-1).numpy())
+            slots.append((name, side, p["private"].shape))
+    order = np.argsort(-np.concatenate(scores), kind="stable")
+    offsets = np.cumsum([0] + [len(x) for x in scores])
+    total = int(offsets[-1])
     err, used = relative_error(), 0
     while err > error_budget:
         if used >= max_private * total or used >= total:
             return None
-        batch = candidates[used: used + max(1, int(step * total))]
-        for _, name, side, j, k in batch:
-            parts[name][side]["private"][j, k] = True
+        batch = order[used: used + max(1, int(step * total))]
+        for slot_no, (name, side, shape) in enumerate(slots):
+            lo, hi = offsets[slot_no], offsets[slot_no + 1]
+            mine = batch[(batch >= lo) & (batch < hi)] - lo
+            if len(mine):
+                parts[name][side]["private"].view(-1)[torch.from_numpy(mine)] = True
         used += len(batch)
         err = relative_error()
     modules = {}
     for name, sides in parts.items():
-        enc = EncodedModule(d={}, index={}, gain={})
+        enc = EncodedModule(d={}, index={}, scale={})
         for side in SIDES:
             p = sides[side]
-            enc.d[side], enc.index[side], enc.gain[side] = p["v"].shape[1], p["index"], p["gain"]
+            enc.d[side], enc.index[side], enc.scale[side] = p["v"].shape[1], p["index"], p["scale"]
             if p["private"].any():
                 enc.private[side] = p["private"]
                 enc.private_values[side] = p["s"][p["private"]].to(torch.bfloat16)
         modules[name] = enc
-    return Encoded(dict(adapter.config), modules, pools.version, err)
+    dtype = str(next(iter(adapter.tensors.values())).dtype).removeprefix("torch.")
+    return Encoded(dict(adapter.config), modules, pools.version, err, dtype)
 
 
-def decode(encoded: Encoded, pools: Pools, dtype: torch.dtype = torch.bfloat16) -> LoraAdapter:
-    """The adapter back: factors from codewords × gains (private shards exact), scaling folded into B,
-    r = lora_alpha per module (so every engine loads it as it is)."""
+def decode(encoded: Encoded, pools: Pools, dtype: torch.dtype | None = None) -> LoraAdapter:
+    """The adapter back: factors from codewords × scales (private shards exact), scaling folded into B,
+    r = lora_alpha per module (so every engine loads it as it is), in the original dtype unless given."""
     if encoded.pool_version != pools.version:
         raise ValueError(f"encoded against pools v{encoded.pool_version}, given v{pools.version}")
+    dtype = dtype or getattr(torch, encoded.dtype)
     tensors, ranks = {}, set()
     for name, m in encoded.modules.items():
         vec = {}
         for side in SIDES:
             cw = pools.codewords[pool_key(name, side)].double()
-            shards = m.gain[side].double()[..., None] * cw[m.index[side].long()]
+            shards = m.scale[side].double()[:, None, None] * cw[m.index[side].long()]
             if side in m.private:
                 shards[m.private[side]] = m.private_values[side].double()
             vec[side] = from_shards(shards, m.d[side])
@@ -244,3 +344,9 @@ def decode(encoded: Encoded, pools: Pools, dtype: torch.dtype = torch.bfloat16) 
         config["rank_pattern"] = {n: m.index["A"].shape[0] for n, m in encoded.modules.items()}
         config["alpha_pattern"] = dict(config["rank_pattern"])
     return LoraAdapter(config=config, tensors=tensors)
+
+
+def _st_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (an 8-byte length, then the JSON header)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8: 8 + n]).get("__metadata__", {})

@@ -6,17 +6,26 @@ Layout (``P`` is the key prefix, so tests and deployments can share one Redis):
 ``P:s:NAME:versions``        ZSET of version numbers (score = version)
 ``P:s:NAME:latest``          the latest version number
 ``P:s:NAME:next``            the highest version ever handed out (numbers are never reused)
-``P:s:NAME:v:N``             HASH {meta, config, weights} — one complete version
+``P:s:NAME:v:N``             HASH {meta, config, weights} — one complete version; a version stored in
+                             MoS shard form has ``shards`` (index tables into the pools) instead of
+                             ``weights``, and ``original`` (the uploaded weights) with --keep-originals
+``P:mos:pool:V``             HASH {codewords, options} — shard pools, version V (immutable once written)
+``P:mos:current``            the pool version uploads are encoded against (absent: store exact)
+``P:mos:next``               the highest pool version ever handed out
+``P:mos:lock``               held while a compression runs (one at a time)
 ``P:gen``                    bumped on every change, so replicas can tell their caches are stale
 ``P:events``                 pub/sub channel announcing each change
 ``P:c:HASH``                 HASH of a cached composition result (same fields as a version)
 
 Every write is one MULTI/EXEC transaction guarded by WATCH, so a reader sees a version
-completely or not at all, and a write that fails before EXEC leaves nothing behind.
+completely or not at all, and a write that fails before EXEC leaves nothing behind. Each shard-form
+version names the pool version it was encoded against, and pools are deleted only once no version
+names them, so a reader always decodes against the pools its version was written for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +33,7 @@ from collections.abc import Callable, Iterable
 import redis
 from pydantic import BaseModel, Field
 
+from adapter_store import mos
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 
@@ -44,10 +54,19 @@ class SkillInfo(BaseModel):
     created: float = 0.0
     origin: str = "upload"
     composition: dict | None = None
+    # how the weights are stored when a shard encoding is on: {"pool_version": V or None (kept exact),
+    # "error": relative ‖ΔW − ΔŴ‖_F against the upload, "bytes": stored bytes, "sha256": of them, ...}
+    mos: dict | None = None
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def content_id(self) -> str:
+        """The hash of what is served: the upload's sha256, or of the shard encoding that replaced it
+        (re-encoding changes the weights served, so engine folders and caches are named by this)."""
+        return (self.mos or {}).get("sha256") or self.sha256
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -66,6 +85,7 @@ class Registry:
         self.r = client
         self.p = prefix
         self.observer = observer  # called with (operation, "ok" | "rejected" | "unavailable" | "error") after each one
+        self._pool_cache: dict[int, tuple[mos.Pools, dict]] = {}
 
     # ---- keys ---------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
@@ -92,10 +112,15 @@ class Registry:
         """Store ``adapter`` as the next version of ``name`` (atomically) and return its metadata."""
         weights, config = adapter.weights_bytes(), adapter.config_bytes()
         with self._guard("add"):
+            stored = self._storage(self._current_pools(), adapter, weights)
             with self.r.pipeline(transaction=True) as pipe:
                 while True:
                     try:
-                        pipe.watch(self._k("s", name, "next"))
+                        pipe.watch(self._k("s", name, "next"), self._k("mos", "current"))
+                        if int(pipe.get(self._k("mos", "current")) or 0) != stored.against:
+                            pipe.unwatch()  # the pools changed since it was encoded: encode again
+                            stored = self._storage(self._current_pools(), adapter, weights)
+                            continue
                         version = int(pipe.get(self._k("s", name, "next")) or 0) + 1
                         info = SkillInfo(
                             name=name,
@@ -111,11 +136,12 @@ class Registry:
                             created=time.time(),
                             origin=origin,
                             composition=composition,
+                            mos=stored.meta,
                         )
                         pipe.multi()
                         pipe.hset(
                             self._vkey(name, version),
-                            mapping={"meta": info.model_dump_json(), "config": config, "weights": weights},
+                            mapping={"meta": info.model_dump_json(), "config": config, **stored.fields},
                         )
                         self._step("version-written")
                         pipe.zadd(self._k("s", name, "versions"), {str(version): version})
@@ -185,12 +211,36 @@ class Registry:
         return self._meta(raw)
 
     def load(self, ref: str) -> tuple[SkillInfo, LoraAdapter]:
+        """The version's adapter as it is served: exact, or decoded from its shards."""
         name, version = self.resolve(ref)
-        with self._guard("load"):
-            meta, config, weights = self.r.hmget(self._vkey(name, version), ["meta", "config", "weights"])
-        if meta is None:
+        for _ in range(3):
+            with self._guard("load"):
+                meta, config, weights, shards = self.r.hmget(
+                    self._vkey(name, version), ["meta", "config", "weights", "shards"])
+                if meta is None:
+                    raise NotFoundError(f"skill {ref!r} does not exist", param="model")
+                if weights is not None:
+                    return self._meta(meta), LoraAdapter.from_bytes(config, weights)
+                encoded = mos.Encoded.from_bytes(shards)
+                pools = self._pools(encoded.pool_version)
+            if pools is not None:
+                return self._meta(meta), mos.decode(encoded, pools[0])
+            # re-encoded by a compression since it was read, and its old pools collected: read again
+        raise UnavailableError(f"skill {ref!r}: its shard pools keep changing; try again")
+
+    def original(self, ref: str) -> LoraAdapter | None:
+        """The uploaded adapter bit for bit, when the registry has it (stored exact, or --keep-originals)."""
+        name, version = self.resolve(ref)
+        with self._guard("original"):
+            info, config, weights, original = self.r.hmget(
+                self._vkey(name, version), ["meta", "config", "weights", "original"])
+        if info is None:
             raise NotFoundError(f"skill {ref!r} does not exist", param="model")
-        return self._meta(meta), LoraAdapter.from_bytes(config, weights)
+        if original is not None:
+            return LoraAdapter.from_bytes(config, original)
+        if weights is not None and not (self._meta(info).mos or {}).get("error"):
+            return LoraAdapter.from_bytes(config, weights)
+        return None
 
     def exists(self, ref: str) -> bool:
         try:
@@ -258,6 +308,156 @@ class Registry:
         with self._guard("add_aux_fields"):
             self.r.hset(self._k("aux", key), mapping=mapping)
 
+    # ---- MoS shard storage (math in adapter_store/mos.py, the whole-library run in compression.py) --
+    def _pools(self, version: int) -> tuple[mos.Pools, dict] | None:
+        """Pools of ``version`` and the options they were built with (immutable, so cached); None if gone."""
+        if version not in self._pool_cache:
+            codewords, options = self.r.hmget(self._k("mos", "pool", version), ["codewords", "options"])
+            if codewords is None:
+                return None
+            self._pool_cache[version] = (mos.Pools.from_bytes(codewords), json.loads(options))
+        return self._pool_cache[version]
+
+    def _current_pools(self) -> tuple[int, mos.Pools | None, dict]:
+        current = int(self.r.get(self._k("mos", "current")) or 0)
+        pools = self._pools(current) if current else None
+        return (current, *pools) if pools else (0, None, {})
+
+    def _storage(self, current: tuple[int, mos.Pools | None, dict], adapter: LoraAdapter, weights: bytes,
+                 original: bytes | None = None, base_error: float = 0.0) -> "_Stored":
+        """The hash fields that store ``adapter`` under the current pools: shards within the error budget,
+        else exact. ``base_error`` is the error ``adapter`` already carries against the upload (it was
+        decoded from shards): errors add, ‖ΔW − ΔŴ₂‖ ≤ ‖ΔW − ΔŴ₁‖ + ‖ΔŴ₁ − ΔŴ₂‖."""
+        version, pools, options = current
+        if pools is None:
+            return _Stored(0, {"weights": weights}, None if not base_error else _exact_meta(weights, base_error))
+        budget = (options["error_budget"] - base_error) / (1 + base_error)
+        encoded = mos.encode(adapter, pools, budget, options["max_private"]) if budget > 0 else None
+        if encoded is None:
+            meta = _exact_meta(weights, base_error)
+            meta["note"] = f"over the error budget {options['error_budget']:g} with pools v{version}: stored exact"
+            meta["exact_under"] = version
+            return _Stored(version, {"weights": weights}, meta)
+        blob = encoded.to_bytes(pools.pool_size)
+        fields = {"shards": blob}
+        if options.get("keep_originals") and (original or not base_error):
+            fields["original"] = original or weights
+        meta = {"pool_version": version, "error": base_error + encoded.error * (1 + base_error),
+                "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                "private": round(encoded.private_fraction(), 4)}
+        return _Stored(version, fields, meta)
+
+    def compression(self) -> dict | None:
+        """The current pool version and the options it was built with; None when storage is exact."""
+        version, pools, options = self._current_pools()
+        return None if pools is None else {"pool_version": version, **options, "pool_bytes": pools.nbytes()}
+
+    def put_pools(self, pools: mos.Pools, options: dict) -> int:
+        """Store ``pools`` as a new version and make it current (uploads are encoded against it from now on);
+        versions encoded against older pools stay readable until :meth:`recode` moves them."""
+        with self._guard("put_pools"):
+            version = int(self.r.incr(self._k("mos", "next")))
+            pools.version = version
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.hset(self._k("mos", "pool", version), mapping={"codewords": pools.to_bytes(),
+                                                                    "options": json.dumps(options)})
+                pipe.set(self._k("mos", "current"), version)
+                self._announce(pipe, "pools", f"v{version}")
+                pipe.execute()
+            return version
+
+    def stop_compression(self) -> None:
+        """Uploads are stored exact from now on (versions already in shard form stay so until recoded)."""
+        with self._guard("stop_compression"), self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self._k("mos", "current"))
+            self._announce(pipe, "pools", "none")
+            pipe.execute()
+
+    def all_versions(self) -> list[tuple[str, int]]:
+        with self._guard("all_versions"):
+            return [(n, int(v)) for n in self.names() for v in self.r.zrange(self._k("s", n, "versions"), 0, -1)]
+
+    def recode(self, name: str, version: int) -> SkillInfo | None:
+        """Store one version against the current pools (shards, or exact when over budget or when no pools
+        are current), in its own transaction: readers see the old form or the new, never a mix.
+        None when the version was deleted meanwhile."""
+        key, current_key = self._vkey(name, version), self._k("mos", "current")
+        with self._guard("recode"), self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key, current_key)
+                    raw, config, weights, shards, original = pipe.hmget(
+                        key, ["meta", "config", "weights", "shards", "original"])
+                    if raw is None:
+                        return None
+                    info, current = self._meta(raw), self._current_pools()
+                    done = info.mos or {}
+                    if current[0] and current[0] in (done.get("pool_version"), done.get("exact_under")):
+                        return info
+                    if not current[0] and not done.get("pool_version"):
+                        return info  # already exact
+                    if original is not None or (weights is not None and not done.get("error")):
+                        source, base_error = LoraAdapter.from_bytes(config, original or weights), 0.0
+                    elif weights is not None:  # decoded shards stored exact by an earlier run
+                        source, base_error = LoraAdapter.from_bytes(config, weights), float(done["error"])
+                    else:
+                        encoded = mos.Encoded.from_bytes(shards)
+                        pools = self._pools(encoded.pool_version)
+                        if pools is None:
+                            raise MosaicError(f"{info.ref}: pools v{encoded.pool_version} are missing")
+                        source, base_error = mos.decode(encoded, pools[0]), float(done.get("error", 0.0))
+                    stored = self._storage(current, source, source.weights_bytes(), original, base_error)
+                    if base_error and "weights" in stored.fields and done.get("pool_version"):
+                        # decoded shards that cannot meet the budget again: stored exact they would grow
+                        # many times over, so they stay on the pools they name (kept while named)
+                        return info
+                    info = info.model_copy(update={"mos": stored.meta})
+                    pipe.multi()
+                    pipe.hset(key, mapping={"meta": info.model_dump_json(), **stored.fields})
+                    if stale := {"weights", "shards", "original"} - set(stored.fields):
+                        pipe.hdel(key, *stale)
+                    self._announce(pipe, "recode", info.ref)
+                    pipe.execute()
+                    return info
+                except redis.WatchError:
+                    continue
+
+    def gc_pools(self) -> list[int]:
+        """Delete pool versions that neither the current pointer nor any stored version names."""
+        with self._guard("gc_pools"):
+            keep = {int(self.r.get(self._k("mos", "current")) or 0)}
+            for name, version in self.all_versions():
+                raw = self.r.hget(self._vkey(name, version), "meta")
+                if raw is not None:
+                    keep.add(int((self._meta(raw).mos or {}).get("pool_version") or 0))
+            gone = []
+            for key in self.r.scan_iter(match=self._k("mos", "pool", "*")):
+                version = int(key.decode().rsplit(":", 1)[-1])
+                if version not in keep:
+                    self.r.delete(key)
+                    gone.append(version)
+            return sorted(gone)
+
+    def storage_bytes_of(self, name: str, version: int) -> dict[str, int]:
+        fields = ("weights", "shards", "original")
+        with self._guard("storage_bytes"):
+            return dict(zip(fields, (self.r.hstrlen(self._vkey(name, version), f) for f in fields)))
+
+    def storage_bytes(self) -> dict:
+        """Bytes of weights as stored: per version {weights, shards, original}, and the pools'."""
+        with self._guard("storage_bytes"):
+            versions = {f"{n}@{v}": self.storage_bytes_of(n, v) for n, v in self.all_versions()}
+            pools = sum(self.r.hstrlen(k, "codewords") for k in self.r.scan_iter(match=self._k("mos", "pool", "*")))
+            return {"versions": versions, "pools": pools}
+
+    def compression_running(self) -> bool:
+        with self._guard("compression_running"):
+            return bool(self.r.exists(self._k("mos", "lock")))
+
+    def compression_lock(self, seconds: float = 600):
+        """A Redis lock (redis-py's) that one compression holds; extend it while working."""
+        return self.r.lock(self._k("mos", "lock"), timeout=seconds, blocking=False)
+
     # ---- helpers ------------------------------------------------------------------
     @staticmethod
     def _meta(raw: bytes | None) -> SkillInfo:
@@ -267,6 +467,19 @@ class Registry:
 
     def _guard(self, op: str):
         return _RedisGuard(op, self.observer)
+
+
+class _Stored:
+    """How one version's weights are stored: the hash fields, its ``mos`` metadata, and the pool
+    version (0: none) that was current when it was encoded."""
+
+    def __init__(self, against: int, fields: dict[str, bytes], meta: dict | None) -> None:
+        self.against, self.fields, self.meta = against, fields, meta
+
+
+def _exact_meta(weights: bytes, error: float) -> dict:
+    return {"pool_version": None, "error": error, "bytes": len(weights),
+            "sha256": hashlib.sha256(weights).hexdigest() if error else None}
 
 
 class _RedisGuard:

@@ -58,7 +58,7 @@ class AdapterCache:
     def knows(self, ref: str) -> bool:
         """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
         info = self._served.get(ref)
-        return info is not None and (self.dir / "adapters" / info.sha256 / "adapter_config.json").exists()
+        return info is not None and (self.dir / "adapters" / info.content_id / "adapter_config.json").exists()
 
     async def _info(self, ref: str) -> SkillInfo:
         """The registry's answer; while Redis is unavailable, the last answer for a ref served before
@@ -94,9 +94,9 @@ class AdapterCache:
 
     async def skill(self, ref: str) -> Served:
         info = await self._info(ref)
-        folder = self.dir / "adapters" / info.sha256
+        folder = self.dir / "adapters" / info.content_id
         refactored, rel, rank = False, 0.0, info.rank
-        async with self._lock(info.sha256):
+        async with self._lock(info.content_id):
             if not (folder / "adapter_config.json").exists():
                 _, adapter = await asyncio.to_thread(self.registry.load, info.ref)
                 if not adapter.is_engine_native() or adapter.rank > self.max_rank:
@@ -107,12 +107,12 @@ class AdapterCache:
                     )
                     refactored, rel, rank = report.refactored, report.relative_error, report.rank
                 await asyncio.to_thread(self._write, folder, adapter)
-        engine_adapter = EngineAdapter(name=info.ref, int_id=stable_int_id(info.sha256), path=str(folder))
+        engine_adapter = EngineAdapter(name=info.ref, int_id=stable_int_id(info.content_id), path=str(folder))
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
     async def composition(self, comp: Composition) -> Served:
         infos: list[SkillInfo] = [await self._info(ref) for ref in comp.skills]
-        key = comp.content_key([i.sha256 for i in infos])
+        key = comp.content_key([i.content_id for i in infos])
         folder = self.dir / "compositions" / key
         async with self._lock(key):
             meta: dict

@@ -234,9 +234,11 @@ def skills_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if as_json:
         _print_json([i.model_dump() for i in infos])
         return
-    table = Table("name", "version", "rank", "modules", "size", "description")
+    table = Table("name", "version", "rank", "modules", "size", "stored", "description")
     for i in infos:
-        table.add_row(i.name, str(i.version), str(i.rank), ",".join(i.target_modules), f"{i.size:,}", i.description[:60])
+        stored = f"{i.mos['bytes']:,} (shards)" if i.mos and i.mos.get("pool_version") else "exact"
+        table.add_row(i.name, str(i.version), str(i.rank), ",".join(i.target_modules), f"{i.size:,}", stored,
+                      i.description[:60])
     out.print(table if infos else "no skills yet: add one with `mosaic skills add DIR --name NAME`")
 
 
@@ -255,8 +257,84 @@ def skills_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
         return
     table = Table(show_header=False)
     for k, v in doc.items():
+        if k == "mos":
+            k, v = "storage", _storage_line(info)
         table.add_row(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
     out.print(table)
+
+
+def _storage_line(info) -> str:
+    m = info.mos
+    if not m:
+        return "exact"
+    if m.get("pool_version") is None:
+        return f"exact ({m.get('note', 'stored exact')})" + (f", error {m['error']:.4f}" if m.get("error") else "")
+    return (f"MoS shards (pools v{m['pool_version']}): {m['bytes']:,} bytes ({info.size / max(1, m['bytes']):.1f}× smaller),"
+            f" relative error {m['error']:.4f}, {m.get('private', 0):.1%} of shards private")
+
+
+@skills_app.command("compress")
+def skills_compress(
+    shard_width: Annotated[int, typer.Option(min=1, help="values per shard")] = 4,
+    shards_per_vector: Annotated[Optional[int], typer.Option(min=1, help="MoS's l: cut each vector in l shards (instead of --shard-width)")] = None,
+    pool_size: Annotated[int, typer.Option(min=2, max=65536, help="shards per pool (one pool per projection and A/B)")] = 256,
+    error_budget: Annotated[float, typer.Option(min=0.0, max=1.0, min_open=True, max_open=True, help="largest relative ‖ΔW − ΔŴ‖_F per skill")] = 0.2,
+    max_private: Annotated[float, typer.Option(min=0.0, max=1.0, help="largest share of a skill's shards stored privately")] = 0.5,
+    keep_originals: Annotated[bool, typer.Option("--keep-originals", help="keep the uploaded weights beside the shards")] = False,
+    off: Annotated[bool, typer.Option("--off", help="store every skill exact again and stop encoding uploads")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Store the library as MoS shard pools plus per-skill index tables (or refresh the pools).
+
+    Uploads from then on are encoded against the pools; a skill that cannot meet the error budget
+    stays exact. Safe while the server runs: each skill moves in its own transaction."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from adapter_store.compression import CompressOptions, compress_library, decompress_library
+
+    reg = _registry()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=as_json) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        try:
+            if off:
+                changed = decompress_library(reg, progress)
+            else:
+                options = CompressOptions(shard_width=shard_width, shards_per_vector=shards_per_vector,
+                                          pool_size=pool_size, error_budget=error_budget, max_private=max_private,
+                                          keep_originals=keep_originals, seed=seed)
+                report = compress_library(reg, options, progress)
+        except MosaicError as exc:
+            _fail(str(exc))
+    if off:
+        if as_json:
+            _print_json({"changed": changed})
+        else:
+            out.print(f"stored exact again: {changed} versions changed; uploads are stored exact from now on")
+        return
+    if as_json:
+        _print_json({**report.model_dump(), "ratio": report.ratio})
+        return
+    shards = [r for r in report.versions if r["stored"] == "shards"]
+    errors = [r["error"] for r in shards]
+    table = Table("", "before", "after")
+    table.add_row("weights in Redis", f"{report.bytes_before:,} bytes", f"{report.bytes_after:,} bytes"
+                  f" ({report.ratio:.1f}× smaller; pools {report.pool_bytes:,})")
+    table.add_row("versions", str(len(report.versions)),
+                  f"{len(shards)} in shards, {len(report.versions) - len(shards)} exact (over budget)")
+    if errors:
+        table.add_row("relative error", "0", f"mean {sum(errors) / len(errors):.3f}, max {max(errors):.3f}"
+                      f" (budget {report.options.error_budget:g})")
+    out.print(table)
+    out.print(f"pools v{report.pool_version} in {report.seconds:.1f} s"
+              + (f"; collected old pools {report.collected_pools}" if report.collected_pools else ""))
 
 
 @skills_app.command("rm")

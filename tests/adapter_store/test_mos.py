@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from adapter_store.adapter import LoraAdapter, factor_key
-from adapter_store.mos import build_pools, canonical_units, decode, delta_error_sq, encode
+from adapter_store.mos import Encoded, Pools, build_pools, canonical_units, decode, delta_error_sq, encode
 from tests.helpers import dense_delta, random_adapter
 
-SHAPES = {f"model.layers.{i}.self_attn.{p}": (96, 64) for i in range(3) for p in ("q_proj", "v_proj")}
+SHAPES = {f"model.layers.{i}.self_attn.{p}": (192, 128) for i in range(3) for p in ("q_proj", "v_proj")}
 
 
 def _dense_rel_error(original: LoraAdapter, decoded: LoraAdapter) -> float:
@@ -17,20 +17,18 @@ def _dense_rel_error(original: LoraAdapter, decoded: LoraAdapter) -> float:
     return (num / sum(float(w.norm() ** 2) for w in want.values())) ** 0.5
 
 
-def _structured_library(n: int, r: int = 4, l: int = 4, atoms: int = 12, seed: int = 0) -> list[LoraAdapter]:
+def _structured_library(n: int, r: int = 8, width: int = 4, atoms: int = 12, seed: int = 0) -> list[LoraAdapter]:
     """Adapters whose rank vectors are made of shards drawn from a small shared set (plus 1% noise):
-    the case shard sharing is for (skills trained on one base model share directions)."""
+    the case shard sharing is for (skills trained on one base model that share directions)."""
     g = torch.Generator().manual_seed(seed)
-    bank = {w: torch.randn(atoms, w, generator=g) for w in (64 // l, 96 // l)}
+    bank = torch.randn(atoms, width, generator=g)
     out = []
     for i in range(n):
         tensors = {}
         for name, (d_out, d_in) in SHAPES.items():
             def vec(d):
-                w = d // l
-                pick = torch.randint(0, atoms, (r, l), generator=g)
-                gains = torch.rand(r, l, generator=g) + 0.5
-                v = (bank[w][pick] * gains[..., None]).reshape(r, d)
+                pick = torch.randint(0, atoms, (r, d // width), generator=g)
+                v = bank[pick].reshape(r, d) * (torch.rand(r, 1, generator=g) + 0.5)
                 return v + 0.01 * torch.randn(r, d, generator=g)
             tensors[factor_key(name, "A")] = vec(d_in) * 0.1
             tensors[factor_key(name, "B")] = vec(d_out).T.contiguous() * 0.1
@@ -56,7 +54,7 @@ def test_trace_error_and_canonical_units_match_dense_oracle():
 
 def test_round_trip_within_budget_and_smaller():
     library = _structured_library(6)
-    pools = build_pools(library, shards_per_vector=4, pool_size=24, seed=0)
+    pools = build_pools(library, shard_width=4, pool_size=24, seed=0)
     raw = sum(t.numel() * 2 for a in library for t in a.tensors.values())  # as bf16
     stored = 0
     for adapter in library:
@@ -65,9 +63,21 @@ def test_round_trip_within_budget_and_smaller():
         decoded = decode(enc, pools)
         # the recorded error is the true one: checked against dense float64 ΔW
         assert abs(_dense_rel_error(adapter, decoded) - enc.error) < 0.01
-        stored += enc.nbytes(pool_size=24)
-    stored += pools.nbytes()
+        stored += len(enc.to_bytes(pool_size=24))
+        # the stored bytes decode to the same adapter
+        again = decode(Encoded.from_bytes(enc.to_bytes(pool_size=24)), Pools.from_bytes(pools.to_bytes()))
+        assert again.weights_bytes() == decoded.weights_bytes()
+    stored += len(pools.to_bytes())
     assert raw / stored >= 4, (raw, stored)
+
+
+def test_shards_per_vector_sets_the_width_per_projection():
+    library = _structured_library(2)
+    pools = build_pools(library, shards_per_vector=8, pool_size=16)
+    # q_proj.B and v_proj.B vectors are 192 long, the A vectors 128: l = 8 shards each
+    assert pools.codewords["q_proj.B"].shape[1] == 24 and pools.codewords["q_proj.A"].shape[1] == 16
+    enc = encode(library[0], pools, error_budget=0.9)
+    assert enc is not None and all(m.index[s].shape[1] == 8 for m in enc.modules.values() for s in "AB")
 
 
 def test_over_budget_stays_exact_and_full_private_is_exact():
