@@ -407,7 +407,7 @@ class Registry:
                             raise MosaicError(f"{info.ref}: pools v{encoded.pool_version} are missing")
                         source, base_error = mos.decode(encoded, pools[0]), float(done.get("error", 0.0))
                     stored = self._storage(current, source, source.weights_bytes(), original, base_error)
-                    if base_error and "weights" in stored.fields and done.get("pool_version"):
+                    if current[0] and base_error and "weights" in stored.fields and done.get("pool_version"):
                         # decoded shards that cannot meet the budget again: stored exact they would grow
                         # many times over, so they stay on the pools they name (kept while named)
                         return info

@@ -278,7 +278,7 @@ def skills_compress(
     shard_width: Annotated[int, typer.Option(min=1, help="values per shard")] = 4,
     shards_per_vector: Annotated[Optional[int], typer.Option(min=1, help="MoS's l: cut each vector in l shards (instead of --shard-width)")] = None,
     pool_size: Annotated[int, typer.Option(min=2, max=65536, help="shards per pool (one pool per projection and A/B)")] = 256,
-    error_budget: Annotated[float, typer.Option(min=0.0, max=1.0, min_open=True, max_open=True, help="largest relative ‖ΔW − ΔŴ‖_F per skill")] = 0.2,
+    error_budget: Annotated[float, typer.Option(min=0.0, max=1.0, help="largest relative ‖ΔW − ΔŴ‖_F per skill (0 < e < 1)")] = 0.2,
     max_private: Annotated[float, typer.Option(min=0.0, max=1.0, help="largest share of a skill's shards stored privately")] = 0.5,
     keep_originals: Annotated[bool, typer.Option("--keep-originals", help="keep the uploaded weights beside the shards")] = False,
     off: Annotated[bool, typer.Option("--off", help="store every skill exact again and stop encoding uploads")] = False,
@@ -289,6 +289,7 @@ def skills_compress(
 
     Uploads from then on are encoded against the pools; a skill that cannot meet the error budget
     stays exact. Safe while the server runs: each skill moves in its own transaction."""
+    from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from adapter_store.compression import CompressOptions, compress_library, decompress_library
@@ -304,12 +305,16 @@ def skills_compress(
             bar.update(tasks[what], completed=done, total=total)
 
         try:
+            options = CompressOptions(shard_width=shard_width, shards_per_vector=shards_per_vector,
+                                      pool_size=pool_size, error_budget=error_budget, max_private=max_private,
+                                      keep_originals=keep_originals, seed=seed)
+        except ValidationError as exc:
+            _fail("Invalid value: " + "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}"
+                                                for e in exc.errors()), 2)
+        try:
             if off:
                 changed = decompress_library(reg, progress)
             else:
-                options = CompressOptions(shard_width=shard_width, shards_per_vector=shards_per_vector,
-                                          pool_size=pool_size, error_budget=error_budget, max_private=max_private,
-                                          keep_originals=keep_originals, seed=seed)
                 report = compress_library(reg, options, progress)
         except MosaicError as exc:
             _fail(str(exc))

@@ -85,3 +85,29 @@ def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
     assert r.returncode == 1 and "does not exist" in r.stderr
     methods = json.loads(mosaic_cli(env, "compose", "--list-methods", "--json").stdout)
     assert {"linear", "svd"} <= {m["name"] for m in methods}
+
+
+def test_skills_compress_show_and_off(env):
+    from tests.server.conftest import DEMO
+
+    for name in ("sentiment", "uppercase", "km_to_m"):
+        assert mosaic_cli(env, "skills", "add", str(DEMO / name), "--name", name).returncode == 0
+    r = mosaic_cli(env, "skills", "compress", "--pool-size", "64", "--error-budget", "0.5", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ratio"] >= 4 and {v["stored"] for v in report["versions"]} == {"shards"}
+    shown = json.loads(mosaic_cli(env, "skills", "show", "sentiment", "--json").stdout)
+    assert 0 < shown["mos"]["error"] <= 0.5 and shown["mos"]["bytes"] * 4 < shown["size"]
+    text = mosaic_cli(env, "skills", "show", "sentiment").stdout
+    assert "MoS shards (pools v1)" in text and "relative error" in text
+    human = mosaic_cli(env, "skills", "compress", "--pool-size", "64", "--error-budget", "0.5")
+    assert human.returncode == 0 and "smaller" in human.stdout and "pools v2" in human.stdout
+    # wrong arguments: refused before anything changes
+    for bad in (["--error-budget", "2"], ["--pool-size", "1"], ["--shard-width", "0"], ["--max-private", "-1"]):
+        r = mosaic_cli(env, "skills", "compress", *bad)
+        assert r.returncode == 2 and "Invalid value" in r.stderr, (bad, r.stderr)
+    assert json.loads(mosaic_cli(env, "skills", "show", "sentiment", "--json").stdout)["mos"]["pool_version"] == 2
+    off = mosaic_cli(env, "skills", "compress", "--off")
+    assert off.returncode == 0 and "3 versions changed" in off.stdout
+    shown = json.loads(mosaic_cli(env, "skills", "show", "sentiment", "--json").stdout)
+    assert shown["mos"]["pool_version"] is None and shown["mos"]["error"] > 0  # the decoded shards, stored exact
