@@ -15,6 +15,8 @@ Sections (each can be left out with --skip NAME):
   serving   tokens/s and time to first token through Mosaic vs a plain ``vllm serve`` with the same engine
             settings, prompt and adapters: base, a skill, a composition (first request and cached), auto.
   registry  upload + fetch of a large adapter through the registry vs raw redis-py SET/GET of the same bytes.
+  storage   the library (demo skills + variants) compressed to MoS shard pools at several pool shapes: bytes in
+            Redis, per-skill error, load time and exact match before/after (bench/storage.py).
 The README's Results section is rewritten from this report (between its results markers).
 """
 
@@ -39,7 +41,7 @@ SKILLS = ROOT / "bench" / "skills"
 REPORTS = ROOT / "bench" / "reports"
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("quality", "routing", "compose", "serving", "registry")
+SECTIONS = ("quality", "routing", "compose", "serving", "registry", "storage")
 
 
 def log(msg: str) -> None:
@@ -394,6 +396,14 @@ def _plot_serving(s: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _storage(quick: bool) -> dict:
+    from bench import storage
+
+    res = storage.run(quick, n=5 if quick else 20)
+    storage.write(res)
+    return res
+
+
 def render(res: dict, quick: bool) -> tuple[str, str]:
     """(REPORT.md, the README's Results section)."""
     L = ["# Mosaic benchmark report", "",
@@ -471,6 +481,15 @@ def render(res: dict, quick: bool) -> tuple[str, str]:
                   ["Mosaic registry", g["mosaic_s"], g["mosaic_mib_s"]], ["raw redis-py", g["raw_s"], g["raw_mib_s"]]]),
               "", f"**Registry / raw: {g['ratio']:.2f}** (goal ≥ 0.5: {'met' if g['ratio'] >= 0.5 else 'NOT met'}).", ""]
         headline.append(f"| registry throughput, Mosaic / raw redis-py | {g['ratio']:.2f} (goal ≥ 0.5) |")
+    if st := res.get("storage"):
+        from bench import storage
+
+        L += [storage.render(st).replace("storage.png", f"storage{'_quick' if quick else ''}.png"), ""]
+        best = storage.best_at_one_point(st)
+        headline.append(f"| storage, {st['skills']} skills as MoS shards | "
+                        + (f"{best['ratio']:.1f}× fewer bytes in Redis at "
+                           f"{100 * (best['exact_match_mean'] - st['baseline']['exact_match_mean']):+.1f} points exact match "
+                           "(goal ≥ 4× at ≤ 1 point loss) |" if best else "no configuration within 1 point |"))
     results = ["| measure | result |", "|---|---|", *headline]
     return "\n".join(L) + "\n", "\n".join(results)
 
@@ -505,7 +524,7 @@ def main() -> None:
         res.update({k: v for k, v in json.loads(last.read_text()).items() if k in args.skip})
     steps = {"quality": lambda: quality(args.quick), "routing": lambda: routing(args.quick),
              "compose": lambda: compose_speed(args.rerun_compose), "serving": lambda: serving(args.quick),
-             "registry": lambda: registry(args.quick)}
+             "registry": lambda: registry(args.quick), "storage": lambda: _storage(args.quick)}
     for name, fn in steps.items():
         if name in args.skip:
             continue

@@ -1,6 +1,6 @@
 """MoS shard storage of the skill library: bytes in Redis against exact match, for several pool shapes.
 
-    python -m bench.storage [--quick] [--n 10]
+    python -m bench.storage [--quick] [--n 20]      (also section 6 of `python -m bench.run`)
 
 The library is the eight demo skills (bench/skills/) plus their variants (bench/skills_library/:
 other seeds, smaller training sets; `python -m bench.train_demo_skills --library`). For each
@@ -129,7 +129,7 @@ def run_config(client, skills: dict[str, tuple[str, Path]], originals: dict[str,
 def render(res: dict) -> str:
     base = res["baseline"]
     lines = [
-        "## Storage: the library as MoS shard pools",
+        "## 6. Storage: the library as MoS shard pools",
         "",
         f"Library: {res['skills']} skills (the 8 demo skills and {res['skills'] - 8} variants with other seeds or "
         f"100 instead of 400 training examples), rank 8 on q/k/v/o of all 30 layers, bf16: "
@@ -150,8 +150,7 @@ def render(res: dict) -> str:
             f"{c['bytes_after']:,} (**{c['ratio']:.1f}×**) | {c['redis_memory_ratio']:.1f}× | {c['exact']} | "
             f"{c['error_mean']:.3f} / {c['error_max']:.3f} | {c['private_mean']:.1%} | "
             f"{c['exact_match_mean']:.3f} ({delta:+.1f}) | {c['load_ms_median']:.1f} |")
-    ok = [c for c in res["configs"] if 100 * (base["exact_match_mean"] - c["exact_match_mean"]) <= 1.0]
-    best = max(ok, key=lambda c: c["ratio"]) if ok else None
+    best = best_at_one_point(res)
     lines += ["", "Largest ratio at ≤ 1 point mean exact-match loss: "
               + (f"**{best['ratio']:.1f}×** (shard width {best['shard_width']}, pool size {best['pool_size']}, "
                  f"budget {'none' if best['error_budget'] >= 0.99 else best['error_budget']})." if best else "none of these."),
@@ -188,19 +187,17 @@ def plot(res: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--n", type=int, default=10, help="held-out prompts per skill")
-    args = ap.parse_args()
+def run(quick: bool = False, n: int = 20) -> dict:
+    """Measure every configuration of the grid (QUICK_GRID with ``quick``) on the whole library."""
     import redis
 
     client = redis.Redis.from_url(get_settings().redis_url)
     skills = library()
+    tasks = {k: v[0] for k, v in skills.items()}
     originals = {name: LoraAdapter.from_dir(folder) for name, (_, folder) in skills.items()}
     evaluator = Evaluator(prepare(get_settings()))
     t0 = time.perf_counter()
-    baseline = {"exact_match": score(evaluator, originals, {k: v[0] for k, v in skills.items()}, args.n)}
+    baseline = {"exact_match": score(evaluator, originals, tasks, n)}
     baseline["exact_match_mean"] = statistics.fmean(baseline["exact_match"].values())
     registry = Registry(client, prefix=f"mosaic-bench-{uuid.uuid4().hex[:8]}")
     try:
@@ -216,20 +213,39 @@ def main() -> None:
         client.delete(*client.scan_iter(match=f"{registry.p}:*"))
     print(f"exact storage: mean exact match {baseline['exact_match_mean']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     configs = []
-    for width, pool, budget in QUICK_GRID if args.quick else GRID:
-        c = run_config(client, skills, originals, evaluator, width, pool, budget, args.n)
+    for width, pool, budget in QUICK_GRID if quick else GRID:
+        c = run_config(client, skills, originals, evaluator, width, pool, budget, n)
         configs.append(c)
         print(f"w={width} n={pool} budget={budget}: {c['ratio']:.2f}x, error {c['error_mean']:.3f}, "
               f"exact match {c['exact_match_mean']:.3f}, {time.perf_counter() - t0:.0f} s", flush=True)
-    res = {"skills": len(skills), "n": args.n, "bytes_exact": sum(len(a.weights_bytes()) for a in originals.values()),
-           "baseline": baseline, "configs": configs, "quick": args.quick,
-           "date": time.strftime("%Y-%m-%d")}
-    stem = "storage_quick" if args.quick else "storage"
-    REPORTS.mkdir(exist_ok=True)
-    (REPORTS / f"{stem}.json").write_text(json.dumps(res, indent=2))
-    plot(res, REPORTS / f"{stem}.png")
-    (REPORTS / f"{stem}.md").write_text(render(res).replace("storage.png", f"{stem}.png"))
-    print(render(res))
+    return {"skills": len(skills), "n": n, "bytes_exact": sum(len(a.weights_bytes()) for a in originals.values()),
+            "baseline": baseline, "configs": configs, "quick": quick, "date": time.strftime("%Y-%m-%d"),
+            "seconds": time.perf_counter() - t0}
+
+
+def best_at_one_point(res: dict) -> dict | None:
+    """The configuration with the largest ratio whose mean exact match is at most 1 point below exact."""
+    base = res["baseline"]["exact_match_mean"]
+    ok = [c for c in res["configs"] if 100 * (base - c["exact_match_mean"]) <= 1.0]
+    return max(ok, key=lambda c: c["ratio"]) if ok else None
+
+
+def write(res: dict, folder: Path = REPORTS) -> str:
+    stem = "storage_quick" if res["quick"] else "storage"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(res, indent=2))
+    plot(res, folder / f"{stem}.png")
+    md = render(res).replace("storage.png", f"{stem}.png")
+    (folder / f"{stem}.md").write_text(md)
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--n", type=int, default=20, help="held-out prompts per skill")
+    args = ap.parse_args()
+    print(write(run(args.quick, args.n)))
 
 
 if __name__ == "__main__":

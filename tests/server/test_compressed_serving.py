@@ -56,7 +56,8 @@ def test_compress_serve_and_restore(client, server):
         assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
     job = _wait(url)
     assert job["state"] == "done", job
-    assert job["report"]["ratio"] > 1.5  # originals are kept beside the shards in this run
+    # every skill in shard form (the originals are kept beside them in this run, so Redis holds more, not less)
+    assert {v["stored"] for v in job["report"]["versions"]} == {"shards"}
 
     shown = httpx.get(f"{url}/v1/adapters/sentiment", timeout=30).json()
     assert shown["sha256"] == hashlib.sha256((DEMO / "sentiment" / "adapter_model.safetensors").read_bytes()).hexdigest()
