@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from pydantic import BaseModel, Field
 
@@ -55,6 +56,21 @@ class CompressReport(BaseModel):
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
+@contextmanager
+def _exclusive(registry: Registry) -> Iterator:
+    """The registry's compression lock, or a ConflictError when another run holds it."""
+    lock = registry.compression_lock()
+    if not lock.acquire():
+        raise ConflictError("a compression is already running")
+    try:
+        yield lock
+    finally:
+        try:
+            lock.release()
+        except Exception:  # expired or lost with the connection: nothing to release
+            pass
+
+
 def _weights_bytes(sizes: dict) -> int:
     return sizes["weights"] + sizes["shards"] + sizes["original"]
 
@@ -64,11 +80,8 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
     """Build new pools and re-encode every version against them. ``fail_after`` (tests only) stops
     the run with an error after that many versions, as a crash half-way would."""
     progress = progress or (lambda *_: None)
-    lock = registry.compression_lock()
-    if not lock.acquire():
-        raise ConflictError("a compression is already running")
     t0 = time.perf_counter()
-    try:
+    with _exclusive(registry) as lock:
         before = registry.storage_bytes()
         refs = registry.all_versions()
         sample = random.Random(options.seed).sample(refs, min(len(refs), options.fit_skills))
@@ -108,21 +121,13 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
             bytes_after=sum(_weights_bytes(v) for v in after["versions"].values()) + after["pools"],
             pool_bytes=after["pools"], collected_pools=collected, seconds=time.perf_counter() - t0,
         )
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired or lost with the connection: nothing to release
-            pass
 
 
 def decompress_library(registry: Registry, progress: Progress | None = None) -> int:
     """Store every version exact again (the original where kept, else the decoded shards) and stop
     encoding uploads; returns how many versions changed form."""
     progress = progress or (lambda *_: None)
-    lock = registry.compression_lock()
-    if not lock.acquire():
-        raise ConflictError("a compression is already running")
-    try:
+    with _exclusive(registry) as lock:
         registry.stop_compression()
         refs, changed = registry.all_versions(), 0
         for i, (name, version) in enumerate(refs):
@@ -133,8 +138,3 @@ def decompress_library(registry: Registry, progress: Progress | None = None) -> 
             progress("decoding", i + 1, len(refs))
         registry.gc_pools()
         return changed
-    finally:
-        try:
-            lock.release()
-        except Exception:  # expired or lost with the connection: nothing to release
-            pass

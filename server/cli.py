@@ -269,26 +269,32 @@ def _storage_line(info) -> str:
         return "exact"
     if m.get("pool_version") is None:
         return f"exact ({m.get('note', 'stored exact')})" + (f", error {m['error']:.4f}" if m.get("error") else "")
-    return (f"MoS shards (pools v{m['pool_version']}): {m['bytes']:,} bytes ({info.size / max(1, m['bytes']):.1f}× smaller),"
-            f" relative error {m['error']:.4f}, {m.get('private', 0):.1%} of shards private")
+    return (f"MoS shards (pools v{m['pool_version']}): {m['bytes']:,} bytes "
+            f"({info.size / max(1, m['bytes']):.1f}× smaller), relative error {m['error']:.4f}, "
+            f"{m.get('private', 0):.1%} of shards private")
 
 
 @skills_app.command("compress")
 def skills_compress(
     shard_width: Annotated[int, typer.Option(min=1, help="values per shard")] = 4,
-    shards_per_vector: Annotated[Optional[int], typer.Option(min=1, help="MoS's l: cut each vector in l shards (instead of --shard-width)")] = None,
-    pool_size: Annotated[int, typer.Option(min=2, max=65536, help="shards per pool (one pool per projection and A/B)")] = 256,
-    error_budget: Annotated[float, typer.Option(min=0.0, max=1.0, help="largest relative ‖ΔW − ΔŴ‖_F per skill (0 < e < 1)")] = 0.2,
-    max_private: Annotated[float, typer.Option(min=0.0, max=1.0, help="largest share of a skill's shards stored privately")] = 0.5,
-    keep_originals: Annotated[bool, typer.Option("--keep-originals", help="keep the uploaded weights beside the shards")] = False,
+    shards_per_vector: Annotated[Optional[int], typer.Option(
+        min=1, help="MoS's l: cut each vector in l shards (instead of --shard-width)")] = None,
+    pool_size: Annotated[int, typer.Option(
+        min=2, max=65536, help="shards per pool (one pool per projection and A/B)")] = 256,
+    error_budget: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="largest relative ‖ΔW − ΔŴ‖_F per skill (0 < e < 1)")] = 0.2,
+    max_private: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="largest share of a skill's shards stored privately")] = 0.5,
+    keep_originals: Annotated[bool, typer.Option(
+        "--keep-originals", help="keep the uploaded weights beside the shards")] = False,
     off: Annotated[bool, typer.Option("--off", help="store every skill exact again and stop encoding uploads")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Store the library as MoS shard pools plus per-skill index tables (or refresh the pools).
 
-    Uploads from then on are encoded against the pools; a skill that cannot meet the error budget
-    stays exact. Safe while the server runs: each skill moves in its own transaction."""
+    Uploads from then on are encoded against the pools; a skill that cannot meet the error budget stays
+    exact. Safe while the server runs: each skill moves in its own transaction."""
     from pydantic import ValidationError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
