@@ -315,6 +315,8 @@ class Registry:
             codewords, options = self.r.hmget(self._k("mos", "pool", version), ["codewords", "options"])
             if codewords is None:
                 return None
+            if len(self._pool_cache) >= 4:  # a long-lived process sees many refreshes: keep the newest few
+                del self._pool_cache[min(self._pool_cache)]
             self._pool_cache[version] = (mos.Pools.from_bytes(codewords), json.loads(options))
         return self._pool_cache[version]
 
