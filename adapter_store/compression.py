@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pydantic import BaseModel, Field
 
 from adapter_store import mos
-from adapter_store.errors import ConflictError
+from adapter_store.errors import ConflictError, NotFoundError
 from adapter_store.registry import Registry
 
 
@@ -88,7 +88,10 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
         adapters = []
         for i, (name, version) in enumerate(sample):
             ref = f"{name}@{version}"
-            adapters.append(registry.original(ref) or registry.load(ref)[1])
+            try:
+                adapters.append(registry.original(ref) or registry.load(ref)[1])
+            except NotFoundError:  # deleted meanwhile
+                pass
             progress("reading", i + 1, len(sample))
             lock.extend(600, replace_ttl=True)
         progress("learning pools", 0, 1)
@@ -112,9 +115,11 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
                          "error": float(m.get("error", 0.0)), "private": m.get("private", 0.0)})
         collected = registry.gc_pools()
         after = registry.storage_bytes()
+        rows = [row for row in rows if row["ref"] in after["versions"]]  # not deleted meanwhile
         for row in rows:
-            row["before"] = _weights_bytes(before["versions"].get(row["ref"], after["versions"][row["ref"]]))
             row["after"] = _weights_bytes(after["versions"][row["ref"]])
+            row["before"] = _weights_bytes(before["versions"][row["ref"]]) if row["ref"] in before["versions"] \
+                else row["after"]
         return CompressReport(
             pool_version=version, options=options, versions=rows,
             bytes_before=sum(_weights_bytes(v) for v in before["versions"].values()) + before["pools"],

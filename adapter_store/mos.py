@@ -36,7 +36,7 @@ from safetensors.torch import save as st_save
 from adapter_store.adapter import LoraAdapter, factor_key
 
 SIDES = ("A", "B")
-MAX_FIT_SHARDS = 200_000  # shards per pool key given to k-means (a uniform sample beyond that)
+MAX_FIT_SHARDS = 100_000  # shards per pool key given to k-means (a uniform sample beyond that)
 
 
 def pool_key(module: str, side: str) -> str:
@@ -121,22 +121,28 @@ def build_pools(adapters: list[LoraAdapter], shard_width: int = 4, pool_size: in
     from sklearn.cluster import MiniBatchKMeans
 
     shell = Pools({}, version, shard_width, shards_per_vector)
-    collected: dict[str, list[torch.Tensor]] = {}
+    rng = np.random.default_rng(seed)
+    per_adapter = math.ceil(2 * MAX_FIT_SHARDS / max(1, len(adapters)))  # memory stays O(MAX_FIT_SHARDS) per key
+    collected: dict[str, list[np.ndarray]] = {}
     for adapter in adapters:
+        shards: dict[str, list[np.ndarray]] = {}
         for name, m in adapter.modules().items():
             a, b = canonical_units(m.A, m.B, m.scaling)
             for side, v in zip(SIDES, (a, b)):
                 u, norms = _unit_rows(v)
                 s = to_shards(u[norms > 0], shell.width(v.shape[1]))
-                collected.setdefault(pool_key(name, side), []).append(s.reshape(-1, s.shape[-1]))
-    rng = np.random.default_rng(seed)
+                shards.setdefault(pool_key(name, side), []).append(s.reshape(-1, s.shape[-1]).float().numpy())
+        for key, parts in shards.items():
+            x = np.concatenate(parts)
+            collected.setdefault(key, []).append(x[rng.choice(len(x), per_adapter, replace=False)]
+                                                 if len(x) > per_adapter else x)
     for key, parts in sorted(collected.items()):
-        x = torch.cat(parts).float().numpy()
+        x = np.concatenate(parts)
         if len(x) > MAX_FIT_SHARDS:
             x = x[rng.choice(len(x), MAX_FIT_SHARDS, replace=False)]
         k = min(pool_size, len(x))
         km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, batch_size=max(4096, 4 * k),
-                             max_iter=50).fit(x)
+                             max_iter=20).fit(x)
         # rounded to fp16 here, as stored, so that encoding uses exactly the codewords decoding will
         shell.codewords[key] = torch.from_numpy(km.cluster_centers_).half().float()
     return shell
@@ -147,6 +153,7 @@ class EncodedModule:
     d: dict[str, int]  # side -> vector length (d_in for A, d_out for B)
     index: dict[str, torch.Tensor]  # side -> (r, l) int codeword indices
     scale: dict[str, torch.Tensor]  # side -> (r,) fp16 scale of each vector
+    width: dict[str, int] = field(default_factory=dict)  # side -> values per shard
     private: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (r, l) bool: shard stored exactly
     private_values: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (p, width) bf16, in mask order
 
@@ -198,9 +205,9 @@ class Encoded:
             "private": torch.from_numpy(np.packbits(mask.numpy())),
             "values": torch.cat(values).reshape(-1) if values else torch.zeros(0, dtype=torch.bfloat16),
         }
-        # per module, in name order: [name, d_A, d_B, r, l_A, l_B]
-        dims = [[n, m.d["A"], m.d["B"], int(m.index["A"].shape[0]), *(int(m.index[s].shape[1]) for s in SIDES)]
-                for n, m in sorted(mods.items())]
+        # per module, in name order: [name, d_A, d_B, r, l_A, l_B, width_A, width_B]
+        dims = [[n, m.d["A"], m.d["B"], int(m.index["A"].shape[0]), *(int(m.index[s].shape[1]) for s in SIDES),
+                 *(m.width[s] for s in SIDES)] for n, m in sorted(mods.items())]
         meta = {"config": json.dumps(self.config), "pool_version": str(self.pool_version),
                 "error": repr(self.error), "dtype": self.dtype, "dims": json.dumps(dims),
                 "index_bits": str(index_bits(pool_size))}
@@ -209,18 +216,17 @@ class Encoded:
     @classmethod
     def from_bytes(cls, data: bytes) -> "Encoded":
         meta, t = _st_metadata(data), st_load(data)
-        dims = {name: {"A": da, "B": db, "r": r, "l": {"A": la, "B": lb}}
-                for name, da, db, r, la, lb in json.loads(meta["dims"])}
+        dims = {name: {"A": da, "B": db, "r": r, "l": {"A": la, "B": lb}, "w": {"A": wa, "B": wb}}
+                for name, da, db, r, la, lb, wa, wb in json.loads(meta["dims"])}
         n_shards = sum(d["r"] * d["l"][s] for d in dims.values() for s in SIDES)
         index, scale = unpack_indices(t["index"], int(meta["index_bits"]), n_shards), t["scale"]
         mask = torch.from_numpy(np.unpackbits(t["private"].numpy())[:n_shards].astype(bool))
         values = t["values"]
         modules, at, at_r, at_v = {}, 0, 0, 0
         for name, d in dims.items():
-            m = EncodedModule(d={s: d[s] for s in SIDES}, index={}, scale={})
+            m = EncodedModule(d={s: d[s] for s in SIDES}, index={}, scale={}, width=dict(d["w"]))
             for side in SIDES:
-                r, l = d["r"], d["l"][side]
-                width = math.ceil(d[side] / l)
+                r, l, width = d["r"], d["l"][side], d["w"][side]
                 m.index[side] = index[at: at + r * l].view(r, l)
                 m.scale[side] = scale[at_r: at_r + r]
                 private = mask[at: at + r * l].view(r, l)
@@ -266,19 +272,22 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
             sides[side] = _quantise(v, cw, width)
         parts[name] = sides
 
-    def module_hat(sides: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = next(iter(adapter.tensors.values())).dtype
+
+    def module_hat(sides: dict, cast: bool) -> tuple[torch.Tensor, torch.Tensor]:
         out = []
         for side in SIDES:
             p = sides[side]
             exact = p["s"].to(torch.bfloat16).double()
             shards = torch.where(p["private"][..., None], exact, p["recon"])
-            out.append(from_shards(shards, p["v"].shape[1]))
+            v = from_shards(shards, p["v"].shape[1])
+            out.append(v.to(dtype).double() if cast else v)  # as decode() will hand them out
         return out[0], out[1]
 
-    def relative_error() -> float:
+    def relative_error(cast: bool = False) -> float:
         num = den = 0.0
         for sides in parts.values():
-            a_hat, b_hat = module_hat(sides)
+            a_hat, b_hat = module_hat(sides, cast)
             e, w = delta_error_sq(sides["A"]["v"], sides["B"]["v"], a_hat, b_hat)
             num, den = num + e, den + w
         return math.sqrt(num / den) if den > 0 else 0.0
@@ -305,18 +314,19 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
                 parts[name][side]["private"].view(-1)[torch.from_numpy(mine)] = True
         used += len(batch)
         err = relative_error()
+    err = relative_error(cast=True)  # the error of what decode() returns, rounding to the original dtype included
     modules = {}
     for name, sides in parts.items():
         enc = EncodedModule(d={}, index={}, scale={})
         for side in SIDES:
             p = sides[side]
             enc.d[side], enc.index[side], enc.scale[side] = p["v"].shape[1], p["index"], p["scale"]
+            enc.width[side] = p["s"].shape[-1]
             if p["private"].any():
                 enc.private[side] = p["private"]
                 enc.private_values[side] = p["s"][p["private"]].to(torch.bfloat16)
         modules[name] = enc
-    dtype = str(next(iter(adapter.tensors.values())).dtype).removeprefix("torch.")
-    return Encoded(dict(adapter.config), modules, pools.version, err, dtype)
+    return Encoded(dict(adapter.config), modules, pools.version, err, str(dtype).removeprefix("torch."))
 
 
 def decode(encoded: Encoded, pools: Pools, dtype: torch.dtype | None = None) -> LoraAdapter:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import redis
@@ -85,7 +87,8 @@ class Registry:
         self.r = client
         self.p = prefix
         self.observer = observer  # called with (operation, "ok" | "rejected" | "unavailable" | "error") after each one
-        self._pool_cache: dict[int, tuple[mos.Pools, dict]] = {}
+        self._pool_cache: OrderedDict[int, tuple[mos.Pools, dict]] = OrderedDict()  # least recently used first
+        self._pool_lock = threading.Lock()  # request threads and a compression job share one registry
 
     # ---- keys ---------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
@@ -120,7 +123,7 @@ class Registry:
                         if int(pipe.get(self._k("mos", "current")) or 0) != stored.against:
                             pipe.unwatch()  # the pools changed since it was encoded: encode again
                             stored = self._storage(self._current_pools(), adapter, weights)
-                            continue
+                            continue  # (each pass follows a real pool change: a compression is seconds apart)
                         version = int(pipe.get(self._k("s", name, "next")) or 0) + 1
                         info = SkillInfo(
                             name=name,
@@ -311,19 +314,28 @@ class Registry:
     # ---- MoS shard storage (math in adapter_store/mos.py, the whole-library run in compression.py) --
     def _pools(self, version: int) -> tuple[mos.Pools, dict] | None:
         """Pools of ``version`` and the options they were built with (immutable, so cached); None if gone."""
-        if version not in self._pool_cache:
-            codewords, options = self.r.hmget(self._k("mos", "pool", version), ["codewords", "options"])
-            if codewords is None:
-                return None
-            if len(self._pool_cache) >= 4:  # a long-lived process sees many refreshes: keep the newest few
-                del self._pool_cache[min(self._pool_cache)]
-            self._pool_cache[version] = (mos.Pools.from_bytes(codewords), json.loads(options))
-        return self._pool_cache[version]
+        with self._pool_lock:
+            if version in self._pool_cache:
+                self._pool_cache.move_to_end(version)
+                return self._pool_cache[version]
+        codewords, options = self.r.hmget(self._k("mos", "pool", version), ["codewords", "options"])
+        if codewords is None:
+            return None
+        pools = (mos.Pools.from_bytes(codewords), json.loads(options))
+        with self._pool_lock:
+            self._pool_cache[version] = pools
+            while len(self._pool_cache) > 8:  # a long-lived process sees many refreshes
+                self._pool_cache.popitem(last=False)
+        return pools
 
     def _current_pools(self) -> tuple[int, mos.Pools | None, dict]:
         current = int(self.r.get(self._k("mos", "current")) or 0)
-        pools = self._pools(current) if current else None
-        return (current, *pools) if pools else (0, None, {})
+        if not current:
+            return 0, None, {}
+        pools = self._pools(current)
+        if pools is None:  # the pointer names pools that are not there: refuse rather than guess
+            raise UnavailableError(f"the current shard pools (v{current}) are missing from the registry")
+        return (current, *pools)
 
     def _storage(self, current: tuple[int, mos.Pools | None, dict], adapter: LoraAdapter, weights: bytes,
                  original: bytes | None = None, base_error: float = 0.0) -> "_Stored":
@@ -415,7 +427,9 @@ class Registry:
                         return info
                     info = info.model_copy(update={"mos": stored.meta})
                     pipe.multi()
-                    pipe.hset(key, mapping={"meta": info.model_dump_json(), **stored.fields})
+                    # the config goes with the weights: decoded factors have the scaling folded in (r = alpha)
+                    pipe.hset(key, mapping={"meta": info.model_dump_json(), "config": source.config_bytes(),
+                                            **stored.fields})
                     if stale := {"weights", "shards", "original"} - set(stored.fields):
                         pipe.hdel(key, *stale)
                     self._announce(pipe, "recode", info.ref)
@@ -427,7 +441,9 @@ class Registry:
     def gc_pools(self) -> list[int]:
         """Delete pool versions that neither the current pointer nor any stored version names."""
         with self._guard("gc_pools"):
-            keep = {int(self.r.get(self._k("mos", "current")) or 0)}
+            current = int(self.r.get(self._k("mos", "current")) or 0)
+            newest = int(self.r.get(self._k("mos", "next")) or 0)  # pools made after this call are never touched
+            keep = {current}
             for name, version in self.all_versions():
                 raw = self.r.hget(self._vkey(name, version), "meta")
                 if raw is not None:
@@ -435,7 +451,7 @@ class Registry:
             gone = []
             for key in self.r.scan_iter(match=self._k("mos", "pool", "*")):
                 version = int(key.decode().rsplit(":", 1)[-1])
-                if version not in keep:
+                if version not in keep and version <= newest:
                     self.r.delete(key)
                     gone.append(version)
             return sorted(gone)

@@ -36,7 +36,7 @@ REPORTS = HERE / "reports"
 # (shard width, pool size, error budget): bits per value of the shared part = log2(pool size) / width
 GRID = [
     (8, 256, 0.99), (4, 16, 0.99), (4, 256, 0.99), (4, 4096, 0.99), (2, 256, 0.99),
-    (4, 256, 0.3), (4, 256, 0.2),
+    (8, 256, 0.3), (4, 256, 0.2),
 ]
 QUICK_GRID = [(4, 256, 0.99), (2, 256, 0.99)]
 

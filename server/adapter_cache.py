@@ -98,7 +98,10 @@ class AdapterCache:
         refactored, rel, rank = False, 0.0, info.rank
         async with self._lock(info.content_id):
             if not (folder / "adapter_config.json").exists():
-                _, adapter = await asyncio.to_thread(self.registry.load, info.ref)
+                loaded, adapter = await asyncio.to_thread(self.registry.load, info.ref)
+                if loaded.content_id != info.content_id:  # re-encoded in between: name the folder by what was read
+                    info = self._served[ref] = loaded
+                    folder = self.dir / "adapters" / info.content_id
                 if not adapter.is_engine_native() or adapter.rank > self.max_rank:
                     # rank/alpha patterns or a rank above the engine's limit: hand the engine
                     # the equivalent uniform-rank adapter (exact unless the rank must shrink)

@@ -46,9 +46,14 @@ def _job(request: Request) -> CompressJob:
 @router.post("/v1/admin/compress", status_code=202, response_model=CompressJob, dependencies=admin)
 async def start_compress(body: CompressRequest, request: Request) -> CompressJob:
     registry = request.app.state.mosaic.registry
-    if _job(request).state == "running" or await asyncio.to_thread(registry.compression_running):
+    previous = _job(request)
+    if previous.state == "running":
         raise ConflictError("a compression is already running")
+    # claimed before the first await, so two requests to this server cannot both start one
     job = request.app.state.compress_job = CompressJob(state="running", request=body, started=time.time())
+    if await asyncio.to_thread(registry.compression_running):  # another replica's (or the CLI's) run
+        request.app.state.compress_job = previous
+        raise ConflictError("a compression is already running")
 
     def progress(what: str, done: int, total: int) -> None:
         job.progress = {"step": what, "done": done, "total": total}

@@ -157,3 +157,39 @@ def test_one_compression_at_a_time(registry):
             compress_library(registry, OPTIONS)
     finally:
         lock.release()
+
+
+def test_back_to_exact_without_originals_serves_the_decoded_shards(registry):
+    """--off without originals stores the decoded factors (scaling folded in) with their own config:
+    the served ΔW stays the decoded one, never rescaled by the upload's lora_alpha / r."""
+    originals = _fill(registry, n=3)
+    compress_library(registry, OPTIONS)
+    decoded = {name: registry.load(name)[1] for name in originals}
+    from adapter_store.compression import decompress_library
+
+    assert decompress_library(registry) == 3
+    for name, adapter in originals.items():
+        info, served = registry.load(name)
+        assert registry.storage_bytes()["versions"][info.ref]["shards"] == 0
+        assert _dense_rel_error(decoded[name], served) < 1e-6
+        assert abs(_dense_rel_error(adapter, served) - info.mos["error"]) < 0.005
+        assert info.content_id != info.sha256 and registry.original(name) is None
+
+
+def test_upload_racing_a_pool_switch_is_encoded_against_the_new_pools(registry, monkeypatch):
+    from adapter_store import mos
+
+    library = list(_fill(registry, n=4).values())
+    compress_library(registry, OPTIONS)
+    storage, switched = registry._storage, []
+
+    def storage_then_switch(*args, **kwargs):
+        stored = storage(*args, **kwargs)
+        if not switched:  # a refresh makes new pools current between this encoding and the write
+            switched.append(registry.put_pools(mos.build_pools(library, 4, 24, seed=9), OPTIONS.model_dump()))
+        return stored
+
+    monkeypatch.setattr(registry, "_storage", storage_then_switch)
+    info = registry.add("racer", _structured_library(1, seed=0)[0])
+    assert info.mos["pool_version"] == switched[0]
+    assert registry.load("racer")[0].mos["pool_version"] == switched[0]

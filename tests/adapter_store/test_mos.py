@@ -100,3 +100,13 @@ def test_decode_refuses_other_pool_version():
         assert "v1" in str(exc)
     else:
         raise AssertionError("decoding against other pools must fail")
+
+
+def test_shard_width_that_does_not_divide_the_vectors_round_trips_with_private_shards():
+    library = _structured_library(3)
+    pools = build_pools(library, shard_width=50, pool_size=8)  # 128 -> 3 shards, 192 -> 4, zero-padded
+    enc = encode(library[0], pools, error_budget=0.05, max_private=1.0)
+    assert enc is not None and enc.private_fraction() > 0
+    again = Encoded.from_bytes(enc.to_bytes(pool_size=8))
+    assert decode(again, pools).weights_bytes() == decode(enc, pools).weights_bytes()
+    assert abs(_dense_rel_error(library[0], decode(again, pools)) - enc.error) < 1e-6

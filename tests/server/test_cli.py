@@ -103,7 +103,8 @@ def test_skills_compress_show_and_off(env):
     human = mosaic_cli(env, "skills", "compress", "--pool-size", "64", "--error-budget", "0.5")
     assert human.returncode == 0 and "smaller" in human.stdout and "pools v2" in human.stdout
     # wrong arguments: refused before anything changes
-    for bad in (["--error-budget", "2"], ["--pool-size", "1"], ["--shard-width", "0"], ["--max-private", "-1"]):
+    for bad in (["--error-budget", "2"], ["--error-budget", "0"], ["--pool-size", "1"], ["--shard-width", "0"],
+                ["--shard-width", "5000"], ["--max-private", "-1"]):
         r = mosaic_cli(env, "skills", "compress", *bad)
         assert r.returncode == 2 and "Invalid value" in r.stderr, (bad, r.stderr)
     assert json.loads(mosaic_cli(env, "skills", "show", "sentiment", "--json").stdout)["mos"]["pool_version"] == 2
