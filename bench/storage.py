@@ -45,7 +45,7 @@ def library() -> dict[str, tuple[str, Path]]:
     """name -> (task, folder) for every skill of the benchmark library."""
     out = {}
     for root in (HERE / "skills", HERE / "skills_library"):
-        for folder in sorted(p for p in root.iterdir() if (p / "adapter_config.json").exists()):
+        for folder in sorted(p for p in root.iterdir() if (p / "mosaic.json").exists()):
             meta = json.loads((folder / "mosaic.json").read_text())
             out[folder.name] = (meta.get("skill", folder.name), folder)
     return out
