@@ -154,13 +154,17 @@ def render(res: dict) -> str:
     lines += ["", "Largest ratio at ≤ 1 point mean exact-match loss: "
               + (f"**{best['ratio']:.1f}×** (shard width {best['shard_width']}, pool size {best['pool_size']}, "
                  f"budget {'none' if best['error_budget'] >= 0.99 else best['error_budget']})." if best else "none of these."),
+              f"Differences of about ±{100 * (0.25 / (res['n'] * res['skills'])) ** 0.5:.1f} points are noise at "
+              f"{res['n'] * res['skills']} prompts (one binomial standard error at p = 0.5). Private shards are "
+              "stored exact (bf16), so buying error down with them costs far more bytes than a larger pool or "
+              "narrower shards at the same error.",
               "", "![bytes vs exact match](storage.png)", ""]
     per_skill = ["| skill | exact | " + " | ".join(f"w{c['shard_width']}/n{c['pool_size']}/b{c['error_budget']:g}"
                                                     for c in res["configs"]) + " |",
                  "|---|---|" + "---|" * len(res["configs"])]
     for name in base["exact_match"]:
-        per_skill.append(f"| {name} | {base['exact_match'][name]:.1f} | " + " | ".join(
-            f"{c['exact_match'][name]:.1f} (e {c['error'][name]:.2f})" for c in res["configs"]) + " |")
+        per_skill.append(f"| {name} | {base['exact_match'][name]:.2f} | " + " | ".join(
+            f"{c['exact_match'][name]:.2f} (e {c['error'][name]:.2f})" for c in res["configs"]) + " |")
     lines += ["Per skill: exact match (relative error).", "", *per_skill, ""]
     return "\n".join(lines)
 

@@ -282,7 +282,7 @@ def skills_compress(
     pool_size: Annotated[int, typer.Option(
         min=2, max=65536, help="shards per pool (one pool per projection and A/B)")] = 256,
     error_budget: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="largest relative ‖ΔW − ΔŴ‖_F per skill (0 < e < 1)")] = 0.2,
+        min=0.0, max=1.0, help="largest relative ‖ΔW − ΔŴ‖_F per skill (0 < e < 1)")] = 0.35,
     max_private: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="largest share of a skill's shards stored privately")] = 0.5,
     keep_originals: Annotated[bool, typer.Option(
