@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pydantic import BaseModel, Field
 
 from adapter_store import mos
-from adapter_store.errors import ConflictError, NotFoundError
+from adapter_store.errors import ConflictError, InvalidRequestError, NotFoundError
 from adapter_store.registry import Registry
 
 
@@ -96,6 +96,8 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
                 pass
             progress("reading", i + 1, len(sample))
             lock.extend(600, replace_ttl=True)
+        if not adapters:
+            raise InvalidRequestError("the library is empty: there is nothing to learn shard pools from")
         progress("learning pools", 0, 1)
         pools = mos.build_pools(adapters, shard_width=options.shard_width, pool_size=options.pool_size,
                                 seed=options.seed, shards_per_vector=options.shards_per_vector)

@@ -193,3 +193,11 @@ def test_upload_racing_a_pool_switch_is_encoded_against_the_new_pools(registry, 
     info = registry.add("racer", _structured_library(1, seed=0)[0])
     assert info.mos["pool_version"] == switched[0]
     assert registry.load("racer")[0].mos["pool_version"] == switched[0]
+
+
+def test_empty_library_is_refused_and_changes_nothing(registry):
+    from adapter_store.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="empty"):
+        compress_library(registry, OPTIONS)
+    assert registry.compression() is None and not list(registry.r.scan_iter(match=f"{registry.p}:*"))
