@@ -16,12 +16,18 @@ MAX_SKILLS = 256  # schema bound; servers apply their own, lower limit
 
 class Composition(BaseModel):
     """(skills, weights, method, params, rank). ``weights`` default to 1.0 each (every skill at
-    full strength, plain task arithmetic); ``rank`` None means exact (no re-factoring)."""
+    full strength, plain task arithmetic); ``rank`` None means exact (no re-factoring).
+
+    ``weights="auto"`` makes the composition context-aware: it is a template whose weights are
+    chosen per request from the prompt (by the router, over these skills only). Such a spec has no
+    content of its own: :meth:`with_weights` turns it into the concrete composition to build."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     skills: tuple[str, ...] = Field(min_length=1, max_length=MAX_SKILLS)
-    weights: tuple[float, ...] | None = None
+    weights: tuple[float, ...] | Literal["auto"] | None = Field(
+        default=None, description="one weight per skill (default 1 each), or 'auto': chosen per request from the prompt"
+    )
     method: str = "linear"
     params: dict[str, Any] = Field(default_factory=dict)
     rank: int | None = Field(default=None, ge=1, le=4096)
@@ -42,7 +48,7 @@ class Composition(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Composition":
-        if self.weights is not None:
+        if self.weights is not None and self.weights != "auto":
             if len(self.weights) != len(self.skills):
                 raise ValueError(f"{len(self.skills)} skills but {len(self.weights)} weights")
             if not all(math.isfinite(w) for w in self.weights):
@@ -51,8 +57,19 @@ class Composition(BaseModel):
         return self
 
     @property
+    def context_aware(self) -> bool:
+        """Whether the weights are chosen per request (``weights="auto"``)."""
+        return self.weights == "auto"
+
+    @property
     def resolved_weights(self) -> tuple[float, ...]:
+        if self.context_aware:
+            raise ValueError("a context-aware composition has no weights until a prompt chooses them (with_weights)")
         return self.weights if self.weights is not None else tuple(1.0 for _ in self.skills)
+
+    def with_weights(self, weights: tuple[float, ...] | list[float]) -> "Composition":
+        """The concrete composition with these weights (same skills, method, params, rank)."""
+        return type(self).model_validate({**self.model_dump(), "weights": tuple(float(w) for w in weights)})
 
     @property
     def resolved_params(self) -> dict[str, Any]:

@@ -16,6 +16,16 @@ class Plan(BaseModel):
     reason: str = ""
     scores: dict[str, float] = Field(default_factory=dict)  # the router's α per skill, when it decided
     similarity: dict[str, float] = Field(default_factory=dict)  # cosine of the prompt to each skill's nearest example
+    # context-aware weights: α over the composition's own skills (aligned with composition.skills,
+    # renormalised to sum to 1) from which the composition's weights were chosen for this prompt
+    alpha: list[float] | None = None
+
+    @property
+    def active(self) -> list[tuple[str, float]]:
+        """A composition's skills with a nonzero weight (context-aware weights drop skills to 0)."""
+        if self.kind != "composition" or self.composition is None:
+            return []
+        return [(s, w) for s, w in zip(self.composition.skills, self.composition.resolved_weights) if w != 0]
 
     @property
     def skills(self) -> list[str]:

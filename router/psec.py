@@ -9,7 +9,11 @@ the α over skills. The decision rule turns (α, similarities) into a plan:
 * the prompt is far from every skill (max similarity < ``ood``) -> base model
 * the top skill by α, joined by every other skill the prompt is
   also close to (similarity ≥ ``mix_similarity``, α ≥ ``mix_min``) -> one skill, or a `psec`
-  composition of up to ``max_skills`` weighted by their renormalised α
+  composition of up to ``max_skills`` weighted by :func:`router.weights.weights_from_alpha`
+  (the strongest at full strength, the others α_i / α_max on a grid)
+
+A context-aware composition (``"weights": "auto"``) asks :meth:`PsecRouter.route_within`: the same
+α, restricted to the composition's own skills, through the same weight rule.
 
 Similarity is the cosine of the prompt to a skill's nearest profile text. On the demo skills
 (bench/route.py) held-out prompts of one skill have a runner-up similarity ≤ 0.26 while each
@@ -34,10 +38,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from adapter_store.registry import Registry, SkillInfo
+from adapter_store.registry import Registry, SkillInfo, parse_ref
 from composer.spec import Composition
 from router.encoder import Encoder, MiniLMEncoder
 from router.plan import Plan
+from router.weights import AlphaRule, contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
 EMB_KEY = "router-embeddings"
@@ -115,10 +120,11 @@ class PsecRouter:
     """A :class:`router.policy.RouterPolicy` over an encoder, stored in the registry's Redis."""
 
     def __init__(self, registry: Registry | None = None, encoder: Encoder | None = None,
-                 thresholds: Thresholds | None = None, C: float = 10.0) -> None:
+                 thresholds: Thresholds | None = None, C: float = 10.0, rule: AlphaRule | None = None) -> None:
         self.registry = registry
         self.encoder = encoder or MiniLMEncoder()
         self.t = thresholds or Thresholds()
+        self.rule = rule or AlphaRule(max_skills=self.t.max_skills)
         self.C = C
         self._model: RouterModel | None = None
         self._key: tuple[Sequence[SkillInfo], str] | None = None
@@ -190,12 +196,29 @@ class PsecRouter:
                         f"is below {self.t.ood}", scores=scores, similarity=similarity)
         chosen = [top] + [int(i) for i in order[1:] if sims[i] >= self.t.mix_similarity and alpha[i] >= self.t.mix_min]
         chosen = chosen[: self.t.max_skills]
+        w = weights_from_alpha(alpha[chosen], self.rule)
+        chosen, w = [i for i, x in zip(chosen, w) if x], [x for x in w if x]
         if len(chosen) >= 2:
-            w = alpha[chosen] / alpha[chosen].sum()
-            comp = Composition(skills=tuple(model.names[i] for i in chosen), weights=tuple(round(float(x), 4) for x in w),
-                               method="psec")
+            comp = Composition(skills=tuple(model.names[i] for i in chosen), weights=tuple(w), method="psec")
             return Plan(kind="composition", composition=comp, reason="the prompt asks for several skills: "
-                        + ", ".join(f"{model.names[i]} (α={alpha[i]:.2f}, similarity {sims[i]:.2f})" for i in chosen),
+                        + ", ".join(f"{model.names[i]} (α={alpha[i]:.2f}, similarity {sims[i]:.2f}, w={x:g})"
+                                    for i, x in zip(chosen, w)),
                         scores=scores, similarity=similarity)
         return Plan(kind="skill", skill=model.names[top], reason=f"{model.names[top]} (α={alpha[top]:.2f}, similarity {sims[top]:.2f})", scores=scores,
                     similarity=similarity)
+
+    def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int = 0) -> Plan:
+        """A context-aware composition's plan for ``text``: α over the composition's own skills (the
+        library's α restricted to them and renormalised), turned into weights by the shared rule."""
+        names = [parse_ref(ref)[0] for ref in comp.skills]
+        if not text or not text.strip():
+            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.rule,
+                                   "the prompt is empty: every skill at full strength")
+        if not skills:
+            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.rule,
+                                   "the router has no skills: every skill at full strength")
+        model = self.model_for(skills)
+        e = self.encoder.encode([text])[0].astype(np.float64)
+        alpha = dict(zip(model.names, model.alpha(e).tolist()))
+        sims = dict(zip(model.names, model.similarity(e).tolist()))
+        return contextual_plan(comp, restrict(alpha, names), [sims.get(n, float("nan")) for n in names], self.rule)

@@ -60,6 +60,10 @@ class AdapterCache:
         info = self._served.get(ref)
         return info is not None and (self.dir / "adapters" / info.content_id / "adapter_config.json").exists()
 
+    async def resolve(self, ref: str) -> SkillInfo:
+        """The skill version ``ref`` names (NotFoundError if none); answered from memory during a Redis outage."""
+        return await self._info(ref)
+
     async def _info(self, ref: str) -> SkillInfo:
         """The registry's answer; while Redis is unavailable, the last answer for a ref served before
         (already-loaded adapters keep serving through a Redis outage; new ones get the 503)."""

@@ -379,10 +379,22 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def _parse_weights(raw: str | None) -> tuple[float, ...] | str | None:
+    if not raw:
+        return None
+    if raw.strip() == "auto":
+        return "auto"
+    try:
+        return tuple(float(w) for w in raw.split(","))
+    except ValueError:
+        raise ValueError(f"--weights must be comma-separated numbers or 'auto', got {raw!r}") from None
+
+
 @app.command()
 def compose(
     skills: Annotated[Optional[str], typer.Option(help="comma-separated skill names (name or name@version)")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="comma-separated weights, one per skill (default 1 each)")] = None,
+    weights: Annotated[Optional[str], typer.Option(
+        help="comma-separated weights, one per skill (default 1 each), or 'auto': chosen per prompt (with --name)")] = None,
     method: Annotated[str, typer.Option(help="merge method (see --list-methods)")] = "linear",
     rank: Annotated[Optional[str], typer.Option(help="target rank, or 'auto' (exact)")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="a method parameter KEY=VALUE (repeatable)")] = None,
@@ -419,12 +431,14 @@ def compose(
     try:
         comp = Composition(
             skills=tuple(s.strip() for s in skills.split(",") if s.strip()),
-            weights=tuple(float(w) for w in weights.split(",")) if weights else None,
+            weights=_parse_weights(weights),
             method=method, params=_parse_params(param or []), rank=rank, weighting=weighting,
             lines=tuple(float(x) for x in lines.split(",")) if lines else None,
         )
     except (ValidationError, ValueError) as exc:
         _fail(f"bad composition: {exc}", 2)
+    if comp.context_aware and out_dir is not None:
+        _fail("--weights auto chooses weights per prompt: store it with --name (a folder has fixed weights)", 2)
     settings = _settings()
     reg = _registry()
     try:

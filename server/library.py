@@ -11,12 +11,21 @@ def store_composition(
     registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
     examples: list[str] | None = None, *, max_rank: int,
 ) -> SkillInfo:
-    """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill."""
+    """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill.
+
+    A context-aware composition (``weights="auto"``) is stored as a template: its skills pinned to
+    the versions read now, served with weights chosen per prompt; its stored weights (what a
+    download gets) are the plain sum, every skill at weight 1."""
     infos, adapters = zip(*(registry.load(ref) for ref in comp.skills))
-    adapter, report = compose(list(adapters), max_rank=max_rank, **comp.compose_kwargs())
+    concrete = comp.with_weights([1.0] * len(comp.skills)) if comp.context_aware else comp
+    adapter, report = compose(list(adapters), max_rank=max_rank, **concrete.compose_kwargs())
     validate_adapter(adapter, spec, max_rank=max_rank, name=name)
     examples = examples or [e for i in infos for e in i.examples]
-    description = description or "Composition of " + ", ".join(f"{w:g}×{i.ref}" for w, i in zip(comp.resolved_weights, infos))
+    if comp.context_aware:
+        description = description or "Context-aware composition of " + ", ".join(i.ref for i in infos) + \
+            " (weights chosen per prompt)"
+    else:
+        description = description or "Composition of " + ", ".join(f"{w:g}×{i.ref}" for w, i in zip(comp.resolved_weights, infos))
     return registry.add(
         name, adapter, description=description, examples=examples, origin="composition",
         composition={

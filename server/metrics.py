@@ -16,6 +16,9 @@ COMPOSITIONS = Counter("mosaic_composition_cache_total", "Composition cache look
 COMPOSE_SECONDS = Histogram("mosaic_compose_seconds", "Time to compute a composition (cache misses)",
                             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 ROUTER_DECISIONS = Counter("mosaic_router_decisions_total", "model='auto' decisions by outcome", ["decision"])
+CONTEXT_WEIGHTS_SECONDS = Histogram("mosaic_context_weights_seconds",
+                                    "Time to choose a context-aware composition's weights from the prompt",
+                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
 REGISTRY_OPS = Counter("mosaic_registry_operations_total", "Registry (Redis) operations by outcome", ["op", "outcome"])
 
 

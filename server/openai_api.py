@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+from adapter_store.registry import SkillInfo
+from composer.spec import Composition
 from router.plan import Plan
 from server import limits, metrics
 from server.auth import require_scope
@@ -45,31 +47,62 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=cards)
 
 
-async def plan_for(m: Mosaic, model: str, composition, text: str) -> Plan:
-    """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice)."""
+async def plan_for(m: Mosaic, model: str, composition: Composition | None, text: str) -> Plan:
+    """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice).
+    A context-aware composition (``weights="auto"``), given in the request or stored under a name,
+    gets its weights from ``text``."""
     if composition is not None:
         limits.check_composition(m.settings, composition)
+        if composition.context_aware:
+            for ref in composition.skills:  # every skill must exist, even one this prompt will leave out
+                await m.cache.resolve(ref)
+            return await m.route_within(text, composition)
         return Plan(kind="composition", composition=composition, reason="composition given in the request")
     if model == "auto":
         return await m.route(text)
     if model == m.base_id:
         return Plan(kind="base", reason="base model requested")
     try:
-        exists = await asyncio.to_thread(m.registry.exists, model)
+        info = await asyncio.to_thread(m.registry.info, model)
     except UnavailableError:
         if not m.cache.knows(model):
             raise
-        exists = True  # served before: keeps serving from its local folder while Redis is away
-    if not exists:
-        raise NotFoundError(f"the model {model!r} does not exist: use the base model {m.base_id!r}, a skill name, or 'auto'", param="model")
+        info = None  # served before: keeps serving from its local folder while Redis is away
+    except NotFoundError:
+        raise NotFoundError(f"the model {model!r} does not exist: use the base model {m.base_id!r}, a skill name, or 'auto'",
+                            param="model") from None
+    if info is not None and (template := stored_template(info)) is not None:
+        plan = await m.route_within(text, template)
+        return plan.model_copy(update={"reason": f"{info.ref} is context-aware: {plan.reason}"})
     return Plan(kind="skill", skill=model, reason="skill requested by name")
+
+
+def stored_template(info: SkillInfo) -> Composition | None:
+    """The context-aware composition a stored skill stands for (its pinned skills, method, rank), or None."""
+    stored = info.composition or {}
+    if stored.get("weights") != "auto":
+        return None
+    return Composition.model_validate({k: v for k, v in stored.items() if k in Composition.model_fields})
 
 
 async def serve_plan(m: Mosaic, plan: Plan) -> tuple[EngineAdapter | None, MosaicInfo]:
     info = {"plan": plan.kind, "reason": plan.reason, "scores": plan.scores or None}
     if plan.kind == "base":
         return None, MosaicInfo(**info)
-    served = await (m.cache.skill(plan.skill) if plan.kind == "skill" else m.cache.composition(plan.composition))
+    if plan.kind == "skill":
+        served = await m.cache.skill(plan.skill)
+    elif plan.alpha is None:
+        served = await m.cache.composition(plan.composition)
+    else:  # context-aware: skills whose weight came out 0 are left out; one left is served alone, exactly
+        active = plan.active
+        if len(active) == 1:
+            served = await m.cache.skill(active[0][0])
+        else:
+            skills, weights = zip(*active)
+            served = await m.cache.composition(plan.composition.model_validate(
+                {**plan.composition.model_dump(), "skills": skills, "weights": weights}))
+        info |= {"alpha": dict(zip(plan.composition.skills, plan.alpha)), "weights_from": "auto",
+                 "template": {"skills": list(plan.composition.skills), "method": plan.composition.method}}
     if served.cache is not None:
         metrics.COMPOSITIONS.labels(result=served.cache).inc()
     return served.adapter, MosaicInfo(**info, **served.describe())
@@ -213,13 +246,20 @@ async def _sse(rid, created, model, stream: AsyncIterator[Chunk], chat: bool, mo
 class RouteRequest(BaseModel):
     prompt: str | None = Field(default=None, description="the text to route")
     messages: list[ChatMessage] | None = Field(default=None, description="or chat messages (the last user turn is routed)")
+    composition: Composition | None = Field(
+        default=None, description="a context-aware composition (weights 'auto'): its weights for this prompt")
+    model: str | None = Field(default=None, description="a stored context-aware composition: its weights for this prompt")
 
 
 @router.post("/v1/route", response_model=Plan, tags=["router"])
 async def route(req: RouteRequest, request: Request) -> Plan:
-    """The router's decision for a prompt, without generating."""
+    """The router's decision for a prompt, without generating (or, given a context-aware composition
+    or the name of a stored one, the weights it would be served with)."""
     if req.prompt is None and not req.messages:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
+    m = _state(request)
     text = req.prompt if req.prompt is not None else next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
-    limits.check_prompt_chars(_state(request).settings, [text], "prompt" if req.prompt is not None else "messages")
-    return await _state(request).route(text)
+    limits.check_prompt_chars(m.settings, [text], "prompt" if req.prompt is not None else "messages")
+    if req.composition is not None or req.model not in (None, "auto"):
+        return await plan_for(m, req.model or "auto", req.composition, text)
+    return await m.route(text)

@@ -88,6 +88,9 @@ class MosaicInfo(BaseModel):
     refactored: bool = False
     reason: str | None = None
     scores: dict[str, float] | None = None
+    # context-aware compositions: α over the composition's skills (renormalised) and where the weights came from
+    alpha: dict[str, float] | None = None
+    weights_from: Literal["auto"] | None = None
 
 
 class ModelCard(BaseModel):

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     router_ood: float = 0.48
     router_mix_similarity: float = 0.34
     router_mix_min: float = 0.18
+    # α -> composition weights (model="auto" and "weights": "auto"): the strongest skill at 1, the others
+    # α_i/α_max rounded to this grid (below half a step: dropped), at most router_max_skills nonzero
+    alpha_grid: float = Field(default=0.25, gt=0.0, le=1.0)
+    router_max_skills: int = Field(default=3, ge=1)
 
     # limits: each refused with a 4xx before any work is done
     max_adapter_rank: int = 256  # uploads with a higher LoRA rank are refused (400)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +13,11 @@ from adapter_store.keys import KeyStore
 from adapter_store.redis_conn import connect
 from adapter_store.registry import Registry
 from adapter_store.validation import BaseModelSpec
+from composer.spec import Composition
 from router.plan import Plan
-from router.policy import LexicalPolicy, RouterPolicy
+from router.policy import LexicalPolicy, RouterPolicy, routable
 from router.psec import PsecRouter, Thresholds
+from router.weights import AlphaRule
 from server import metrics
 from server.adapter_cache import AdapterCache
 from server.base_model import base_model_id, prepare
@@ -47,8 +50,9 @@ class Mosaic:
     _skills: tuple[int, list] = (-1, [])
 
     def skills(self) -> list:
-        """The library's latest versions, re-read only when the registry's generation moved
-        (while Redis is unavailable: the last list read, so ``auto`` keeps routing)."""
+        """The skills the router chooses among (latest versions, context-aware compositions left out),
+        re-read only when the registry's generation moved (while Redis is unavailable: the last list
+        read, so ``auto`` keeps routing)."""
         try:
             generation = self.registry.generation()
         except UnavailableError:
@@ -56,7 +60,7 @@ class Mosaic:
                 raise
             return self._skills[1]
         if self._skills[0] != generation:
-            self._skills = (generation, self.registry.list())
+            self._skills = (generation, routable(self.registry.list()))
         return self._skills[1]
 
     async def route(self, text: str) -> Plan:
@@ -66,6 +70,17 @@ class Mosaic:
 
         plan = await asyncio.to_thread(decide)
         metrics.ROUTER_DECISIONS.labels(decision=plan.kind).inc()
+        return plan
+
+    async def route_within(self, text: str, comp: Composition) -> Plan:
+        """Weights for a context-aware composition from the prompt (α over its own skills)."""
+        def decide() -> Plan:
+            skills = self.skills()
+            return self.policy.route_within(text, comp, skills, self._skills[0])
+
+        t0 = time.perf_counter()
+        plan = await asyncio.to_thread(decide)
+        metrics.CONTEXT_WEIGHTS_SECONDS.observe(time.perf_counter() - t0)
         return plan
 
 
@@ -86,7 +101,9 @@ def build(settings: Settings) -> Mosaic:
 
 
 def make_policy(settings: Settings, registry: Registry) -> RouterPolicy:
+    rule = AlphaRule(grid=settings.alpha_grid, max_skills=settings.router_max_skills)
     if settings.router == "lexical":
-        return LexicalPolicy()
+        return LexicalPolicy(rule=rule)
     return PsecRouter(registry, thresholds=Thresholds(ood=settings.router_ood, mix_similarity=settings.router_mix_similarity,
-                                                      mix_min=settings.router_mix_min))
+                                                      mix_min=settings.router_mix_min, max_skills=settings.router_max_skills),
+                      rule=rule)

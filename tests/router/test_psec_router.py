@@ -56,8 +56,11 @@ def test_two_skill_prompts_get_psec_compositions(router, registry):
     plans = [(router.route(prompt, registry.list()), expected) for prompt, expected in MULTI]
     exact = [p for p, expected in plans if p.kind == "composition" and set(p.composition.skills) == expected]
     assert len(exact) >= 3, [(p.kind, p.skills, p.scores) for p, _ in plans]
-    for p in exact:
-        assert p.composition.method == "psec" and sum(p.composition.weights) == pytest.approx(1.0, abs=1e-3)
+    for p in exact:  # the strongest skill at full strength, the other α_i/α_max on the 0.25 grid
+        alpha = [p.scores[s] for s in p.composition.skills]
+        assert p.composition.method == "psec" and max(p.composition.weights) == 1.0
+        for a, w in zip(alpha, p.composition.weights):
+            assert w == pytest.approx(round(a / max(alpha) * 4) / 4) and w > 0
     assert all(p.skills[0] in expected for p, expected in plans)
 
 

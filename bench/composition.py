@@ -1,0 +1,285 @@
+"""What a composition keeps of each skill it combines: fixed weights vs context-aware weights.
+
+    python -m bench.composition [--quick] [--n N]
+
+On the 8 demo skills, with held-out prompts (test templates, never training examples):
+
+(a) every pair (28) composed per request: fixed weights 1/1 with linear, dare_ties and lego, against
+    ``"weights": "auto"`` (α over the pair from the prompt, the shared weight rule) and two other
+    α -> weight rules for the choice of rule (α summing to 1 as before; α/α_max with a coarser grid);
+    retention per skill = exact match through the composition / exact match of the skill's own adapter;
+(b) all 8 in one composition, the same ways;
+(c) the extra latency of a context-aware request (choosing the weights; a cache miss adds the
+    composition itself) and the cache hit rate over the benchmark's requests.
+
+Answers are greedy, by transformers with the (composed) adapter merged into the base weights — the
+reference engine; the serving tests check that vLLM gives the same tokens. Writes
+bench/reports/composition.md, composition.json and composition.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from adapter_store.adapter import LoraAdapter
+from bench.demo_data import examples, trained_skills
+from bench.scoring import markdown_table, percentile, retention, score
+from composer import Composition, compose
+from router.weights import AlphaRule
+
+ROOT = Path(__file__).resolve().parents[1]
+SKILLS = ROOT / "bench" / "skills"
+REPORTS = ROOT / "bench" / "reports"
+FIXED = ("linear", "dare_ties", "lego")
+RULES: dict[str, AlphaRule | None] = {
+    "auto (α/α_max, grid 0.25)": AlphaRule(grid=0.25, max_skills=3),  # the default
+    "auto (α/α_max, grid 0.5)": AlphaRule(grid=0.5, max_skills=3),
+    "auto (α summing to 1, grid 0.05)": None,  # the round-1 rule inside model="auto"
+}
+DEFAULT_RULE = "auto (α/α_max, grid 0.25)"
+
+
+def log(msg: str) -> None:
+    print(f"[composition {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class MergedModel:
+    """The base model with one adapter at a time merged into its weights (W0 + s·B·A), restored after."""
+
+    def __init__(self, base_dir: Path, max_new_tokens: int = 48, batch_size: int = 16) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.generations = 0
+
+    @torch.inference_mode()
+    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str]) -> list[str]:
+        from server.training import generate_greedy
+
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for name, m in (adapter.modules() if adapter is not None else {}).items():
+                weight = self.model.get_submodule(name).weight
+                saved[name] = weight.detach().clone()
+                weight += m.scaling * (m.B.float() @ m.A.float())
+            self.generations += len(prompts)
+            return generate_greedy(self.model, self.tokenizer, list(prompts), self.max_new_tokens, self.batch_size)
+        finally:
+            for name, w in saved.items():
+                self.model.get_submodule(name).weight.copy_(w)
+
+
+def sum_to_one(alpha: Sequence[float], grid: float = 0.05) -> list[float]:
+    """The round-1 rule: α renormalised to sum to 1 (rounded so prompts can share a composition)."""
+    a = np.asarray(alpha, dtype=np.float64)
+    a = a / a.sum()
+    return [round(float(round(x / grid) * grid), 4) for x in a]
+
+
+class Bench:
+    def __init__(self, n: int, quick: bool) -> None:
+        from bench.route import demo_profiles
+        from router.psec import PsecRouter
+        from server.base_model import prepare
+        from server.settings import get_settings
+
+        self.skills = trained_skills()
+        self.n = n
+        self.quick = quick
+        self.tests = {s: examples(s, "test", n, seed=7) for s in self.skills}
+        self.adapters = {s: LoraAdapter.from_dir(SKILLS / s) for s in self.skills}
+        self.model = MergedModel(prepare(get_settings()))
+        self.router, self.profiles = PsecRouter(), demo_profiles()
+        self.own_answers: dict[str, list[str]] = {}
+        self.route_ms: list[float] = []
+        self.compose_ms: list[float] = []
+        self.requests = 0
+        self.materialisations: set[tuple] = set()
+
+    def own(self) -> dict[str, float]:
+        out = {}
+        for s in self.skills:
+            self.own_answers[s] = self.model.answers(self.adapters[s], [p for p, _ in self.tests[s]])
+            out[s] = score(self.own_answers[s], [a for _, a in self.tests[s]])
+        return out
+
+    def _compose(self, skills: Sequence[str], weights: Sequence[float], method: str) -> LoraAdapter:
+        t0 = time.perf_counter()
+        adapter, _ = compose([self.adapters[s] for s in skills], list(weights), method=method)
+        self.compose_ms.append((time.perf_counter() - t0) * 1000)
+        return adapter
+
+    def fixed(self, skills: Sequence[str], method: str) -> dict[str, float]:
+        """Every skill at weight 1, one adapter for all prompts."""
+        adapter = self._compose(skills, [1.0] * len(skills), method)
+        prompts = [p for s in skills for p, _ in self.tests[s]]
+        outs = self.model.answers(adapter, prompts)
+        return {s: score(outs[i * self.n:(i + 1) * self.n], [a for _, a in self.tests[s]]) for i, s in enumerate(skills)}
+
+    def context_aware(self, skills: Sequence[str], rule_name: str, method: str = "linear") -> dict[str, float]:
+        """Per prompt: α over ``skills`` from the router, weights by the rule; prompts that get the same
+        weights share one composition (as the server's cache does); a dominant skill alone is its own adapter."""
+        rule = RULES[rule_name]
+        template = Composition(skills=tuple(skills), weights="auto", method=method)
+        groups: dict[tuple[float, ...], list[tuple[str, int]]] = {}
+        for s in skills:
+            for i, (p, _) in enumerate(self.tests[s]):
+                t0 = time.perf_counter()
+                plan = self.router.route_within(p, template, self.profiles)
+                self.route_ms.append((time.perf_counter() - t0) * 1000)
+                w = tuple(plan.composition.weights) if rule is not None else tuple(sum_to_one(plan.alpha))
+                if rule is not None and rule != self.router.rule:
+                    from router.weights import weights_from_alpha
+
+                    w = tuple(weights_from_alpha(plan.alpha, rule))
+                groups.setdefault(w, []).append((s, i))
+                if rule_name == DEFAULT_RULE:
+                    self.requests += 1
+                    self.materialisations.add((tuple(skills), w))
+        outs: dict[tuple[str, int], str] = {}
+        for w, members in groups.items():
+            active = [(s, x) for s, x in zip(skills, w) if x]
+            if len(active) == 1 and active[0][1] == 1.0:  # served alone: its own adapter, its own answers
+                for s, i in members:
+                    outs[(s, i)] = self.own_answers[s][i] if s == active[0][0] else None
+                missing = [(s, i) for s, i in members if outs[(s, i)] is None]
+                adapter = self.adapters[active[0][0]]
+            else:
+                missing = members
+                adapter = self._compose([s for s, _ in active], [x for _, x in active], method)
+            if missing:
+                for key, o in zip(missing, self.model.answers(adapter, [self.tests[s][i][0] for s, i in missing])):
+                    outs[key] = o
+        return {s: score([outs[(s, i)] for i in range(self.n)], [a for _, a in self.tests[s]]) for s in skills}
+
+
+def run(n: int, quick: bool) -> dict:
+    b = Bench(n, quick)
+    t0 = time.time()
+    own = b.own()
+    log(f"own adapters in {time.time() - t0:.0f} s: {own}")
+    pairs = list(itertools.combinations(b.skills, 2))
+    if quick:
+        pairs = pairs[::4]
+    configs: list[tuple[str, Callable[[Sequence[str]], dict[str, float]]]] = [
+        (f"fixed 1/1 {m}", lambda sk, m=m: b.fixed(sk, m)) for m in FIXED
+    ] + [(r, lambda sk, r=r: b.context_aware(sk, r)) for r in RULES]
+    pair_rows = []
+    for a, c in pairs:
+        row = {"pair": [a, c]}
+        for label, fn in configs:
+            scores = fn((a, c))
+            row[label] = {"scores": scores, "retention": retention(scores, own)}
+        pair_rows.append(row)
+        log(f"pair {a}+{c} in {time.time() - t0:.0f} s: " + ", ".join(
+            f"{label}: {statistics.mean(row[label]['retention'].values()):.2f}" for label, _ in configs if row[label]['retention']))
+    summary = {}
+    for label, _ in configs:
+        per_pair = [statistics.mean(r[label]["retention"].values()) for r in pair_rows if r[label]["retention"]]
+        summary[label] = {"mean": statistics.mean(per_pair), "min": min(per_pair),
+                          "pairs_losing_a_skill": sum(min(r[label]["retention"].values()) == 0 for r in pair_rows)}
+    all8 = {}
+    for label, fn in configs:
+        scores = fn(b.skills)
+        ret = retention(scores, own)
+        all8[label] = {"scores": scores, "retention": ret, "mean": statistics.mean(ret.values())}
+        log(f"all 8 {label}: {all8[label]['mean']:.2f} in {time.time() - t0:.0f} s")
+    latency = {
+        "route_within_ms_p50": percentile(b.route_ms, 50), "route_within_ms_p95": percentile(b.route_ms, 95),
+        "compose_ms_p50": percentile(b.compose_ms, 50), "compose_ms_p95": percentile(b.compose_ms, 95),
+        "requests": b.requests, "distinct_materialisations": len(b.materialisations),
+        "cache_hit_rate": 1 - len(b.materialisations) / b.requests if b.requests else float("nan"),
+    }
+    return {"skills": b.skills, "prompts_per_skill": n, "own": own, "pairs": pair_rows, "summary": summary, "all8": all8,
+            "latency": latency, "seconds": time.time() - t0, "generations": b.model.generations, "quick": quick}
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(res["summary"])
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    ax.bar(x - 0.2, [res["summary"][k]["mean"] for k in labels], 0.4, label="pairs (mean of 28)")
+    ax.bar(x + 0.2, [res["all8"][k]["mean"] for k in labels], 0.4, label="all 8 skills")
+    ax.axhline(0.95, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(x, [k.replace(" (", "\n(") for k in labels], fontsize=7)
+    ax.set_ylabel("mean retention (exact match / own adapter's)")
+    ax.set_ylim(0, 1.1)
+    ax.legend()
+    ax.set_title("What a composition keeps of each skill: fixed weights vs context-aware weights")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(res: dict) -> str:
+    s, lat = res["summary"], res["latency"]
+    rows = [[k, v["mean"], v["min"], v["pairs_losing_a_skill"], res["all8"][k]["mean"]] for k, v in s.items()]
+    lines = [
+        "# Composition retention: fixed weights vs context-aware weights", "",
+        f"Generated by `python -m bench.composition{' --quick' if res['quick'] else ''}` in {res['seconds'] / 60:.0f} min "
+        f"({res['generations']} greedy answers, transformers on 2 CPU cores). {res['prompts_per_skill']} held-out prompts "
+        "per skill (test templates, never the skills' examples). Retention of a skill = its exact match through the "
+        "composition / its own adapter's exact match; a pair's retention is the mean of its two skills'.", "",
+        "![retention](composition.png)", "",
+        *markdown_table(["configuration", "pairs: mean retention", "pairs: worst pair", "pairs losing a skill (0 %)",
+                         "all 8: mean retention"], rows), "",
+        "- *fixed 1/1 M*: both skills at weight 1, merged by method M once for every prompt.",
+        "- *auto (…)*: `\"weights\": \"auto\"` — per prompt, the router's α restricted to the composition's skills; "
+        "the rule in brackets turns α into weights. `α/α_max, grid 0.25` is Mosaic's default (router/weights.py): "
+        "the strongest skill at full strength, the others α_i/α_max rounded to 0.25, a skill under 0.125 left out "
+        "(so a dominant skill is served alone, exactly). `α summing to 1` was round 1's rule inside `model=\"auto\"`.",
+        "", "## Latency and cache", "",
+        *markdown_table(["measure", "value"], [
+            ["choosing the weights (encode + α), p50 / p95", f"{lat['route_within_ms_p50']:.1f} / {lat['route_within_ms_p95']:.1f} ms"],
+            ["composing on a cache miss (linear, 2–8 skills), p50 / p95", f"{lat['compose_ms_p50']:.0f} / {lat['compose_ms_p95']:.0f} ms"],
+            ["context-aware requests in this benchmark (default rule)", lat["requests"]],
+            ["distinct materialisations (cache entries they need)", lat["distinct_materialisations"]],
+            ["cache hit rate", f"{lat['cache_hit_rate']:.1%}"],
+        ]), "",
+        "A context-aware request costs the weight choice on every request; a miss also costs the composition "
+        "(and the engine loading a new adapter), a hit nothing more than a named skill. Requests served by a "
+        "dominant skill alone use that skill's own adapter (no composition at all).",
+        "", "## Per pair", "",
+        *markdown_table(["pair", *s], [[" + ".join(r["pair"]), *[statistics.mean(r[k]["retention"].values())
+                                                              if r[k]["retention"] else float("nan") for k in s]]
+                                       for r in res["pairs"]]),
+        "", "## Own adapters (exact match on these prompts)", "",
+        *markdown_table(["skill", "exact match"], [[k, v] for k, v in res["own"].items()]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="7 of the 28 pairs, 3 prompts per skill")
+    ap.add_argument("--n", type=int, default=None, help="held-out prompts per skill (default 6; quick 3)")
+    args = ap.parse_args()
+    n = args.n or (3 if args.quick else 6)
+    res = run(n, args.quick)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (REPORTS / f"composition{suffix}.json").write_text(json.dumps(res, indent=2, default=float))
+    plot(res, REPORTS / f"composition{suffix}.png")
+    (REPORTS / f"composition{suffix}.md").write_text(render(res).replace("composition.png", f"composition{suffix}.png"))
+    print(render(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Context-aware compositions served by the real server (real vLLM engine, real Redis, the demo skills):
+per request (``"weights": "auto"``) and stored under a name (a virtual model)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from bench.demo_data import examples
+from bench.route_prompts import MULTI
+
+pytestmark = pytest.mark.slow
+
+BASE = "SmolLM2-135M-Instruct"
+PAIR = ["json_extract", "sentiment"]
+
+
+def _chat(client, prompt: str, model: str = BASE, composition: dict | None = None, max_tokens: int = 40):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
+                                       max_tokens=max_tokens, extra_body={"composition": composition} if composition else None)
+    return r.choices[0].message.content, r.model_extra["mosaic"]
+
+
+@pytest.mark.parametrize("target", PAIR)
+def test_per_request_auto_weights_serve_the_prompts_skill(client, target):
+    """A prompt for one skill through {json_extract, sentiment} with weights 'auto': that skill at full strength,
+    the other left out, and the answer is the skill's own (greedy, token for token)."""
+    other = PAIR[1 - PAIR.index(target)]
+    for prompt, _ in examples(target, "test", 2, seed=21):
+        own, _ = _chat(client, prompt, model=target)
+        text, mosaic = _chat(client, prompt, composition={"skills": PAIR, "weights": "auto"})
+        assert mosaic["plan"] == "composition" and mosaic["weights_from"] == "auto"
+        assert mosaic["alpha"][target] > 0.75 > mosaic["alpha"][other]
+        assert mosaic["template"]["skills"] == PAIR
+        assert mosaic["skills"] == [f"{target}@1"] and mosaic["weights"] == [1.0]  # the dominant skill alone
+        assert "dominant" in mosaic["reason"]
+        assert text == own
+
+
+def test_two_skill_prompt_composes_both_and_caches(client):
+    """A prompt that names both skills keeps both; the same prompt again hits the composition cache."""
+    prompt, pair = MULTI[0]
+    comp = {"skills": sorted(pair), "weights": "auto", "method": "linear"}
+    _, first = _chat(client, prompt, composition=comp, max_tokens=4)
+    _, second = _chat(client, prompt, composition=comp, max_tokens=4)
+    assert len(first["skills"]) == 2 and max(first["weights"]) == 1.0 and min(first["weights"]) > 0
+    assert set(first["alpha"]) == pair and first["weights"] == second["weights"]
+    assert second["cache"] == "hit"
+
+
+def test_stored_virtual_model_is_context_aware_by_name(client, server):
+    """POST /v1/compositions with weights 'auto' stores a template; requests by its name get per-prompt
+    weights; its detail says so; model='auto' never routes to it (it would compete with its own inputs)."""
+    url = server["url"]
+    r = httpx.post(f"{url}/v1/compositions", json={"name": "json_or_sentiment", "skills": PAIR, "weights": "auto",
+                                                   "method": "linear"}, timeout=300)
+    assert r.status_code == 201, r.text
+    detail = httpx.get(f"{url}/v1/adapters/json_or_sentiment").json()
+    assert detail["composition"]["weights"] == "auto"
+    assert detail["composition"]["skills"] == ["json_extract@1", "sentiment@1"]
+    assert "json_or_sentiment" in {m.id for m in client.models.list().data}
+    for target in PAIR:
+        prompt = examples(target, "test", 1, seed=22)[0][0]
+        own, _ = _chat(client, prompt, model=target)
+        text, mosaic = _chat(client, prompt, model="json_or_sentiment")
+        assert mosaic["weights_from"] == "auto" and mosaic["skills"] == [f"{target}@1"]
+        assert mosaic["reason"].startswith("json_or_sentiment@1 is context-aware")
+        assert text == own
+        routed = httpx.post(f"{url}/v1/route", json={"prompt": prompt}).json()
+        assert routed["kind"] == "skill" and routed["skill"] == target
+        assert "json_or_sentiment" not in routed["scores"]
+        preview = httpx.post(f"{url}/v1/route", json={"prompt": prompt, "model": "json_or_sentiment"}).json()
+        assert preview["composition"]["weights"][PAIR.index(target)] == 1.0 and preview["alpha"] is not None
+
+
+def test_stream_first_chunk_reports_alpha(client):
+    prompt = examples("sentiment", "test", 1, seed=23)[0][0]
+    chunks = list(client.chat.completions.create(
+        model=BASE, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=4, stream=True,
+        extra_body={"composition": {"skills": PAIR, "weights": "auto"}}))
+    mosaic = chunks[0].model_extra["mosaic"]
+    assert mosaic["weights_from"] == "auto" and mosaic["alpha"]["sentiment"] > 0.75
+
+
+@pytest.mark.parametrize("composition, status", [
+    ({"skills": PAIR, "weights": "AUTO"}, 400),
+    ({"skills": PAIR, "weights": "auto", "method": "nope"}, 400),
+    ({"skills": ["json_extract", "no_such_skill"], "weights": "auto"}, 404),
+])
+def test_bad_context_aware_compositions_are_4xx(server, composition, status):
+    r = httpx.post(f"{server['url']}/v1/chat/completions", json={
+        "model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "composition": composition})
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
