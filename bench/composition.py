@@ -32,10 +32,11 @@ import numpy as np
 import torch
 
 from adapter_store.adapter import LoraAdapter
-from bench.demo_data import examples, trained_skills
+from bench.demo_data import MIXED, examples, mixed_examples, trained_skills
 from bench.scoring import markdown_table, percentile, retention, score
 from composer import Composition, compose
 from router.weights import AlphaRule
+from server.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ROOT / "bench" / "skills"
@@ -47,38 +48,12 @@ RULES: dict[str, AlphaRule | None] = {
     "auto (α summing to 1, grid 0.05)": None,  # the round-1 rule inside model="auto"
 }
 DEFAULT_RULE = "auto (α/α_max, grid 0.25)"
+LEARNED = "learned (LoraHub, 5 examples per skill)"
+LEARNED_MIXED = "learned (LoraHub, 5 examples of the task)"
 
 
 def log(msg: str) -> None:
     print(f"[composition {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-class MergedModel:
-    """The base model with one adapter at a time merged into its weights (W0 + s·B·A), restored after."""
-
-    def __init__(self, base_dir: Path, max_new_tokens: int = 48, batch_size: int = 16) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
-        self.generations = 0
-
-    @torch.inference_mode()
-    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str]) -> list[str]:
-        from server.training import generate_greedy
-
-        saved: dict[str, torch.Tensor] = {}
-        try:
-            for name, m in (adapter.modules() if adapter is not None else {}).items():
-                weight = self.model.get_submodule(name).weight
-                saved[name] = weight.detach().clone()
-                weight += m.scaling * (m.B.float() @ m.A.float())
-            self.generations += len(prompts)
-            return generate_greedy(self.model, self.tokenizer, list(prompts), self.max_new_tokens, self.batch_size)
-        finally:
-            for name, w in saved.items():
-                self.model.get_submodule(name).weight.copy_(w)
 
 
 def sum_to_one(alpha: Sequence[float], grid: float = 0.05) -> list[float]:
@@ -100,32 +75,60 @@ class Bench:
         self.quick = quick
         self.tests = {s: examples(s, "test", n, seed=7) for s in self.skills}
         self.adapters = {s: LoraAdapter.from_dir(SKILLS / s) for s in self.skills}
-        self.model = MergedModel(prepare(get_settings()))
+        self.model = LossModel(prepare(get_settings()))
+        self.generations = 0
         self.router, self.profiles = PsecRouter(), demo_profiles()
         self.own_answers: dict[str, list[str]] = {}
         self.route_ms: list[float] = []
         self.compose_ms: list[float] = []
         self.requests = 0
         self.materialisations: set[tuple] = set()
+        self.alone = 0
+        self.learned_log: list[dict] = []
+
+    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str]) -> list[str]:
+        self.generations += len(prompts)
+        return self.model.answers(adapter, prompts)
 
     def own(self) -> dict[str, float]:
         out = {}
         for s in self.skills:
-            self.own_answers[s] = self.model.answers(self.adapters[s], [p for p, _ in self.tests[s]])
+            self.own_answers[s] = self.answers(self.adapters[s], [p for p, _ in self.tests[s]])
             out[s] = score(self.own_answers[s], [a for _, a in self.tests[s]])
         return out
 
-    def _compose(self, skills: Sequence[str], weights: Sequence[float], method: str) -> LoraAdapter:
+    def _compose(self, skills: Sequence[str], weights: Sequence[float], method: str, timed: bool = False) -> LoraAdapter:
         t0 = time.perf_counter()
         adapter, _ = compose([self.adapters[s] for s in skills], list(weights), method=method)
-        self.compose_ms.append((time.perf_counter() - t0) * 1000)
+        if timed:
+            self.compose_ms.append((time.perf_counter() - t0) * 1000)
         return adapter
 
     def fixed(self, skills: Sequence[str], method: str) -> dict[str, float]:
         """Every skill at weight 1, one adapter for all prompts."""
         adapter = self._compose(skills, [1.0] * len(skills), method)
         prompts = [p for s in skills for p, _ in self.tests[s]]
-        outs = self.model.answers(adapter, prompts)
+        outs = self.answers(adapter, prompts)
+        return {s: score(outs[i * self.n:(i + 1) * self.n], [a for _, a in self.tests[s]]) for i, s in enumerate(skills)}
+
+    def learn(self, skills: Sequence[str], pairs: Sequence[tuple[str, str]] | None = None, budget: int = 40) -> list[float]:
+        """LoraHub's weights for ``skills`` (linear) from ``pairs``, or from each skill's registered example
+        prompts (5 each) with the skill's own greedy answers as targets."""
+        options = OptimizeOptions(budget=budget)
+        if pairs is None:
+            examples = {p.name: p.examples for p in self.profiles}
+            pairs, _ = training_pairs(options, [(s, self.adapters[s], examples[s]) for s in skills], self.model, lambda p: 0)
+        comp = Composition(skills=tuple(skills), method="linear")
+        result = learn_weights(comp, [self.adapters[s] for s in skills], pairs, options, self.model, max_rank=4096)
+        self.learned_log.append({"skills": list(skills), "weights": result.weights, "initial": result.initial.objective,
+                                 "best": result.best.objective, "seconds": result.seconds})
+        return result.weights
+
+    def learned(self, skills: Sequence[str]) -> dict[str, float]:
+        w = self.learn(skills)
+        adapter = self._compose(skills, w, "linear")
+        prompts = [p for s in skills for p, _ in self.tests[s]]
+        outs = self.answers(adapter, prompts)
         return {s: score(outs[i * self.n:(i + 1) * self.n], [a for _, a in self.tests[s]]) for i, s in enumerate(skills)}
 
     def context_aware(self, skills: Sequence[str], rule_name: str, method: str = "linear") -> dict[str, float]:
@@ -147,7 +150,10 @@ class Bench:
                 groups.setdefault(w, []).append((s, i))
                 if rule_name == DEFAULT_RULE:
                     self.requests += 1
-                    self.materialisations.add((tuple(skills), w))
+                    if sum(x > 0 for x in w) == 1:
+                        self.alone += 1
+                    else:
+                        self.materialisations.add((tuple(skills), w))
         outs: dict[tuple[str, int], str] = {}
         for w, members in groups.items():
             active = [(s, x) for s, x in zip(skills, w) if x]
@@ -158,11 +164,17 @@ class Bench:
                 adapter = self.adapters[active[0][0]]
             else:
                 missing = members
-                adapter = self._compose([s for s, _ in active], [x for _, x in active], method)
+                adapter = self._compose([s for s, _ in active], [x for _, x in active], method, timed=True)
             if missing:
-                for key, o in zip(missing, self.model.answers(adapter, [self.tests[s][i][0] for s, i in missing])):
+                for key, o in zip(missing, self.answers(adapter, [self.tests[s][i][0] for s, i in missing])):
                     outs[key] = o
         return {s: score([outs[(s, i)] for i in range(self.n)], [a for _, a in self.tests[s]]) for s in skills}
+
+
+def capped(scores: dict[str, float], own: dict[str, float]) -> dict[str, float]:
+    """Retention per skill, at most 1 (a composition cannot keep more than all of a skill; above 1 is noise
+    on a skill whose own adapter misses some of these prompts)."""
+    return {k: min(1.0, v) for k, v in retention(scores, own).items()}
 
 
 def run(n: int, quick: bool) -> dict:
@@ -175,13 +187,13 @@ def run(n: int, quick: bool) -> dict:
         pairs = pairs[::4]
     configs: list[tuple[str, Callable[[Sequence[str]], dict[str, float]]]] = [
         (f"fixed 1/1 {m}", lambda sk, m=m: b.fixed(sk, m)) for m in FIXED
-    ] + [(r, lambda sk, r=r: b.context_aware(sk, r)) for r in RULES]
+    ] + [(r, lambda sk, r=r: b.context_aware(sk, r)) for r in RULES] + [(LEARNED, b.learned)]
     pair_rows = []
     for a, c in pairs:
         row = {"pair": [a, c]}
         for label, fn in configs:
             scores = fn((a, c))
-            row[label] = {"scores": scores, "retention": retention(scores, own)}
+            row[label] = {"scores": scores, "retention": capped(scores, own)}
         pair_rows.append(row)
         log(f"pair {a}+{c} in {time.time() - t0:.0f} s: " + ", ".join(
             f"{label}: {statistics.mean(row[label]['retention'].values()):.2f}" for label, _ in configs if row[label]['retention']))
@@ -193,17 +205,55 @@ def run(n: int, quick: bool) -> dict:
     all8 = {}
     for label, fn in configs:
         scores = fn(b.skills)
-        ret = retention(scores, own)
+        ret = capped(scores, own)
         all8[label] = {"scores": scores, "retention": ret, "mean": statistics.mean(ret.values())}
         log(f"all 8 {label}: {all8[label]['mean']:.2f} in {time.time() - t0:.0f} s")
+    mixed_n = 4 if quick else 10
+    mixed = mixed_tasks(b, mixed_n)
+    log(f"mixed tasks in {time.time() - t0:.0f} s")
+    composed = b.requests - b.alone
     latency = {
         "route_within_ms_p50": percentile(b.route_ms, 50), "route_within_ms_p95": percentile(b.route_ms, 95),
         "compose_ms_p50": percentile(b.compose_ms, 50), "compose_ms_p95": percentile(b.compose_ms, 95),
-        "requests": b.requests, "distinct_materialisations": len(b.materialisations),
-        "cache_hit_rate": 1 - len(b.materialisations) / b.requests if b.requests else float("nan"),
+        "requests": b.requests, "served_alone": b.alone, "distinct_compositions": len(b.materialisations),
+        "cache_hit_rate": (b.requests - len(b.materialisations)) / b.requests if b.requests else float("nan"),
+        "composition_cache_hit_rate": (composed - len(b.materialisations)) / composed if composed else float("nan"),
     }
     return {"skills": b.skills, "prompts_per_skill": n, "own": own, "pairs": pair_rows, "summary": summary, "all8": all8,
-            "latency": latency, "seconds": time.time() - t0, "generations": b.model.generations, "quick": quick}
+            "mixed": mixed, "mixed_prompts": mixed_n, "learned": b.learned_log, "latency": latency, "seconds": time.time() - t0,
+            "generations": b.generations, "quick": quick}
+
+
+def mixed_tasks(b: Bench, n: int) -> dict:
+    """Prompts that need two skills at once: each skill alone, fixed merges, auto, and weights learned from
+    5 examples of the task (train templates; scored on test templates)."""
+    out = {}
+    for task, spec in MIXED.items():
+        pair = spec["skills"]
+        tests = mixed_examples(task, "test", n, seed=3)
+        prompts, answers = [p for p, _ in tests], [a for _, a in tests]
+        row: dict[str, float] = {}
+        for s in pair:
+            row[f"{s} alone"] = score(b.answers(b.adapters[s], prompts), answers)
+        for m in FIXED:
+            row[f"fixed 1/1 {m}"] = score(b.answers(b._compose(pair, [1.0, 1.0], m), prompts), answers)
+        template = Composition(skills=pair, weights="auto")
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(prompts):
+            groups.setdefault(tuple(b.router.route_within(p, template, b.profiles).composition.weights), []).append(i)
+        auto_out = [""] * n
+        for w, idx in groups.items():
+            active = [(s, x) for s, x in zip(pair, w) if x]
+            adapter = b._compose([s for s, _ in active], [x for _, x in active], "linear")
+            for i, o in zip(idx, b.answers(adapter, [prompts[i] for i in idx])):
+                auto_out[i] = o
+        row[DEFAULT_RULE] = score(auto_out, answers)
+        w = b.learn(pair, mixed_examples(task, "train", 5, seed=1))
+        row[LEARNED_MIXED] = score(b.answers(b._compose(pair, w, "linear"), prompts), answers)
+        row["learned weights"] = w
+        out[task] = {"skills": list(pair), "scores": row}
+        log(f"mixed {task}: {row}")
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -215,14 +265,14 @@ def plot(res: dict, path: Path) -> None:
     labels = list(res["summary"])
     x = np.arange(len(labels))
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    ax.bar(x - 0.2, [res["summary"][k]["mean"] for k in labels], 0.4, label="pairs (mean of 28)")
+    ax.bar(x - 0.2, [res["summary"][k]["mean"] for k in labels], 0.4, label=f"pairs (mean of {len(res['pairs'])})")
     ax.bar(x + 0.2, [res["all8"][k]["mean"] for k in labels], 0.4, label="all 8 skills")
     ax.axhline(0.95, color="grey", ls="--", lw=0.8)
     ax.set_xticks(x, [k.replace(" (", "\n(") for k in labels], fontsize=7)
     ax.set_ylabel("mean retention (exact match / own adapter's)")
     ax.set_ylim(0, 1.1)
     ax.legend()
-    ax.set_title("What a composition keeps of each skill: fixed weights vs context-aware weights")
+    ax.set_title("What a composition keeps of each skill: fixed, context-aware and learned weights")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -231,37 +281,56 @@ def plot(res: dict, path: Path) -> None:
 def render(res: dict) -> str:
     s, lat = res["summary"], res["latency"]
     rows = [[k, v["mean"], v["min"], v["pairs_losing_a_skill"], res["all8"][k]["mean"]] for k, v in s.items()]
+    mixed = res["mixed"]
+    mixed_cols = [k for k in next(iter(mixed.values()))["scores"] if k != "learned weights" and not k.endswith(" alone")]
+    mixed_rows = [[t, " + ".join(m["skills"]), max(v for k, v in m["scores"].items() if k.endswith(" alone")),
+                   *[m["scores"][c] for c in mixed_cols], ", ".join(f"{w:.2f}" for w in m["scores"]["learned weights"])]
+                  for t, m in mixed.items()]
+    pairs_n = len(res["pairs"])
     lines = [
-        "# Composition retention: fixed weights vs context-aware weights", "",
+        "# Composition retention: fixed, context-aware and learned weights", "",
         f"Generated by `python -m bench.composition{' --quick' if res['quick'] else ''}` in {res['seconds'] / 60:.0f} min "
         f"({res['generations']} greedy answers, transformers on 2 CPU cores). {res['prompts_per_skill']} held-out prompts "
         "per skill (test templates, never the skills' examples). Retention of a skill = its exact match through the "
-        "composition / its own adapter's exact match; a pair's retention is the mean of its two skills'.", "",
+        "composition / its own adapter's exact match, at most 1; a pair's retention is the mean of its two skills'.", "",
         "![retention](composition.png)", "",
+        f"## Pairs ({pairs_n}) and all 8 skills in one composition", "",
         *markdown_table(["configuration", "pairs: mean retention", "pairs: worst pair", "pairs losing a skill (0 %)",
                          "all 8: mean retention"], rows), "",
-        "- *fixed 1/1 M*: both skills at weight 1, merged by method M once for every prompt.",
+        "- *fixed 1/1 M*: every skill at weight 1, merged by method M once for every prompt.",
         "- *auto (…)*: `\"weights\": \"auto\"` — per prompt, the router's α restricted to the composition's skills; "
         "the rule in brackets turns α into weights. `α/α_max, grid 0.25` is Mosaic's default (router/weights.py): "
         "the strongest skill at full strength, the others α_i/α_max rounded to 0.25, a skill under 0.125 left out "
         "(so a dominant skill is served alone, exactly). `α summing to 1` was round 1's rule inside `model=\"auto\"`.",
-        "", "## Latency and cache", "",
+        "- *learned*: `\"optimize\"` — LoraHub's search (nevergrad NGOpt, 40 loss evaluations, L1 0.05, weights in "
+        "[-1.5, 1.5], start at 0) on each skill's 5 registered example prompts with the skill's own greedy answers as "
+        "targets; one static composition (linear, exact) for every prompt.",
+        "", "## Mixed tasks: prompts that need two skills at once", "",
+        f"Exact match on {res['mixed_prompts']} "
+        "held-out prompts per task (test templates); learned weights from 5 examples of the task (train templates).", "",
+        *markdown_table(["task", "skills", "best skill alone", *mixed_cols, "learned weights"], mixed_rows), "",
+        "## Latency and cache (context-aware requests, default rule)", "",
         *markdown_table(["measure", "value"], [
             ["choosing the weights (encode + α), p50 / p95", f"{lat['route_within_ms_p50']:.1f} / {lat['route_within_ms_p95']:.1f} ms"],
-            ["composing on a cache miss (linear, 2–8 skills), p50 / p95", f"{lat['compose_ms_p50']:.0f} / {lat['compose_ms_p95']:.0f} ms"],
-            ["context-aware requests in this benchmark (default rule)", lat["requests"]],
-            ["distinct materialisations (cache entries they need)", lat["distinct_materialisations"]],
-            ["cache hit rate", f"{lat['cache_hit_rate']:.1%}"],
+            ["composing on a cache miss (linear, exact), p50 / p95", f"{lat['compose_ms_p50']:.0f} / {lat['compose_ms_p95']:.0f} ms"],
+            ["context-aware requests in this benchmark", lat["requests"]],
+            ["served by one skill alone (its own adapter, no composition)", lat["served_alone"]],
+            ["distinct compositions the others needed", lat["distinct_compositions"]],
+            ["hit rate over all context-aware requests", f"{lat['cache_hit_rate']:.1%}"],
+            ["hit rate over those needing a composition", f"{lat['composition_cache_hit_rate']:.1%}"],
         ]), "",
-        "A context-aware request costs the weight choice on every request; a miss also costs the composition "
-        "(and the engine loading a new adapter), a hit nothing more than a named skill. Requests served by a "
-        "dominant skill alone use that skill's own adapter (no composition at all).",
+        "A context-aware request pays the weight choice every time; a miss also pays the composition (and the engine "
+        "loading a new adapter), a hit nothing more than a named skill.",
         "", "## Per pair", "",
         *markdown_table(["pair", *s], [[" + ".join(r["pair"]), *[statistics.mean(r[k]["retention"].values())
                                                               if r[k]["retention"] else float("nan") for k in s]]
                                        for r in res["pairs"]]),
         "", "## Own adapters (exact match on these prompts)", "",
         *markdown_table(["skill", "exact match"], [[k, v] for k, v in res["own"].items()]),
+        "", "## Learned weights (objective = loss + 0.05·Σ|w|: at the start → best)", "",
+        *markdown_table(["skills", "weights", "objective", "seconds"], [
+            [" + ".join(x["skills"]) if len(x["skills"]) < 8 else "all 8", ", ".join(f"{w:.2f}" for w in x["weights"]),
+             f"{x['initial']:.3f} → {x['best']:.3f}", f"{x['seconds']:.0f}"] for x in res["learned"]]),
     ]
     return "\n".join(lines) + "\n"
 

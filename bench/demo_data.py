@@ -155,3 +155,54 @@ def examples(skill: str, split: str, n: int, seed: int = 0) -> list[tuple[str, s
 def exact_match(prediction: str, answer: str) -> bool:
     """Exact match after trimming whitespace (the skills' answers have no other slack)."""
     return prediction.strip() == answer.strip()
+
+
+# ---- mixed tasks: prompts that need two demo skills at once (disjoint train/test templates) ----------
+
+def _reverse_upper(rng: random.Random, split: str) -> tuple[str, str]:
+    items = rng.sample(WORDS, rng.randint(3, 4))
+    train = ["Reverse the list and write it in capital letters: {l}", "Write this list backwards, in upper case: {l}",
+             "Reverse the order of these words and uppercase them: {l}"]
+    test = ["Please reverse this list, all in caps: {l}", "In capitals, reverse the sequence of words: {l}"]
+    return rng.choice(train if split == "train" else test).format(l=", ".join(items)), ", ".join(reversed(items)).upper()
+
+
+def _email_upper(rng: random.Random, split: str) -> tuple[str, str]:
+    email = f"{rng.choice(NAMES).lower()}{rng.randint(1, 99)}@{rng.choice(DOMAINS)}"
+    train = ["Extract the email address and write it in capital letters: contact {e} before Friday.",
+             "Find the email in this text and uppercase it: Write to {e} for info.",
+             "What is the email here, in capitals? You can reach me at {e} any time."]
+    test = ["Pull out the email address, all in caps: Questions go to {e}, thanks!",
+            "Which email is mentioned here? Answer in capital letters. Send the files to {e}."]
+    return rng.choice(train if split == "train" else test).format(e=email), email.upper()
+
+
+def _french_upper(rng: random.Random, split: str) -> tuple[str, str]:
+    en, fr = rng.choice(sorted(FRENCH.items()))
+    train = ["Translate the color into French, in capital letters: {c}", "The French word for the color {c}, uppercased?",
+             "{c} in French (color), written in capitals?"]
+    test = ["How do you say the colour {c} in French? Answer in all caps.", "Give the French name of the color {c} in capitals."]
+    return rng.choice(train if split == "train" else test).format(c=en), fr.upper()
+
+
+def _french_reverse(rng: random.Random, split: str) -> tuple[str, str]:
+    colors = rng.sample(sorted(FRENCH), 3)
+    train = ["Translate each color into French and reverse the list: {l}", "French names of these colors, in reverse order: {l}",
+             "Reverse the list and give each color in French: {l}"]
+    test = ["Please give these colours in French, last one first: {l}", "In French, reverse this list of colors: {l}"]
+    answer = ", ".join(FRENCH[c] for c in reversed(colors))
+    return rng.choice(train if split == "train" else test).format(l=", ".join(colors)), answer
+
+
+MIXED: dict[str, dict] = {
+    "reverse_upper": {"make": _reverse_upper, "skills": ("reverse_list", "uppercase")},
+    "email_upper": {"make": _email_upper, "skills": ("extract_email", "uppercase")},
+    "french_upper": {"make": _french_upper, "skills": ("french_color", "uppercase")},
+    "french_reverse": {"make": _french_reverse, "skills": ("french_color", "reverse_list")},
+}
+
+
+def mixed_examples(task: str, split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a mixed task (see MIXED: which two demo skills it needs)."""
+    rng = random.Random(f"mixed/{task}/{split}/{seed}")
+    return [MIXED[task]["make"](rng, split) for _ in range(n)]

@@ -7,17 +7,20 @@ import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.errors import InvalidRequestError
+from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.registry import SkillInfo
 from adapter_store.validation import check_name, validate_files
 from composer.spec import Composition
-from server import limits
+from server import limits, optimize_api
 from server.auth import require_scope
-from server.library import store_composition
+from server.learned_weights import OptimizeOptions
+from server.library import create_and_store
+from server.optimize_api import OptimizeJob
+from server.quality import engine_answerer
 from server.state import Mosaic
 from server.uploads import pack_tar_gz, unpack
 
@@ -109,16 +112,39 @@ class CompositionRequest(Composition):
     name: str = Field(description="the new skill's name")
     description: str = ""
     examples: list[str] = Field(default_factory=list)
+    quality_prompts: int = Field(default=8, ge=0, le=64, description="example prompts per input skill for the quality "
+                                 "report (0: no report)")
+    min_agreement: float | None = Field(default=None, ge=0.0, le=1.0, description="refuse to store the composition if it "
+                                        "gives some input skill's own answer on less than this share of its examples")
+    optimize: OptimizeOptions | None = Field(default=None, description="learn the weights from examples (LoraHub) in a "
+                                             "background job: the answer is 202 with the job (GET /v1/compositions/jobs/{id})")
 
 
-@router.post("/v1/compositions", status_code=201, response_model=SkillInfo, dependencies=admin)
-async def create_composition(body: CompositionRequest, request: Request) -> SkillInfo:
+@router.post("/v1/compositions", status_code=201, response_model=SkillInfo, dependencies=admin,
+             responses={202: {"model": OptimizeJob, "description": "with optimize: the weight search started"}})
+async def create_composition(body: CompositionRequest, request: Request):
+    """Compose and store as a new skill, with a quality report (agreement with each input skill's own
+    answers on its example prompts); ``weights: "auto"`` stores a context-aware template; ``optimize``
+    learns the weights from examples in a background job (202)."""
     m = _state(request)
     if problems := check_name(body.name):
         raise InvalidRequestError("; ".join(problems), param="name")
     comp = Composition(**body.model_dump(include=set(Composition.model_fields)))
     limits.check_composition(m.settings, comp, param="skills")
-    return await asyncio.to_thread(
-        store_composition, m.registry, m.spec, comp, body.name, body.description, body.examples,
-        max_rank=m.settings.max_adapter_rank,
+    if (body.quality_prompts or body.min_agreement is not None) and not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet: the quality report needs it (or send quality_prompts 0)")
+    if body.optimize is not None:
+        if comp.context_aware:
+            raise InvalidRequestError("optimize learns fixed weights and 'auto' chooses them per prompt: send one of "
+                                      "the two", param="optimize")
+        for ref in comp.skills:  # a missing skill is a 404 now, not a failed job later
+            await m.cache.resolve(ref)
+        job = optimize_api.start(request, m, comp, body.optimize, name=body.name, description=body.description,
+                                 examples=body.examples, quality_prompts=body.quality_prompts,
+                                 min_agreement=body.min_agreement)
+        return JSONResponse(job.model_dump(mode="json"), status_code=202)
+    return await create_and_store(
+        m.registry, m.spec, comp, body.name, body.description, body.examples, max_rank=m.settings.max_adapter_rank,
+        answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
+        quality_prompts=body.quality_prompts, min_agreement=body.min_agreement,
     )

@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
-from server import admin_api, compress_api, errors, limits, openai_api
+from server import admin_api, compress_api, errors, limits, openai_api, optimize_api
 from server.settings import Settings, get_settings
 from server.state import Mosaic, build
 
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(admin_api.router)
     app.include_router(compress_api.router)
+    app.include_router(optimize_api.router)
     app.mount("/metrics", make_asgi_app())
 
     @app.get("/health", tags=["ops"])

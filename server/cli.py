@@ -259,8 +259,19 @@ def skills_show(name: str, as_json: Annotated[bool, typer.Option("--json")] = Fa
     for k, v in doc.items():
         if k == "mos":
             k, v = "storage", _storage_line(info)
+        if k == "composition" and v and v.get("quality"):
+            table.add_row("quality", _quality_line(info).removeprefix("; "))
         table.add_row(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
     out.print(table)
+
+
+def _quality_line(info) -> str:
+    q = (info.composition or {}).get("quality")
+    if not q:
+        return ""
+    return "; keeps " + ", ".join(
+        f"{s['skill']} {s['agreement']:.0%} ({s['prompts']} prompts)" if s["agreement"] is not None else f"{s['skill']} (no examples)"
+        for s in q["skills"])
 
 
 def _storage_line(info) -> str:
@@ -403,9 +414,17 @@ def compose(
     name: Annotated[Optional[str], typer.Option(help="store the result as this new skill")] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="write the result as a PEFT folder here")] = None,
     list_methods: Annotated[bool, typer.Option("--list-methods", help="list the merge methods and exit")] = False,
+    quality_prompts: Annotated[int, typer.Option(
+        min=0, max=64, help="with --name: example prompts per input skill for the quality report (0: none)")] = 8,
+    min_agreement: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="with --name: refuse to store if some input skill's own answer is kept on less than "
+        "this share of its example prompts")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Compose skills into one adapter, stored as a new skill (--name) or written to a folder (--out)."""
+    """Compose skills into one adapter, stored as a new skill (--name) or written to a folder (--out).
+
+    A stored composition gets a quality report (agreement with each input skill's own greedy answers on
+    its example prompts), computed here with the transformers reference engine."""
     from pydantic import ValidationError
 
     from composer import METHODS, Composition, compose as do_compose
@@ -443,11 +462,29 @@ def compose(
     reg = _registry()
     try:
         if name is not None:
-            from server.library import store_composition
+            import asyncio
 
-            info = store_composition(reg, _spec(), comp, name, max_rank=settings.max_adapter_rank)
+            from server.base_model import prepare
+            from server.library import create_and_store
+            from server.quality import reference_answerer
+            from router.policy import routable
+            from server.state import make_policy
+
+            policy = make_policy(settings, reg)
+
+            def weigh(c):
+                async def plan(text: str):
+                    skills = routable(reg.list())
+                    return await asyncio.to_thread(policy.route_within, text, c, skills, reg.generation())
+                return plan
+
+            with out.status("composing and measuring the quality report (reference engine)…"):
+                info = asyncio.run(create_and_store(
+                    reg, _spec(), comp, name, max_rank=settings.max_adapter_rank,
+                    answer=reference_answerer(reg, prepare(settings, quiet=True), settings.max_adapter_rank),
+                    weigh=weigh, engine="hf", quality_prompts=quality_prompts, min_agreement=min_agreement))
             result = info.model_dump()
-            message = f"stored [bold]{info.ref}[/] (rank {info.rank})"
+            message = f"stored [bold]{info.ref}[/] (rank {info.rank})" + _quality_line(info)
         else:
             adapters = [reg.load(ref)[1] for ref in comp.skills]
             adapter, report = do_compose(adapters, **comp.compose_kwargs())
@@ -472,7 +509,9 @@ def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
     from server.state import make_policy
 
     reg = _registry()
-    plan = make_policy(_settings(), reg).route(text, reg.list(), reg.generation())
+    from router.policy import routable
+
+    plan = make_policy(_settings(), reg).route(text, routable(reg.list()), reg.generation())
     if as_json:
         _print_json(plan.model_dump(mode="json"))
         return

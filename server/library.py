@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+
 from adapter_store.registry import Registry, SkillInfo
 from adapter_store.validation import BaseModelSpec, validate_adapter
 from composer import Composition, compose
+from server.quality import Answer, Weigh, check_min_agreement, quality_report
 
 
 def store_composition(
     registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
-    examples: list[str] | None = None, *, max_rank: int,
+    examples: list[str] | None = None, *, max_rank: int, quality: dict | None = None, extra: dict | None = None,
 ) -> SkillInfo:
     """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill.
 
@@ -31,5 +35,27 @@ def store_composition(
         composition={
             **comp.model_dump(mode="json"), "skills": [i.ref for i in infos], "sha256": [i.sha256 for i in infos],
             "refactored": report.refactored, "relative_error": report.relative_error,
+            **({"quality": quality} if quality is not None else {}), **(extra or {}),
         },
     )
+
+
+async def create_and_store(
+    registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
+    examples: list[str] | None = None, *, max_rank: int, answer: Answer, weigh: Callable[[Composition], Weigh],
+    engine: str, quality_prompts: int = 8, min_agreement: float | None = None, extra: dict | None = None,
+) -> SkillInfo:
+    """Pin the skills to their current versions, measure the quality report (unless ``quality_prompts`` is 0
+    and no ``min_agreement`` is asked), refuse below ``min_agreement``, then store. ``answer`` generates
+    greedily (the server's engine or the reference engine); ``weigh(comp)`` gives a context-aware
+    composition's per-prompt plans."""
+    infos = [await asyncio.to_thread(registry.info, ref) for ref in comp.skills]
+    comp = comp.model_validate({**comp.model_dump(), "skills": [i.ref for i in infos]})  # what is measured is stored
+    quality = None
+    if quality_prompts or min_agreement is not None:
+        report = await quality_report(comp, infos, answer, weigh(comp) if comp.context_aware else None, engine=engine,
+                                      max_prompts=quality_prompts or 8)
+        check_min_agreement(report, min_agreement)
+        quality = report.model_dump()
+    return await asyncio.to_thread(store_composition, registry, spec, comp, name, description, examples,
+                                   max_rank=max_rank, quality=quality, extra=extra)

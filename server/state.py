@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,17 @@ class Mosaic:
     engine_start_seconds: float | None = None
     engine_restarts: int = 0
     tasks: list[asyncio.Task] = field(default_factory=list)
+    _reference: object | None = None  # the transformers reference model for learned weights, loaded on first use
+    _reference_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reference_model(self):
+        """The base model in transformers (for LoraHub's loss), loaded once, on first use (seconds)."""
+        from server.learned_weights import LossModel
+
+        with self._reference_lock:
+            if self._reference is None:
+                self._reference = LossModel(self.model_dir)
+            return self._reference
 
     @property
     def base_id(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,3 +146,26 @@ def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+@contextmanager
+def merged(model, adapter: LoraAdapter | None):
+    """``model`` (a transformers causal LM) with ``adapter`` merged into its weights (W0 + s·B·A) for the
+    duration of the block, restored exactly afterwards (the original tensors are copied back)."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, m in (adapter.modules() if adapter is not None else {}).items():
+                weight = model.get_submodule(name).weight
+                saved[name] = weight.detach().clone()
+                weight += m.scaling * (m.B.float() @ m.A.float())
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in saved.items():
+                model.get_submodule(name).weight.copy_(w)
+
+
+def encode_pair(tokenizer, prompt: str | Conversation, answer: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one chat example: the loss falls on the answer and its end-of-turn token."""
+    return _encode(tokenizer, prompt, answer)

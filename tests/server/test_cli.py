@@ -51,6 +51,19 @@ def test_add_list_show_compose_export_rm(env, tmp_path, base_spec):
     r = mosaic_cli(env, "compose", "--skills", "one,two", "--weights", "0.5,-1", "--method", "linear", "--name", "mix", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["rank"] == 6
+    # the quality report: "one" has an example prompt (answered by the reference engine), "two" has none
+    quality = json.loads(r.stdout)["composition"]["quality"]
+    assert [(q["skill"], q["prompts"]) for q in quality["skills"]] == [("one@1", 1), ("two@1", 0)]
+    assert quality["skills"][0]["agreement"] in (0.0, 1.0) and quality["skills"][1]["agreement"] is None
+    assert "quality" in mosaic_cli(env, "skills", "show", "mix").stdout
+    # min_agreement needs examples for every input: refused, nothing stored
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--name", "mix2", "--min-agreement", "0.5")
+    assert r.returncode == 1 and "two@1 has none" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--weights", "auto", "--name", "virtual", "--quality-prompts", "0",
+                   "--json")
+    assert r.returncode == 0, r.stderr
+    virtual = json.loads(r.stdout)["composition"]
+    assert virtual["weights"] == "auto" and virtual["skills"] == ["one@1", "two@1"] and "quality" not in virtual
     out = tmp_path / "mix-export"
     assert mosaic_cli(env, "skills", "export", "mix", str(out)).returncode == 0
     mix = dense_delta(LoraAdapter.from_dir(out))
@@ -62,7 +75,7 @@ def test_add_list_show_compose_export_rm(env, tmp_path, base_spec):
     r = mosaic_cli(env, "compose", "--skills", "one,two", "--method", "svd", "--rank", "2", "--out", str(tmp_path / "svd"), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["rank"] == 2
     assert mosaic_cli(env, "skills", "rm", "one").returncode == 0
-    assert [s["name"] for s in json.loads(mosaic_cli(env, "skills", "list", "--json").stdout)] == ["mix", "two"]
+    assert [s["name"] for s in json.loads(mosaic_cli(env, "skills", "list", "--json").stdout)] == ["mix", "two", "virtual"]
 
 
 def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
@@ -74,6 +87,12 @@ def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
     assert r.returncode == 2 and "2 skills but 1 weights" in r.stderr
     r = mosaic_cli(env, "compose", "--skills", "a", "--method", "nope", "--name", "x")
     assert r.returncode == 2 and "unknown method" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a,b", "--weights", "auto", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "store it with --name" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a,b", "--weights", "one,two", "--name", "x")
+    assert r.returncode == 2 and "comma-separated numbers or 'auto'" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "a,b", "--name", "x", "--min-agreement", "2")
+    assert r.returncode == 2
     r = mosaic_cli(env, "skills", "add", str(tmp_path / "missing"), "--name", "x")
     assert r.returncode == 1 and "does not exist" in r.stderr
     d, _ = _dir(tmp_path, base_spec, "big", 8, 1)

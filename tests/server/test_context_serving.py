@@ -58,6 +58,10 @@ def test_stored_virtual_model_is_context_aware_by_name(client, server):
     detail = httpx.get(f"{url}/v1/adapters/json_or_sentiment").json()
     assert detail["composition"]["weights"] == "auto"
     assert detail["composition"]["skills"] == ["json_extract@1", "sentiment@1"]
+    # measured as served: each example prompt with its own weights, so each skill keeps its answers
+    quality = {q["skill"]: q for q in detail["composition"]["quality"]["skills"]}
+    assert set(quality) == {"json_extract@1", "sentiment@1"}
+    assert all(q["prompts"] > 0 and q["agreement"] >= 0.75 for q in quality.values()), quality
     assert "json_or_sentiment" in {m.id for m in client.models.list().data}
     for target in PAIR:
         prompt = examples(target, "test", 1, seed=22)[0][0]
@@ -92,3 +96,77 @@ def test_bad_context_aware_compositions_are_4xx(server, composition, status):
         "model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "composition": composition})
     assert r.status_code == status, r.text
     assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_quality_report_and_min_agreement(server):
+    """json_extract at weight 1 and sentiment at 0 keeps json_extract's answers and loses sentiment's: the report
+    says so, and min_agreement refuses to store it, naming sentiment, with nothing stored."""
+    url = server["url"]
+    body = {"name": "json_only", "skills": PAIR, "weights": [1.0, 0.0], "quality_prompts": 4}
+    r = httpx.post(f"{url}/v1/compositions", json={**body, "min_agreement": 0.5}, timeout=600)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "min_agreement" and "sentiment@1" in err["message"]
+    assert httpx.get(f"{url}/v1/adapters/json_only").status_code == 404
+    r = httpx.post(f"{url}/v1/compositions", json=body, timeout=600)
+    assert r.status_code == 201, r.text
+    quality = {q["skill"]: q for q in r.json()["composition"]["quality"]["skills"]}
+    assert quality["json_extract@1"]["prompts"] == 4 and quality["json_extract@1"]["agreement"] >= 0.75
+    assert quality["sentiment@1"]["agreement"] < 0.5
+    shown = httpx.get(f"{url}/v1/adapters/json_only").json()["composition"]["quality"]
+    assert shown["engine"] == "vllm" and shown["skills"][1]["skill"] == "sentiment@1"
+
+
+def _wait(url: str, job_id: str, timeout: float = 600) -> dict:
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        job = httpx.get(f"{url}/v1/compositions/jobs/{job_id}").json()
+        if job["state"] != "running":
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still running after {timeout} s")
+
+
+def test_learned_weights_job_stores_the_result_with_its_trace(server):
+    """optimize: a background job (202), progress while it runs, a second one refused (409) or cancelled,
+    the result stored with its search trace and quality report."""
+    url = server["url"]
+    labelled = [{"prompt": p, "answer": a} for p, a in examples("json_extract", "train", 3, seed=31)]
+    body = {"name": "json_learned", "skills": PAIR, "method": "linear", "quality_prompts": 2,
+            "optimize": {"examples": labelled, "budget": 6}}
+    r = httpx.post(f"{url}/v1/compositions", json=body, timeout=60)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["state"] == "running" and job["name"] == "json_learned"
+    clash = httpx.post(f"{url}/v1/compositions", json={**body, "name": "other"}, timeout=60)
+    assert clash.status_code == 409, clash.text
+    done = _wait(url, job["id"])
+    assert done["state"] == "done", done
+    assert done["progress"]["done"] == 6 and done["result"]["name"] == "json_learned"
+    stored = httpx.get(f"{url}/v1/adapters/json_learned").json()["composition"]
+    assert len(stored["optimize"]["trace"]) == 6 and stored["optimize"]["targets"] == "given"
+    assert stored["weights"] == stored["optimize"]["best"]["weights"]
+    assert stored["optimize"]["best"]["objective"] <= stored["optimize"]["initial"]["objective"]
+    assert [q["skill"] for q in stored["quality"]["skills"]] == ["json_extract@1", "sentiment@1"]
+    # a long search, cancelled: nothing stored
+    r = httpx.post(f"{url}/v1/compositions", json={**body, "name": "json_cancelled",
+                                                   "optimize": {"examples": labelled, "budget": 500}}, timeout=60)
+    assert r.status_code == 202
+    assert httpx.delete(f"{url}/v1/compositions/jobs/{r.json()['id']}").status_code == 200
+    assert _wait(url, r.json()["id"])["state"] == "cancelled"
+    assert httpx.get(f"{url}/v1/adapters/json_cancelled").status_code == 404
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"weights": "auto", "optimize": {"budget": 4}}, 400),            # fixed weights learned, or chosen per prompt: not both
+    ({"skills": ["json_extract", "ghost"], "optimize": {"budget": 4}}, 404),
+    ({"optimize": {"budget": 0}}, 400),
+    ({"optimize": {"budget": 4, "optimiser": "x"}}, 400),
+])
+def test_bad_optimize_requests_are_4xx(server, body, status):
+    r = httpx.post(f"{server['url']}/v1/compositions", json={"name": "bad_opt", "skills": PAIR, **body}, timeout=60)
+    assert r.status_code == status, r.text
+    assert httpx.get(f"{server['url']}/v1/adapters/bad_opt").status_code == 404
+    assert httpx.get(f"{server['url']}/v1/compositions/jobs/nope").status_code == 404

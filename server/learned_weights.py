@@ -1,0 +1,179 @@
+"""Composition weights learned from a few examples (LoraHub, arXiv 2307.13269).
+
+Minimise L(w) + λ·Σ|w_i| over the weights w of a composition, gradient-free: L is the mean per-token
+cross-entropy of the expected answers under the base model with the composition merged in. The
+search is nevergrad's NGOpt (as LoraHub), w_i in [-bound, bound]. LoraHub merges A and B separately
+(cross terms); here every candidate is the exact composition Σ w_i ΔW_i (or the requested method).
+
+The loss is computed with the transformers reference model (the base model's own weights, the
+composition merged in), in a worker thread: the serving engine keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapter_store.adapter import LoraAdapter
+from adapter_store.errors import InvalidRequestError
+from composer import Composition, compose
+
+
+class Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1)
+    answer: str | None = Field(default=None, description="the expected answer; none: the answer of the input skill "
+                               "the router weighs highest for this prompt")
+
+
+class OptimizeOptions(BaseModel):
+    """``"optimize"`` of a composition request."""
+
+    model_config = ConfigDict(extra="forbid")
+    examples: list[Example | str] = Field(default_factory=list, max_length=256, description=(
+        "prompt/answer pairs, or prompts alone; none at all: each input skill's registered example prompts with "
+        "the skill's own greedy answers as targets"))
+    budget: int = Field(default=40, ge=1, le=2000, description="loss evaluations (LoraHub: 40)")
+    l1: float = Field(default=0.05, ge=0.0, description="λ of the L1 penalty on the weights (LoraHub: 0.05)")
+    bound: float = Field(default=1.5, gt=0.0, le=10.0, description="each weight is searched in [-bound, bound]")
+    examples_per_skill: int = Field(default=5, ge=1, le=64, description="registered examples per skill (no examples given)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _strings_are_prompts(self) -> "OptimizeOptions":
+        self.examples = [Example(prompt=e) if isinstance(e, str) else e for e in self.examples]
+        return self
+
+
+class Trial(BaseModel):
+    weights: list[float]
+    loss: float
+    objective: float
+
+
+class OptimizeResult(BaseModel):
+    weights: list[float]
+    initial: Trial
+    best: Trial
+    trace: list[Trial]
+    examples: int
+    targets: str  # "given" | "skills' own answers" | "mixed"
+    seconds: float
+    cancelled: bool = False
+
+
+class LossModel:
+    """The base model (transformers, float32) scoring answers with one adapter merged in at a time."""
+
+    def __init__(self, base_dir: str | Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def loss(self, adapter: LoraAdapter | None, pairs: Sequence[tuple[str, str]], batch: int = 8) -> float:
+        """Mean per-token cross-entropy of each answer (its tokens and end of turn), averaged over examples."""
+        from server.training import encode_pair, merged
+
+        encoded = [encode_pair(self.tokenizer, p, a) for p, a in pairs]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        per_example: list[float] = []
+        with merged(self.model, adapter):
+            for i in range(0, len(encoded), batch):
+                chunk = encoded[i:i + batch]
+                width = max(len(ids) for ids, _ in chunk)
+                ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk])
+                labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk])
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk])
+                logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                target = labels[:, 1:]
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+                counts = (target != -100).sum(1).clamp(min=1)
+                per_example += (nll.sum(1) / counts).tolist()
+        return float(np.mean(per_example))
+
+    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
+        from server.training import generate_greedy, merged
+
+        with merged(self.model, adapter):
+            return generate_greedy(self.model, self.tokenizer, list(prompts), max_new_tokens, batch_size=8)
+
+
+def training_pairs(options: OptimizeOptions, skills: Sequence[tuple[str, LoraAdapter, list[str]]], model: LossModel,
+                   pick: Callable[[str], int]) -> tuple[list[tuple[str, str]], str]:
+    """(prompt, target) pairs and where the targets came from. ``skills``: (ref, adapter, example prompts) per input;
+    ``pick(prompt)`` is the index of the input skill that answers a prompt given without an answer."""
+    if not options.examples:
+        pairs = []
+        for ref, adapter, prompts in skills:
+            prompts = [p for p in prompts if p.strip()][: options.examples_per_skill]
+            pairs += zip(prompts, model.answers(adapter, prompts))
+        if not pairs:
+            raise InvalidRequestError("no examples given and the input skills have no example prompts: send "
+                                      "optimize.examples", param="optimize.examples")
+        return pairs, "skills' own answers"
+    given = [(e.prompt, e.answer) for e in options.examples if e.answer is not None]
+    bare = [e.prompt for e in options.examples if e.answer is None]
+    by_skill: dict[int, list[str]] = {}
+    for p in bare:
+        by_skill.setdefault(pick(p), []).append(p)
+    for i, prompts in by_skill.items():
+        given += zip(prompts, model.answers(skills[i][1], prompts))
+    return given, "given" if not bare else ("skills' own answers" if len(bare) == len(options.examples) else "mixed")
+
+
+def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Sequence[tuple[str, str]],
+                  options: OptimizeOptions, model: LossModel, *, max_rank: int, targets: str = "given",
+                  progress: Callable[[int, Trial, Trial], None] | None = None,
+                  cancelled: Callable[[], bool] = lambda: False) -> OptimizeResult:
+    """LoraHub's search. The start point is the request's weights if it gave numbers, else 0 (the base model,
+    as LoraHub). ``progress(done, trial, best)`` after each evaluation; ``cancelled()`` stops the search
+    between evaluations (the result so far is returned, marked cancelled)."""
+    import nevergrad as ng
+
+    k = len(adapters)
+    init = np.clip(np.array(comp.weights if isinstance(comp.weights, tuple) else [0.0] * k, dtype=np.float64),
+                   -options.bound, options.bound)
+    t0 = time.perf_counter()
+    trace: list[Trial] = []
+
+    def evaluate(w: np.ndarray) -> Trial:
+        w = [round(float(x), 6) for x in w]
+        if any(w):
+            adapter, _ = compose(list(adapters), max_rank=max_rank, **comp.with_weights(w).compose_kwargs())
+        else:
+            adapter = None  # every weight 0: the base model
+        loss = model.loss(adapter, pairs)
+        if not math.isfinite(loss):
+            loss = 1e6
+        trial = Trial(weights=w, loss=round(loss, 6), objective=round(loss + options.l1 * sum(abs(x) for x in w), 6))
+        trace.append(trial)
+        return trial
+
+    initial = best = evaluate(init)
+    if progress:
+        progress(1, initial, best)
+    param = ng.p.Array(init=init, lower=-options.bound, upper=options.bound)
+    param.random_state = np.random.RandomState(options.seed)
+    optimizer = ng.optimizers.NGOpt(parametrization=param, budget=max(options.budget - 1, 1))
+    stopped = False
+    for done in range(2, options.budget + 1):
+        if cancelled():
+            stopped = True
+            break
+        candidate = optimizer.ask()
+        trial = evaluate(candidate.value)
+        optimizer.tell(candidate, trial.objective)
+        if trial.objective < best.objective:
+            best = trial
+        if progress:
+            progress(done, trial, best)
+    return OptimizeResult(weights=best.weights, initial=initial, best=best, trace=trace, examples=len(pairs), targets=targets,
+                          seconds=round(time.perf_counter() - t0, 3), cancelled=stopped)

@@ -1,0 +1,126 @@
+"""Learned composition weights (LoraHub) as background jobs of the server.
+
+``POST /v1/compositions`` with ``"optimize"`` answers 202 with a job; ``GET /v1/compositions/jobs/{id}``
+tells how it goes (evaluations done, best objective and weights so far); ``DELETE`` cancels it between
+two evaluations. When the search ends the composition is stored with the best weights, its quality
+report and the search trace. One search runs at a time per server (409 otherwise): it uses the
+server's reference model and both CPU cores' worth of work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from adapter_store.errors import ConflictError, MosaicError, NotFoundError
+from adapter_store.registry import SkillInfo
+from composer.spec import Composition
+from server.auth import require_scope
+from server.learned_weights import OptimizeOptions, Trial, learn_weights, training_pairs
+from server.library import create_and_store
+from server.quality import engine_answerer
+from server.state import Mosaic
+
+router = APIRouter(tags=["skills"])
+admin = [Depends(require_scope("admin"))]
+
+
+class OptimizeJob(BaseModel):
+    id: str
+    state: Literal["running", "done", "failed", "cancelled"] = "running"
+    name: str = Field(description="the skill the result is stored as")
+    skills: list[str]
+    started: float
+    finished: float | None = None
+    progress: dict = Field(default_factory=dict, description="evaluations done of the budget, best objective and weights")
+    result: SkillInfo | None = None
+    error: str | None = None
+
+
+def _jobs(request: Request) -> dict[str, OptimizeJob]:
+    state = request.app.state
+    if not hasattr(state, "optimize_jobs"):
+        state.optimize_jobs = {}
+    return state.optimize_jobs
+
+
+def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptions, *, name: str, description: str,
+          examples: list[str], quality_prompts: int, min_agreement: float | None) -> OptimizeJob:
+    """Start a search (claimed before any await, so two requests cannot both run one)."""
+    jobs = _jobs(request)
+    if any(j.state == "running" for j in jobs.values()):
+        raise ConflictError("a weight search is already running on this server: wait for it or cancel it")
+    job = OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills), started=time.time(),
+                      progress={"done": 0, "budget": options.budget})
+    jobs[job.id] = job
+    cancel = {"asked": False}
+    request.app.state.optimize_cancel = getattr(request.app.state, "optimize_cancel", {})
+    request.app.state.optimize_cancel[job.id] = cancel
+
+    def progress(done: int, trial: Trial, best: Trial) -> None:
+        job.progress = {"done": done, "budget": options.budget, "last": trial.model_dump(), "best": best.model_dump()}
+
+    async def run() -> None:
+        try:
+            infos = [await m.cache.resolve(ref) for ref in comp.skills]
+            pinned = comp.model_validate({**comp.model_dump(), "skills": [i.ref for i in infos]})
+            adapters = [(await asyncio.to_thread(m.registry.load, i.ref))[1] for i in infos]
+            model = await asyncio.to_thread(m.reference_model)
+            template = pinned.model_validate({**pinned.model_dump(), "weights": "auto"})
+            skills = m.skills()
+
+            def pick(prompt: str) -> int:  # the input skill the router weighs highest for a prompt given alone
+                return int(np.argmax(m.policy.route_within(prompt, template, skills, 0).alpha))
+
+            pairs, targets = await asyncio.to_thread(
+                training_pairs, options, [(i.ref, a, i.examples) for i, a in zip(infos, adapters)], model, pick)
+            result = await asyncio.to_thread(
+                learn_weights, pinned, adapters, pairs, options, model, max_rank=m.settings.max_adapter_rank,
+                targets=targets, progress=progress, cancelled=lambda: cancel["asked"])
+            if result.cancelled:
+                job.state = "cancelled"
+                return
+            learned = pinned.with_weights(result.weights)
+            job.result = await create_and_store(
+                m.registry, m.spec, learned, name, description, examples, max_rank=m.settings.max_adapter_rank,
+                answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
+                quality_prompts=quality_prompts, min_agreement=min_agreement,
+                extra={"optimize": {"options": options.model_dump(mode="json"), **result.model_dump(mode="json")}})
+            job.state = "done"
+        except MosaicError as exc:
+            job.state, job.error = "failed", exc.message
+        except Exception as exc:  # reported to whoever polls; nothing is stored before the search ends
+            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            job.finished = time.time()
+
+    m.tasks.append(asyncio.get_running_loop().create_task(run()))
+    return job
+
+
+@router.get("/v1/compositions/jobs", response_model=list[OptimizeJob], dependencies=admin)
+async def list_jobs(request: Request) -> list[OptimizeJob]:
+    return sorted(_jobs(request).values(), key=lambda j: j.started)
+
+
+@router.get("/v1/compositions/jobs/{job_id}", response_model=OptimizeJob, dependencies=admin)
+async def get_job(job_id: str, request: Request) -> OptimizeJob:
+    job = _jobs(request).get(job_id)
+    if job is None:
+        raise NotFoundError(f"no weight search {job_id!r} on this server", param="job_id")
+    return job
+
+
+@router.delete("/v1/compositions/jobs/{job_id}", response_model=OptimizeJob, dependencies=admin)
+async def cancel_job(job_id: str, request: Request) -> OptimizeJob:
+    """Cancel a running search (it stops after the evaluation in progress; nothing is stored)."""
+    job = await get_job(job_id, request)
+    if job.state == "running":
+        request.app.state.optimize_cancel[job_id]["asked"] = True
+    return job
