@@ -390,6 +390,44 @@ def _parse_params(items: list[str]) -> dict:
     return params
 
 
+def _read_examples(path: Path) -> list:
+    """A JSON list, or JSON Lines, of {"prompt", "answer"} objects or prompt strings."""
+    text = path.read_text()
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(value, list):
+        raise ValueError("expected a JSON list or JSON Lines")
+    return value
+
+
+def _optimize(reg, comp, options, policy, settings):
+    """LoraHub's search with a progress bar; returns the composition with the learned weights and the record."""
+    import numpy as np
+    from rich.progress import Progress
+
+    from router.policy import routable
+    from server.base_model import prepare
+    from server.learned_weights import LossModel, optimize_composition, optimize_record
+
+    def pick_for(template):
+        skills = routable(reg.list())
+        return lambda prompt: int(np.argmax(policy.route_within(prompt, template, skills, 0).alpha))
+
+    with out.status("loading the base model for the weight search…"):
+        model = LossModel(prepare(settings, quiet=True))
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("searching weights", total=options.budget)
+
+        def progress(done, trial, best):
+            bar.update(task, completed=done, description=f"best {best.objective:.3f} at {best.weights}")
+
+        learned, result = optimize_composition(reg, comp, options, model, pick_for, max_rank=settings.max_adapter_rank,
+                                               progress=progress)
+    return learned, {"optimize": optimize_record(options, result)}
+
+
 def _parse_weights(raw: str | None) -> tuple[float, ...] | str | None:
     if not raw:
         return None
@@ -419,6 +457,13 @@ def compose(
     min_agreement: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="with --name: refuse to store if some input skill's own answer is kept on less than "
         "this share of its example prompts")] = None,
+    optimize: Annotated[bool, typer.Option(
+        "--optimize", help="with --name: learn the weights (LoraHub) from --optimize-examples, or from each skill's "
+        "example prompts and its own answers")] = False,
+    optimize_examples: Annotated[Optional[Path], typer.Option(
+        help="JSON list or JSONL: {\"prompt\", \"answer\"} objects, or prompts alone")] = None,
+    budget: Annotated[int, typer.Option(min=1, max=2000, help="--optimize: loss evaluations")] = 40,
+    l1: Annotated[float, typer.Option(min=0.0, help="--optimize: λ of the L1 penalty on the weights")] = 0.05,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Compose skills into one adapter, stored as a new skill (--name) or written to a folder (--out).
@@ -458,6 +503,17 @@ def compose(
         _fail(f"bad composition: {exc}", 2)
     if comp.context_aware and out_dir is not None:
         _fail("--weights auto chooses weights per prompt: store it with --name (a folder has fixed weights)", 2)
+    if (optimize or optimize_examples) and (out_dir is not None or comp.context_aware):
+        _fail("--optimize learns fixed weights for a stored skill: use it with --name and without --weights auto", 2)
+    options = None
+    if optimize or optimize_examples:
+        from server.learned_weights import OptimizeOptions
+
+        try:
+            options = OptimizeOptions(examples=_read_examples(optimize_examples) if optimize_examples else [],
+                                      budget=budget, l1=l1)
+        except (ValidationError, ValueError, OSError) as exc:
+            _fail(f"bad --optimize-examples: {exc}", 2)
     settings = _settings()
     reg = _registry()
     try:
@@ -478,11 +534,14 @@ def compose(
                     return await asyncio.to_thread(policy.route_within, text, c, skills, reg.generation())
                 return plan
 
+            extra = None
+            if options is not None:
+                comp, extra = _optimize(reg, comp, options, policy, settings)
             with out.status("composing and measuring the quality report (reference engine)…"):
                 info = asyncio.run(create_and_store(
                     reg, _spec(), comp, name, max_rank=settings.max_adapter_rank,
                     answer=reference_answerer(reg, prepare(settings, quiet=True), settings.max_adapter_rank),
-                    weigh=weigh, engine="hf", quality_prompts=quality_prompts, min_agreement=min_agreement))
+                    weigh=weigh, engine="hf", quality_prompts=quality_prompts, min_agreement=min_agreement, extra=extra))
             result = info.model_dump()
             message = f"stored [bold]{info.ref}[/] (rank {info.rank})" + _quality_line(info)
         else:

@@ -177,3 +177,25 @@ def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Seq
             progress(done, trial, best)
     return OptimizeResult(weights=best.weights, initial=initial, best=best, trace=trace, examples=len(pairs), targets=targets,
                           seconds=round(time.perf_counter() - t0, 3), cancelled=stopped)
+
+
+def optimize_composition(registry, comp: Composition, options: OptimizeOptions, model: LossModel,
+                         pick_for: Callable[[Composition], Callable[[str], int]], *, max_rank: int,
+                         progress: Callable[[int, Trial, Trial], None] | None = None,
+                         cancelled: Callable[[], bool] = lambda: False) -> tuple[Composition, OptimizeResult]:
+    """The whole search for a composition in the registry: skills pinned to their current versions, the
+    training pairs, LoraHub's search. Returns the composition with the best weights, and the result (with its
+    trace). ``pick_for(template)(prompt)`` is the input skill answering a prompt sent without an answer."""
+    loaded = [registry.load(ref) for ref in comp.skills]
+    pinned = comp.model_validate({**comp.model_dump(), "skills": [info.ref for info, _ in loaded]})
+    adapters = [a for _, a in loaded]
+    template = pinned.model_validate({**pinned.model_dump(), "weights": "auto"})
+    pairs, targets = training_pairs(options, [(i.ref, a, i.examples) for i, a in loaded], model, pick_for(template))
+    result = learn_weights(pinned, adapters, pairs, options, model, max_rank=max_rank, targets=targets,
+                           progress=progress, cancelled=cancelled)
+    return pinned.with_weights(result.weights), result
+
+
+def optimize_record(options: OptimizeOptions, result: OptimizeResult) -> dict:
+    """What a stored composition keeps of its search (under ``composition.optimize``)."""
+    return {"options": options.model_dump(mode="json"), **result.model_dump(mode="json")}

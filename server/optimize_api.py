@@ -22,7 +22,7 @@ from adapter_store.errors import ConflictError, MosaicError, NotFoundError
 from adapter_store.registry import SkillInfo
 from composer.spec import Composition
 from server.auth import require_scope
-from server.learned_weights import OptimizeOptions, Trial, learn_weights, training_pairs
+from server.learned_weights import OptimizeOptions, Trial, optimize_composition, optimize_record
 from server.library import create_and_store
 from server.quality import engine_answerer
 from server.state import Mosaic
@@ -68,30 +68,22 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
 
     async def run() -> None:
         try:
-            infos = [await m.cache.resolve(ref) for ref in comp.skills]
-            pinned = comp.model_validate({**comp.model_dump(), "skills": [i.ref for i in infos]})
-            adapters = [(await asyncio.to_thread(m.registry.load, i.ref))[1] for i in infos]
             model = await asyncio.to_thread(m.reference_model)
-            template = pinned.model_validate({**pinned.model_dump(), "weights": "auto"})
-            skills = m.skills()
 
-            def pick(prompt: str) -> int:  # the input skill the router weighs highest for a prompt given alone
-                return int(np.argmax(m.policy.route_within(prompt, template, skills, 0).alpha))
+            def pick_for(template: Composition):
+                skills = m.skills()
+                return lambda prompt: int(np.argmax(m.policy.route_within(prompt, template, skills, 0).alpha))
 
-            pairs, targets = await asyncio.to_thread(
-                training_pairs, options, [(i.ref, a, i.examples) for i, a in zip(infos, adapters)], model, pick)
-            result = await asyncio.to_thread(
-                learn_weights, pinned, adapters, pairs, options, model, max_rank=m.settings.max_adapter_rank,
-                targets=targets, progress=progress, cancelled=lambda: cancel["asked"])
+            learned, result = await asyncio.to_thread(
+                optimize_composition, m.registry, comp, options, model, pick_for, max_rank=m.settings.max_adapter_rank,
+                progress=progress, cancelled=lambda: cancel["asked"])
             if result.cancelled:
                 job.state = "cancelled"
                 return
-            learned = pinned.with_weights(result.weights)
             job.result = await create_and_store(
                 m.registry, m.spec, learned, name, description, examples, max_rank=m.settings.max_adapter_rank,
                 answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
-                quality_prompts=quality_prompts, min_agreement=min_agreement,
-                extra={"optimize": {"options": options.model_dump(mode="json"), **result.model_dump(mode="json")}})
+                quality_prompts=quality_prompts, min_agreement=min_agreement, extra={"optimize": optimize_record(options, result)})
             job.state = "done"
         except MosaicError as exc:
             job.state, job.error = "failed", exc.message

@@ -131,3 +131,31 @@ def test_skills_compress_show_and_off(env):
     assert off.returncode == 0 and "3 versions changed" in off.stdout
     shown = json.loads(mosaic_cli(env, "skills", "show", "sentiment", "--json").stdout)
     assert shown["mos"]["pool_version"] is None and shown["mos"]["error"] > 0  # the decoded shards, stored exact
+
+
+def test_compose_optimize_learns_and_stores_the_trace(env, tmp_path, base_spec):
+    d1, _ = _dir(tmp_path, base_spec, "one", 4, 1)
+    d2, _ = _dir(tmp_path, base_spec, "two", 2, 2, shapes=(Q,))
+    assert mosaic_cli(env, "skills", "add", str(d1), "--name", "one").returncode == 0
+    assert mosaic_cli(env, "skills", "add", str(d2), "--name", "two").returncode == 0
+    data = tmp_path / "examples.jsonl"
+    data.write_text('{"prompt": "Say hi", "answer": "hi"}\n{"prompt": "Say yes", "answer": "yes"}\n')
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--name", "learned", "--optimize-examples", str(data),
+                   "--budget", "3", "--quality-prompts", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    comp = json.loads(r.stdout)["composition"]
+    assert len(comp["optimize"]["trace"]) == 3 and comp["optimize"]["examples"] == 2
+    assert comp["weights"] == comp["optimize"]["best"]["weights"] and comp["optimize"]["options"]["budget"] == 3
+    assert comp["optimize"]["best"]["objective"] == min(t["objective"] for t in comp["optimize"]["trace"])
+    # wrong uses: a folder, context-aware weights, a broken examples file; nothing stored
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--optimize", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--optimize learns fixed weights" in r.stderr
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--optimize", "--weights", "auto", "--name", "x")
+    assert r.returncode == 2
+    (tmp_path / "bad.jsonl").write_text('{"prompt": ""}\n')
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--name", "x", "--optimize-examples", str(tmp_path / "bad.jsonl"))
+    assert r.returncode == 2 and "bad --optimize-examples" in r.stderr
+    # no examples given and none registered: a clear error
+    r = mosaic_cli(env, "compose", "--skills", "one,two", "--name", "x", "--optimize", "--budget", "2")
+    assert r.returncode == 1 and "no example prompts" in r.stderr
+    assert [s["name"] for s in json.loads(mosaic_cli(env, "skills", "list", "--json").stdout)] == ["learned", "one", "two"]
