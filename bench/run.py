@@ -15,6 +15,8 @@ Sections (each can be left out with --skip NAME):
   serving   tokens/s and time to first token through Mosaic vs a plain ``vllm serve`` with the same engine
             settings, prompt and adapters: base, a skill, a composition (first request and cached), auto.
   registry  upload + fetch of a large adapter through the registry vs raw redis-py SET/GET of the same bytes.
+  composition  what a composition keeps of each skill: every pair and all 8, fixed weights vs context-aware
+            ("weights": "auto") vs learned (LoraHub); mixed tasks that need two skills at once (bench/composition.py).
   storage   the library (demo skills + variants) compressed to MoS shard pools at several pool shapes: bytes in
             Redis, per-skill error, load time and exact match before/after (bench/storage.py).
 The README's Results section is rewritten from this report (between its results markers).
@@ -41,7 +43,7 @@ SKILLS = ROOT / "bench" / "skills"
 REPORTS = ROOT / "bench" / "reports"
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("quality", "routing", "compose", "serving", "registry", "storage")
+SECTIONS = ("quality", "routing", "compose", "serving", "registry", "storage", "composition")
 
 
 def log(msg: str) -> None:
@@ -404,6 +406,14 @@ def _storage(quick: bool) -> dict:
     return res
 
 
+def _composition(quick: bool) -> dict:
+    from bench import composition
+
+    res = composition.run(3 if quick else 6, quick)
+    composition.write(res)
+    return res
+
+
 def render(res: dict, quick: bool) -> tuple[str, str]:
     """(REPORT.md, the README's Results section)."""
     L = ["# Mosaic benchmark report", "",
@@ -490,6 +500,13 @@ def render(res: dict, quick: bool) -> tuple[str, str]:
                         + (f"{best['ratio']:.1f}× fewer bytes in Redis at "
                            f"{100 * (best['exact_match_mean'] - st['baseline']['exact_match_mean']):+.1f} points exact match "
                            "(goal ≥ 4× at ≤ 1 point loss) |" if best else "no configuration within 1 point |"))
+    if co := res.get("composition"):
+        from bench import composition
+
+        body = composition.render(co).replace("composition.png", f"composition{'_quick' if quick else ''}.png")
+        body = body.replace("# Composition retention", "## 7. Composition retention", 1).replace("\n## ", "\n### ")
+        L += [body.replace("### 7. Composition", "## 7. Composition"), ""]
+        headline += composition.headline(co)
     results = ["| measure | result |", "|---|---|", *headline]
     return "\n".join(L) + "\n", "\n".join(results)
 
@@ -524,7 +541,8 @@ def main() -> None:
         res.update({k: v for k, v in json.loads(last.read_text()).items() if k in args.skip})
     steps = {"quality": lambda: quality(args.quick), "routing": lambda: routing(args.quick),
              "compose": lambda: compose_speed(args.rerun_compose), "serving": lambda: serving(args.quick),
-             "registry": lambda: registry(args.quick), "storage": lambda: _storage(args.quick)}
+             "registry": lambda: registry(args.quick), "storage": lambda: _storage(args.quick),
+             "composition": lambda: _composition(args.quick)}
     for name, fn in steps.items():
         if name in args.skip:
             continue

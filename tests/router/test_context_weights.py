@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 from bench.demo_data import examples
 from bench.route_prompts import MULTI
 from composer.spec import Composition
-from router.psec import PsecRouter
 from router.weights import AlphaRule, restrict, weights_from_alpha
-from tests.router.test_psec_router import _add_demo
 
 
 # ---- the rule, against hand-computed answers --------------------------------------------------------
@@ -75,19 +73,6 @@ def test_restrict_renormalises_over_the_names_asked():
 
 
 # ---- α over a composition's own skills (real encoder, real Redis) -------------------------------------
-
-@pytest.fixture(scope="module")
-def encoder():
-    from router.encoder import MiniLMEncoder
-
-    return MiniLMEncoder()
-
-
-@pytest.fixture
-def router(registry, encoder):
-    _add_demo(registry)
-    return PsecRouter(registry, encoder=encoder)
-
 
 # reverse_list/uppercase is left out: both take a list of words, and the router confuses some of their
 # prompts (bench/reports/composition.md gives its retention)

@@ -1,38 +1,12 @@
 """The auto router with the real MiniLM encoder, the demo skills' real profiles and real Redis."""
 
-import json
-from pathlib import Path
-
 import pytest
 
-from adapter_store.registry import SkillInfo
 from bench.demo_data import examples
 from bench.route_prompts import MULTI, OOD
 from router.psec import MODEL_KEY, PsecRouter
 from tests.helpers import random_adapter
-
-DEMO = Path(__file__).resolve().parents[2] / "bench" / "skills"
-SHAPES = {"model.layers.0.self_attn.q_proj": (576, 576)}
-
-
-def _add_demo(registry):
-    for d in sorted(DEMO.iterdir()):
-        meta = json.loads((d / "mosaic.json").read_text())
-        registry.add(d.name, random_adapter(SHAPES, r=2, seed=len(d.name)), description=meta["description"],
-                     examples=meta["examples"])
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    from router.encoder import MiniLMEncoder
-
-    return MiniLMEncoder()
-
-
-@pytest.fixture
-def router(registry, encoder):
-    _add_demo(registry)
-    return PsecRouter(registry, encoder=encoder)
+from tests.router.conftest import SHAPES
 
 
 @pytest.mark.parametrize("skill", ["json_extract", "sentiment", "reverse_list"])
