@@ -73,6 +73,7 @@ def compose(
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     spec = get_method(method)
+    spec.check_inputs(len(adapters))
     params = spec.check_params(params or {})
     weights = spec.weights_fn(list(weights), params)
     per_adapter = [a.modules() for a in adapters]
@@ -84,13 +85,15 @@ def compose(
     err_sq = total_sq = 0.0
     refactored = False
     for name in names:
-        present = [(m[name], w) for m, w in zip(per_adapter, weights) if name in m]
+        inputs = tuple(i for i, m in enumerate(per_adapter) if name in m)
+        present = [(per_adapter[i][name], weights[i]) for i in inputs]
         ws = [w for _, w in present]
         if weighting == "varm":
             ws = varm_weights([m.scaling**2 * frobenius_sq(m.A, m.B) for m, _ in present], ws)
         factors = [(m.A, (w * m.scaling) * m.B) for (m, _), w in zip(present, ws)]
         exact_rank = max(exact_rank, sum(a.shape[0] for a, _ in factors))
-        A, B = spec.fn(factors, rank=rank, ctx=MethodContext(module=name, cap=cap), **params)
+        ctx = MethodContext(module=name, cap=cap, layer=layer_index(name), inputs=inputs)
+        A, B = spec.fn(factors, rank=rank, ctx=ctx, **params)
         if lines is not None:
             B = B * lines_scale(layer_index(name), num_layers, *lines)
         if max_rank is not None:

@@ -91,3 +91,24 @@ def refactor_dense(M: torch.Tensor, rank: int | None, cap: int) -> tuple[torch.T
     k = min(rank, S.numel())
     root = S[:k].sqrt()
     return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+
+
+def minmax(t: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation of one task's entries to [0, 1] (all equal: zeros)."""
+    lo, hi = t.min(), t.max()
+    return (t - lo) / (hi - lo) if hi > lo else torch.zeros_like(t)
+
+
+def pcb_scores(taus: torch.Tensor) -> torch.Tensor:
+    """PCB-merging's balance β_i = β_intra,i ⊙ β_inter,i per entry of each task vector (K × …), with
+    β_intra,i = softmax(N·norm(τ_i ⊙ τ_i)) and β_inter,i = Σ_j softmax(N·norm(τ_i ⊙ τ_j)), softmax over
+    the entries of one task, N the number of tasks."""
+    n = taus.shape[0]
+    flat = taus.reshape(n, -1).double()
+
+    def soft(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(n * minmax(x), 0)
+
+    intra = torch.stack([soft(t * t) for t in flat])
+    inter = torch.stack([sum(soft(flat[i] * flat[j]) for j in range(n)) for i in range(n)])
+    return (intra * inter).reshape(taus.shape)

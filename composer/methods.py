@@ -183,6 +183,47 @@ def consensus(taus: torch.Tensor, *, ctx: MethodContext, k: int, lam: float) -> 
     return taus.sum(0) * dense.consensus_mask(taus, min(k, taus.shape[0]), lam)
 
 
+@_dense_method(
+    "pcb",
+    reference="Du et al., Parameter Competition Balancing for Model Merging (PCB-merging, NeurIPS 2024)",
+    description="Weigh each entry of each τ_i by intra-task importance and inter-task agreement (softmax balances), "
+    "drop all but the top ratio per task, and average the τ_i by the kept balances.",
+    params={"ratio": Param(float, 0.1, "fraction of each task's entries kept (by balance)", low=0.0, high=1.0)},
+)
+def pcb(taus: torch.Tensor, *, ctx: MethodContext, ratio: float) -> torch.Tensor:
+    beta = dense.pcb_scores(taus)
+    kept = torch.stack([b * dense.magnitude_mask(b, ratio) for b in beta])
+    total = kept.sum(0)
+    merged = (kept * taus.double()).sum(0) / torch.where(total > 0, total, torch.ones_like(total))
+    return merged.to(taus.dtype)
+
+
+@merge_method(
+    "layer_swap",
+    reference="Bandarkar et al., Layer Swapping for Zero-Shot Cross-Lingual Transfer in LLMs (2024)",
+    space="factors",
+    description="Each layer's modules come from one skill only (factors copied, weight folded in): layers in "
+    "[start, end) from the second skill, every other layer from the first (the paper keeps the first and last "
+    "layers of one expert and swaps in the middle of another). One or two skills.",
+    max_inputs=2,
+    params={
+        "start": Param(int, 8, "first layer taken from the second skill", low=0),
+        "end": Param(int, 22, "first layer after the swapped band", low=0),
+    },
+)
+def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, start: int, end: int) -> Factors:
+    if end < start:
+        raise ValueError(f"layer_swap needs start <= end, got {start} > {end}")
+    source = 1 if ctx.layer is not None and start <= ctx.layer < end else 0
+    if source not in ctx.inputs:  # the skill this layer comes from does not touch this module: no update here
+        A, B = factors[0]
+        return torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1])
+    A, B = factors[ctx.inputs.index(source)]
+    if rank is not None and rank < A.shape[0]:
+        return truncate(A, B, rank)
+    return A, B
+
+
 @merge_method(
     "lego",
     reference="LoRA-LEGO: rank-wise clustering of Minimal Semantic Units (Zhao et al., 2024); sklearn KMeans",

@@ -13,10 +13,13 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × d_in, B: d_out × r) wit
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method may know besides the factors: which module, and the rank cap for ``auto``."""
+    """What a method may know besides the factors: which module (and its layer), the rank cap for ``auto``,
+    and which of the composition's inputs have this module (``factors[j]`` is input ``inputs[j]``)."""
 
     module: str = ""
     cap: int = 64
+    layer: int | None = None
+    inputs: tuple[int, ...] = ()
 
 
 class MethodFn(Protocol):
@@ -63,8 +66,13 @@ class MergeMethod:
     description: str
     params: dict[str, Param] = field(default_factory=dict)
     needs_rank: bool = False  # True: the result is re-factored to a target rank ("auto" picks one)
+    max_inputs: int | None = None  # at most this many skills (None: any number)
     # adapter-level weight transform applied before weights are folded in (e.g. PSEC's softmax/top-k)
     weights_fn: Callable[[list[float], dict[str, Any]], list[float]] = _same_weights
+
+    def check_inputs(self, count: int) -> None:
+        if self.max_inputs is not None and count > self.max_inputs:
+            raise ValueError(f"method {self.name!r} takes at most {self.max_inputs} skills, got {count}")
 
     def check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         unknown = set(params) - set(self.params)
@@ -88,6 +96,7 @@ def merge_method(
     params: dict[str, Param] | None = None,
     needs_rank: bool = False,
     weights_fn: Callable[[list[float], dict[str, Any]], list[float]] | None = None,
+    max_inputs: int | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register a merge method under ``name``; a duplicate name is an error, never an overwrite."""
 
@@ -97,6 +106,7 @@ def merge_method(
         METHODS[name] = MergeMethod(
             name=name, fn=fn, reference=reference, space=space, description=description,
             params=dict(params or {}), needs_rank=needs_rank, weights_fn=weights_fn or _same_weights,
+            max_inputs=max_inputs,
         )
         return fn
 

@@ -54,6 +54,7 @@ class Composition(BaseModel):
             if not all(math.isfinite(w) for w in self.weights):
                 raise ValueError("weights must be finite numbers")
         get_method(self.method).check_params(self.params)
+        get_method(self.method).check_inputs(len(self.skills))
         return self
 
     @property

@@ -132,3 +132,56 @@ def test_varm_and_lines_helpers():
         lam = 0.5 + 1.0 * layer / (2 - 1)  # L = 2 layers here
         expected = lam * sum(w * d for w, d in zip(ws, deltas))
         torch.testing.assert_close(got[module], expected, rtol=1e-5, atol=1e-6)
+
+
+def _pcb_oracle(taus, module, ratio):
+    """PCB-merging from its definition (ALGORITHMS.md), in numpy float64: per task, intra balance
+    softmax(N·norm(τ_i²)) times inter balance Σ_j softmax(N·norm(τ_i τ_j)) over the task's entries; keep each
+    task's top ratio of balances; average the τ_i weighted by the kept balances."""
+    T = np.stack([t.double().numpy().ravel() for t in taus])
+    n = T.shape[0]
+
+    def norm(x):
+        return (x - x.min()) / (x.max() - x.min()) if x.max() > x.min() else np.zeros_like(x)
+
+    def softmax(x):
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    beta = np.zeros_like(T)
+    for i in range(n):
+        intra = softmax(n * norm(T[i] * T[i]))
+        inter = np.zeros(T.shape[1])
+        for j in range(n):
+            inter += softmax(n * norm(T[i] * T[j]))
+        b = intra * inter
+        k = int(ratio * b.size)
+        threshold = np.sort(b)[::-1][k - 1] if k > 0 else np.inf
+        beta[i] = np.where(b >= threshold, b, 0.0)
+    total = beta.sum(0)
+    merged = np.where(total > 0, (beta * T).sum(0) / np.where(total > 0, total, 1), 0.0)
+    return torch.from_numpy(merged.reshape(taus[0].shape))
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
+def test_pcb_matches_its_definition(ratio):
+    _check("pcb", {"ratio": ratio}, lambda taus, m: _pcb_oracle(taus, m, ratio))
+
+
+def test_layer_swap_takes_each_layer_from_one_skill():
+    """Layer 0 from the first skill, layer 1 (inside [1, 2)) from the second: each module's ΔW is exactly that
+    skill's weighted ΔW; a module the designated skill lacks gets no update."""
+    a = random_adapter(SHAPES, r=3, alpha=6, seed=1)
+    b = random_adapter({"model.layers.1.v": SHAPES["model.layers.1.v"], "model.layers.0.q": SHAPES["model.layers.0.q"]},
+                       r=2, alpha=4, seed=2)
+    merged, _ = compose([a, b], [0.8, -1.2], method="layer_swap", params={"start": 1, "end": 2})
+    got, da, db = dense_delta(merged), dense_delta(a), dense_delta(b)
+    torch.testing.assert_close(got["model.layers.0.q"], 0.8 * da["model.layers.0.q"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got["model.layers.1.v"], -1.2 * db["model.layers.1.v"], rtol=1e-5, atol=1e-7)
+    swapped_all, _ = compose([a, b], [1.0, 1.0], method="layer_swap", params={"start": 0, "end": 2})
+    got = dense_delta(swapped_all)
+    torch.testing.assert_close(got["model.layers.0.q"], db["model.layers.0.q"], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="at most 2 skills"):
+        compose([a, b, a], [1.0, 1.0, 1.0], method="layer_swap")
+    with pytest.raises(ValueError, match="start <= end"):
+        compose([a, b], [1.0, 1.0], method="layer_swap", params={"start": 3, "end": 1})
