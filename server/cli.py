@@ -186,13 +186,13 @@ def skills_train(
     val, train = shuffled[:n_val], shuffled[n_val:]
     init = None
     if init_from:
-        from composer import compose as do_compose
+        from server.training import init_from_skills
 
         try:
             parts = [reg.load(s.strip())[1] for s in init_from.split(",") if s.strip()]
         except MosaicError as exc:
             _fail(str(exc))
-        init, _ = do_compose(parts, [1.0 / len(parts)] * len(parts), method="svd", rank=rank)
+        init = init_from_skills(parts, rank)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err, disable=as_json) as bar:
         task = bar.add_task(f"training {name}", total=steps)

@@ -169,3 +169,12 @@ def merged(model, adapter: LoraAdapter | None):
 def encode_pair(tokenizer, prompt: str | Conversation, answer: str) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one chat example: the loss falls on the answer and its end-of-turn token."""
     return _encode(tokenizer, prompt, answer)
+
+
+def init_from_skills(adapters: Sequence[LoraAdapter], rank: int) -> LoraAdapter:
+    """The start point of ``mosaic skills train --init-from``: the skills' average (weights 1/K), truncated to
+    ``rank`` by the low-rank SVD (PSEC reuses prior skills as the new skill's initialisation)."""
+    from composer import compose
+
+    init, _ = compose(list(adapters), [1.0 / len(adapters)] * len(adapters), method="svd", rank=rank)
+    return init
