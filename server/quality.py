@@ -128,7 +128,7 @@ def engine_answerer(m) -> Answer:
     async def one(prompt: str, adapter) -> str:
         tok = m.engine.tokenizer()
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(text, add_special_tokens=False)["input_ids"][-(m.settings.max_prompt_tokens - MAX_TOKENS):]  # long: its end
         return "".join([c.text async for c in m.engine.generate(ids, params, adapter)])
 
     async def answer(plan: Plan, prompts: Sequence[str]) -> list[str]:
