@@ -15,6 +15,16 @@ BASE = "SmolLM2-135M-Instruct"
 PAIR = ["json_extract", "sentiment"]
 
 
+@pytest.fixture
+def stored(server):
+    """Names of skills a test stores, deleted afterwards: the session's server is shared, and a composition
+    left in the library would join model="auto"'s choices in later tests."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        httpx.delete(f"{server['url']}/v1/adapters/{name}", timeout=60)
+
+
 def _chat(client, prompt: str, model: str = BASE, composition: dict | None = None, max_tokens: int = 40):
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], temperature=0,
                                        max_tokens=max_tokens, extra_body={"composition": composition} if composition else None)
@@ -48,12 +58,13 @@ def test_two_skill_prompt_composes_both_and_caches(client):
     assert second["cache"] == "hit"
 
 
-def test_stored_virtual_model_is_context_aware_by_name(client, server):
+def test_stored_virtual_model_is_context_aware_by_name(client, server, stored):
     """POST /v1/compositions with weights 'auto' stores a template; requests by its name get per-prompt
     weights; its detail says so; model='auto' never routes to it (it would compete with its own inputs)."""
     url = server["url"]
+    stored.append("json_or_sentiment")
     r = httpx.post(f"{url}/v1/compositions", json={"name": "json_or_sentiment", "skills": PAIR, "weights": "auto",
-                                                   "method": "linear"}, timeout=300)
+                                                   "method": "linear", "quality_prompts": 3}, timeout=300)
     assert r.status_code == 201, r.text
     detail = httpx.get(f"{url}/v1/adapters/json_or_sentiment").json()
     assert detail["composition"]["weights"] == "auto"
@@ -98,10 +109,11 @@ def test_bad_context_aware_compositions_are_4xx(server, composition, status):
     assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
 
 
-def test_quality_report_and_min_agreement(server):
+def test_quality_report_and_min_agreement(server, stored):
     """json_extract at weight 1 and sentiment at 0 keeps json_extract's answers and loses sentiment's: the report
     says so, and min_agreement refuses to store it, naming sentiment, with nothing stored."""
     url = server["url"]
+    stored.append("json_only")
     body = {"name": "json_only", "skills": PAIR, "weights": [1.0, 0.0], "quality_prompts": 4}
     r = httpx.post(f"{url}/v1/compositions", json={**body, "min_agreement": 0.5}, timeout=600)
     assert r.status_code == 400, r.text
@@ -129,10 +141,11 @@ def _wait(url: str, job_id: str, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} still running after {timeout} s")
 
 
-def test_learned_weights_job_stores_the_result_with_its_trace(server):
+def test_learned_weights_job_stores_the_result_with_its_trace(server, stored):
     """optimize: a background job (202), progress while it runs, a second one refused (409) or cancelled,
     the result stored with its search trace and quality report."""
     url = server["url"]
+    stored.append("json_learned")
     labelled = [{"prompt": p, "answer": a} for p, a in examples("json_extract", "train", 3, seed=31)]
     body = {"name": "json_learned", "skills": PAIR, "method": "linear", "quality_prompts": 2,
             "optimize": {"examples": labelled, "budget": 6}}

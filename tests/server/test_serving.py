@@ -223,7 +223,8 @@ def test_auto_composes_and_follows_library_changes(client, server):
     r = client.chat.completions.create(model="auto", temperature=0, max_tokens=8, messages=[{"role": "user", "content": prompt}])
     mosaic = r.model_extra["mosaic"]
     assert mosaic["plan"] == "composition" and mosaic["method"] == "psec"
-    assert {s.split("@")[0] for s in mosaic["skills"]} == expected and sum(mosaic["weights"]) == pytest.approx(1, abs=1e-3)
+    assert {s.split("@")[0] for s in mosaic["skills"]} == expected
+    assert max(mosaic["weights"]) == 1.0 and min(mosaic["weights"]) > 0  # the strongest at full strength (router/weights.py)
     # a skill uploaded over HTTP is routable on the next request, without a restart; a delete removes it
     url, piglatin = server["url"], "Write this in pig latin: good morning, my friend"
     assert httpx.post(f"{url}/v1/route", json={"prompt": piglatin}, timeout=60).json()["kind"] == "base"
