@@ -10,6 +10,7 @@ server's reference model and both CPU cores' worth of work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Literal
@@ -27,6 +28,7 @@ from server.library import create_and_store
 from server.quality import engine_answerer
 from server.state import Mosaic
 
+log = logging.getLogger("mosaic.optimize")
 router = APIRouter(tags=["skills"])
 admin = [Depends(require_scope("admin"))]
 
@@ -87,7 +89,8 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
             job.state = "done"
         except MosaicError as exc:
             job.state, job.error = "failed", exc.message
-        except Exception as exc:  # reported to whoever polls; nothing is stored before the search ends
+        except Exception as exc:  # reported to whoever polls (and logged); nothing is stored before the search ends
+            log.exception("weight search %s failed", job.id)
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             job.finished = time.time()
