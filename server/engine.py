@@ -54,6 +54,7 @@ class Chunk:
 class Engine(Protocol):
     model_id: str
     max_lora_rank: int
+    serving: object | None  # vLLM's OpenAI serving objects (a starlette State), None for the reference engine
 
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -62,8 +63,34 @@ class Engine(Protocol):
     def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: EngineAdapter | None) -> AsyncIterator[Chunk]: ...
 
 
+def vllm_cli_args(settings: Settings, model_dir: Path, model_id: str) -> list[str]:
+    """The command-line arguments of vLLM's own OpenAI server that match Mosaic's engine: Mosaic parses
+    them with vLLM's parser, and a plain ``vllm.entrypoints.openai.api_server`` started with them (the
+    parity tests, the benchmark) runs the very same engine configuration."""
+    args = [
+        "--model", str(model_dir), "--served-model-name", model_id, "--dtype", settings.dtype, "--enforce-eager",
+        "--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank),
+        "--max-cpu-loras", str(settings.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
+        "--gpu-memory-utilization", str(settings.gpu_memory_utilization), "--disable-log-stats",
+    ]
+    if settings.tool_call_parser:
+        args += ["--tool-call-parser", settings.tool_call_parser, "--enable-auto-tool-choice"]
+    return args
+
+
+def vllm_serve_args(settings: Settings, model_dir: Path, model_id: str):
+    """:func:`vllm_cli_args` parsed by vLLM's own server parser (every serving default as vLLM sets it)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(settings, model_dir, model_id))
+    validate_parsed_serve_args(args)
+    return args
+
+
 class VllmEngine:
-    """vLLM's ``AsyncLLM`` in-process (its engine core runs in a child process)."""
+    """vLLM's ``AsyncLLM`` in-process (its engine core runs in a child process), with vLLM's own OpenAI
+    serving objects on it (``serving``): the HTTP surface is vLLM's, Mosaic decides the adapter."""
 
     def __init__(self, settings: Settings, model_dir: Path, model_id: str) -> None:
         self.settings = settings
@@ -72,35 +99,39 @@ class VllmEngine:
         self.max_lora_rank = settings.max_lora_rank
         self._llm = None
         self._tokenizer = None
+        self.serving = None  # vLLM's OpenAI serving objects (chat, completion, responses, tokenization, models)
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kv_cache_gib))
+        from starlette.datastructures import State
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(self.model_dir),
-            served_model_name=[self.model_id],
-            dtype=self.settings.dtype,
-            enforce_eager=True,
-            enable_lora=True,
-            max_loras=self.settings.max_loras,
-            max_lora_rank=self.settings.max_lora_rank,
-            max_cpu_loras=self.settings.max_cpu_loras,
-            max_model_len=self.settings.max_model_len,
-            gpu_memory_utilization=self.settings.gpu_memory_utilization,
-            disable_log_stats=True,
-        )
+        args = vllm_serve_args(self.settings, self.model_dir, self.model_id)
+        engine_args = AsyncEngineArgs.from_cli_args(args)
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
+
+        def build():  # as vLLM's own OpenAI server builds its engine client
+            config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+            return AsyncLLM.from_vllm_config(
+                vllm_config=config, usage_context=UsageContext.OPENAI_API_SERVER,
+                enable_log_requests=engine_args.enable_log_requests, disable_log_stats=engine_args.disable_log_stats,
+            )
+
         # building the engine blocks for tens of seconds (it starts and profiles the engine core):
         # off the event loop, so the admin API and /health answer meanwhile
-        self._llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        llm = await asyncio.to_thread(build)
+        serving = State()
+        await init_app_state(llm, serving, args, await llm.get_supported_tasks())
+        self._llm, self.serving = llm, serving
 
     async def stop(self) -> None:
         if self._llm is not None:
             self._llm.shutdown()
-            self._llm = None
+            self._llm = self.serving = None
 
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
@@ -142,6 +173,7 @@ class HfEngine:
         self._tokenizer = None
         self._lock = threading.Lock()
         self._loaded: set[str] = set()
+        self.serving = None  # no vLLM serving layer: server/hf_openai.py serves a documented subset
 
     async def start(self) -> None:
         def load():

@@ -1,51 +1,450 @@
-"""OpenAI-compatible inference: /v1/models, /v1/chat/completions, /v1/completions."""
+"""OpenAI-compatible inference, served by vLLM's own OpenAI serving layer with Mosaic's plan in front.
+
+Every request to ``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/tokenize`` and
+``/detokenize`` goes the same way:
+
+1. the body is parsed with vLLM's own protocol model for the endpoint, after Mosaic takes its one
+   extension out (``composition``); a field that neither knows is refused with a 400 naming it;
+2. Mosaic's limits and the ``model`` (base id, ``name``, ``name@N``, ``auto``) or ``composition`` turn
+   into a plan and an adapter folder (materialised and cached by :class:`AdapterCache`);
+3. vLLM's serving object handles the request with that adapter (:class:`LoraNames` lends vLLM a name
+   for it for the duration of the call): sampling, logprobs, structured output, tools, ``n``, echo,
+   streaming and its framing, usage and every parameter error are vLLM's own;
+4. the response carries the client's ``model`` back, plus Mosaic's ``mosaic`` field: in the body, or on
+   the first event of a stream, and always in the ``x-mosaic-plan`` header (compact JSON).
+
+The reference engine (``MOSAIC_ENGINE=hf``) has no vLLM serving layer: server/hf_openai.py serves its
+documented subset behind the same front.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
-from sse_starlette.sse import EventSourceResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
 
-from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+from adapter_store.errors import InvalidRequestError, NotFoundError, UnavailableError
 from adapter_store.registry import SkillInfo
 from composer.spec import Composition
 from router.plan import Plan
-from server import limits, metrics
+from server import hf_openai, limits, metrics
 from server.auth import require_scope
-from server.engine import Chunk, EngineAdapter, GenerationParams
-from server.errors import error_payload
-from server.protocol import ChatMessage, ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, MosaicInfo
+from server.engine import EngineAdapter
+from server.protocol import MosaicInfo
 from server.state import Mosaic
 
+log = logging.getLogger("mosaic.server")
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_scope("inference"))])
+PLAN_HEADER = "x-mosaic-plan"
 
 
 def _state(request: Request) -> Mosaic:
     return request.app.state.mosaic
 
 
-@router.get("/v1/models", response_model=ModelList)
-async def list_models(request: Request) -> ModelList:
+# --- what each endpoint reads ----------------------------------------------------------------------
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and "text" in p)
+
+
+def _messages(items: Any) -> list[dict]:
+    if not isinstance(items, list):
+        return []
+    return [x.model_dump() if isinstance(x, BaseModel) else x for x in items if isinstance(x, (dict, BaseModel))]
+
+
+def _last_user(items: Any) -> str:
+    return next((_content_text(x.get("content")) for x in reversed(_messages(items)) if x.get("role") == "user"), "")
+
+
+def _all_messages(items: Any) -> list[str]:
+    return [_content_text(x.get("content")) for x in _messages(items)]
+
+
+def _prompts(m: Mosaic, prompt: Any) -> list[str]:
+    """The text of a completions prompt: a string, several strings, token ids, or several lists of them."""
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(t, int) for t in prompt):
+        prompt = [prompt]
+    tok = m.engine.tokenizer()
+    vocab = len(tok) if tok is not None else 0
+    out = []
+    for p in prompt:
+        if isinstance(p, str):
+            out.append(p)
+        elif isinstance(p, list) and tok is not None:
+            out.append(tok.decode([t for t in p if isinstance(t, int) and 0 <= t < vocab]))
+    return out
+
+
+def _input_texts(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else _all_messages(value)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One OpenAI route: vLLM's protocol model and serving method, and what Mosaic reads of the request."""
+
+    serving: str  # the attribute of vLLM's serving state
+    method: str
+    protocol: Callable[[dict], type[BaseModel]]  # the request model for a body
+    texts: Callable[[Mosaic, Any], list[str]]  # all prompt text (the character limit)
+    routed: Callable[[Mosaic, Any], str]  # what the router and context-aware weights read
+    dump: dict = field(default_factory=dict)  # vLLM's model_dump arguments for the response
+    events: Callable | None = None  # turns a stream of event objects into SSE text (Responses API)
+
+
+def _protocols():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
+    from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+    from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+
+    return {
+        "chat": Endpoint("openai_serving_chat", "create_chat_completion", lambda b: ChatCompletionRequest,
+                         lambda m, r: _all_messages(r.messages), lambda m, r: _last_user(r.messages)),
+        "completion": Endpoint("openai_serving_completion", "create_completion", lambda b: CompletionRequest,
+                               lambda m, r: _prompts(m, r.prompt), lambda m, r: "\n".join(_prompts(m, r.prompt))),
+        "responses": Endpoint("openai_serving_responses", "create_responses", lambda b: ResponsesRequest,
+                              lambda m, r: _input_texts(r.input),
+                              lambda m, r: r.input if isinstance(r.input, str) else _last_user(r.input),
+                              dump={"mode": "json", "by_alias": True}, events=_convert_stream_to_sse_events),
+        "tokenize": Endpoint("serving_tokenization", "create_tokenize",
+                             lambda b: TokenizeChatRequest if "messages" in b else TokenizeCompletionRequest,
+                             lambda m, r: _all_messages(r.messages) if hasattr(r, "messages") else [r.prompt],
+                             lambda m, r: _last_user(r.messages) if hasattr(r, "messages") else r.prompt),
+        "detokenize": Endpoint("serving_tokenization", "create_detokenize", lambda b: DetokenizeRequest,
+                               lambda m, r: [], lambda m, r: ""),
+    }
+
+
+ENDPOINTS: dict[str, Endpoint] = {}
+
+
+def endpoint(kind: str) -> Endpoint:
+    if not ENDPOINTS:
+        ENDPOINTS.update(_protocols())
+    return ENDPOINTS[kind]
+
+
+# --- the front --------------------------------------------------------------------------------------
+
+MOSAIC_FIELDS = {"composition"}
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def field_names(cls: type[BaseModel]) -> set[str]:
+    names = set(cls.model_fields)
+    names |= {f.alias for f in cls.model_fields.values() if f.alias}
+    return names
+
+
+async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None, dict]:
+    """The request as vLLM's protocol model, and Mosaic's ``composition``. 400 on anything else."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise InvalidRequestError("send the request body as JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    cls = ep.protocol(body)
+    unknown = sorted(set(body) - field_names(cls) - MOSAIC_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: Mosaic serves the fields of "
+            "vLLM's OpenAI protocol for this endpoint, plus 'composition'", param=unknown[0])
+    composition = body.pop("composition", None)
+    return _validate(cls, body, ()), None if composition is None else _validate(Composition, composition, ("composition",)), body
+
+
+def _validate(cls: type[BaseModel], value: Any, loc: tuple):
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:  # answered by the 400 handler in server/errors.py
+        raise RequestValidationError([{**e, "loc": ("body", *loc, *e.get("loc", ()))} for e in exc.errors()]) from None
+
+
+def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None) -> None:
+    if composition is not None:
+        limits.check_composition(m.settings, composition)
+    limits.check_prompt_chars(m.settings, ep.texts(m, req), "prompt" if hasattr(req, "prompt") else "messages")
+    for name in MAX_TOKENS_FIELDS:
+        value = vars(req).get(name)
+        if isinstance(value, int) and value > m.settings.max_tokens_limit:
+            raise InvalidRequestError(
+                f"{name}={value} is more than the server allows ({m.settings.max_tokens_limit}, setting "
+                "MOSAIC_MAX_TOKENS_LIMIT)", param=name)
+
+
+class LoraNames:
+    """Lends vLLM's model registry a name for each adapter Mosaic serves, while a request uses it.
+
+    vLLM's serving classes find a request's adapter by looking its ``model`` up in
+    ``OpenAIServingModels.lora_requests``; Mosaic puts the adapter there under a name of its content
+    (``mosaic-<folder>``) for the duration of the call and takes it out when no request holds it."""
+
+    def __init__(self) -> None:
+        self._held: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, models, adapter: EngineAdapter):
+        from vllm.lora.request import LoRARequest
+
+        name = f"mosaic-{Path(adapter.path).name}"
+        models.lora_requests.setdefault(name, LoRARequest(name, adapter.int_id, adapter.path))
+        self._held[name] += 1
+        try:
+            yield name
+        finally:
+            self._held[name] -= 1
+            if not self._held[name]:
+                del self._held[name]
+                models.lora_requests.pop(name, None)
+
+
+LORA_NAMES = LoraNames()
+
+
+async def _cancellable(request: Request, work):
+    """Run ``work``; cancel it when the client disconnects first (as vLLM's own routes do)."""
+    from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(listen_for_disconnect(request))
+    done, pending = await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    if task in done:
+        return task.result()
+    return None
+
+
+async def serve(request: Request, kind: str) -> Response:
+    m = _state(request)
+    ep = endpoint(kind)
+    req, composition, _ = await parse(request, ep)
+    if not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
+    check_limits(m, ep, req, composition)
+    client_model = req.model or m.base_id  # the name the response reports
+    plan = await plan_for(m, client_model, composition, ep.routed(m, req))
+    adapter, info = await serve_plan(m, plan)
+    mosaic = info.model_dump(mode="json", exclude_none=True)
+    headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
+    observed = Observation(info.plan, _target(m, info))
+    if m.engine.serving is None:
+        try:
+            result = await hf_openai.handle(m, kind, req, adapter, client_model)
+        except Exception:
+            observed.done("error")
+            raise
+        return respond(result, ep, client_model, client_model, mosaic, headers, observed)
+    serving = m.engine.serving
+    handler = getattr(getattr(serving, ep.serving), ep.method)
+    with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(m)) as served_name:
+        if req.model is not None or adapter is not None:
+            req.model = served_name
+        try:
+            result = await _cancellable(request, handler(req, request))
+        except Exception as exc:  # vLLM's own server turns these into responses in its exception handlers
+            result = vllm_error(exc)
+    return respond(result, ep, served_name, client_model, mosaic, headers, observed)
+
+
+@contextmanager
+def _no_lora(m: Mosaic):
+    yield m.base_id
+
+
+def vllm_error(exc: Exception):
+    """An exception from vLLM's serving layer as vLLM's own server answers it."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+    err = create_error_response(exc)
+    if err.error.code >= 500:
+        log.error("vLLM's serving layer failed", exc_info=exc)
+    return err
+
+
+def respond(result, ep: Endpoint, served_name: str, client_model: str, mosaic: dict, headers: dict,
+            observed: Observation) -> Response:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if result is None:  # the client went away
+        observed.done("cancelled")
+        return Response(status_code=499)
+    if isinstance(result, ErrorResponse):
+        observed.done("error")
+        return JSONResponse(result.model_dump(**ep.dump), status_code=result.error.code, headers=headers)
+    if isinstance(result, BaseModel):
+        body = result.model_dump(**ep.dump)
+        if "model" in body:
+            body["model"] = client_model
+        body["mosaic"] = mosaic
+        observed.done("ok", body.get("usage"))
+        return JSONResponse(body, headers=headers)
+    stream = ep.events(result) if ep.events else result
+    rename = (f'"model":{json.dumps(served_name)}', f'"model":{json.dumps(client_model)}')
+    return StreamingResponse(_stream(stream, rename if client_model != served_name else None, mosaic, observed),
+                             media_type="text/event-stream", headers=headers)
+
+
+async def _stream(events: AsyncIterator[str], rename: tuple[str, str] | None, mosaic: dict,
+                  observed: Observation) -> AsyncIterator[str]:
+    """vLLM's SSE events as vLLM frames them; the client's model name put back, and ``mosaic`` on the first event.
+
+    The rename is a plain replacement of ``"model":"<served name>"``: inside a JSON string a quote is
+    escaped, so that byte sequence can only be the response's own ``model`` key."""
+    outcome, usage, first = "error", None, True
+    try:
+        async for event in events:
+            if rename is not None:
+                event = event.replace(*rename)
+            if '"usage":{' in event:
+                usage = _usage_of(event) or usage
+            if first and "data: {" in event:
+                event, first = _with_mosaic(event, mosaic), False
+            yield event
+        outcome = "ok"
+    finally:
+        observed.done(outcome, usage)
+
+
+def _data(event: str) -> tuple[str, str, str]:
+    head, _, rest = event.partition("data: ")
+    data, sep, tail = rest.partition("\n")
+    return head, data, sep + tail
+
+
+def _with_mosaic(event: str, mosaic: dict) -> str:
+    head, data, tail = _data(event)
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return event
+    if isinstance(body, dict) and "error" not in body:
+        body["mosaic"] = mosaic
+    return head + "data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + tail
+
+
+def _usage_of(event: str) -> dict | None:
+    try:
+        body = json.loads(_data(event)[1])
+    except ValueError:
+        return None
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if usage is None and isinstance(body, dict) and isinstance(body.get("response"), dict):
+        usage = body["response"].get("usage")  # Responses API: response.completed carries it
+    return usage if isinstance(usage, dict) else None
+
+
+class Observation:
+    """Counts one request, its tokens and its time to the last byte, whatever the response shape.
+    Tokens are counted where the response reports usage (every non-streamed response; a stream when
+    it asks for usage with ``stream_options``)."""
+
+    def __init__(self, plan: str, target: str) -> None:
+        self.plan, self.target, self.t0 = plan, target, time.monotonic()
+
+    def done(self, outcome: str, usage: dict | None = None) -> None:
+        seconds = time.monotonic() - self.t0
+        metrics.REQUESTS.labels(plan=self.plan, outcome=outcome).inc()
+        metrics.LATENCY.labels(plan=self.plan).observe(seconds)
+        metrics.TARGET_REQUESTS.labels(target=self.target, outcome=outcome).inc()
+        metrics.TARGET_LATENCY.labels(target=self.target).observe(seconds)
+        if usage:
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens")) or 0
+            completion = usage.get("completion_tokens", usage.get("output_tokens")) or 0
+            metrics.TARGET_TOKENS.labels(target=self.target, kind="prompt").inc(prompt)
+            metrics.TARGET_TOKENS.labels(target=self.target, kind="completion").inc(completion)
+
+
+def _target(m: Mosaic, info: MosaicInfo) -> str:
+    if info.plan == "base":
+        return m.base_id
+    if info.plan == "composition":
+        return "composition"
+    return info.skills[0].split("@")[0]
+
+
+@router.post("/v1/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(request: Request) -> Response:
+    """vLLM's chat completions (every field of its protocol), plus ``composition``."""
+    return await serve(request, "chat")
+
+
+@router.post("/v1/completions", responses={200: {"content": {"text/event-stream": {}}}})
+async def completions(request: Request) -> Response:
+    """vLLM's completions (every field of its protocol), plus ``composition``."""
+    return await serve(request, "completion")
+
+
+@router.post("/v1/responses", responses={200: {"content": {"text/event-stream": {}}}})
+async def responses(request: Request) -> Response:
+    """vLLM's OpenAI Responses API, as far as vLLM serves it, plus ``composition``."""
+    return await serve(request, "responses")
+
+
+@router.post("/tokenize")
+async def tokenize(request: Request) -> Response:
+    """vLLM's tokenizer endpoint (a prompt, or chat messages through the chat template)."""
+    return await serve(request, "tokenize")
+
+
+@router.post("/detokenize")
+async def detokenize(request: Request) -> Response:
+    """vLLM's detokenizer endpoint."""
+    return await serve(request, "detokenize")
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    """vLLM's model cards: the base model, every skill (``parent`` = the base id, as vLLM's LoRA cards),
+    and ``auto``; Mosaic's own fields under ``mosaic``."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, ModelPermission
+
     m = _state(request)
     skills = await asyncio.to_thread(m.registry.list)
-    cards = [ModelCard(id=m.base_id, created=int(m.started), owned_by="mosaic", mosaic={"kind": "base"})]
-    cards += [
-        ModelCard(
-            id=s.name, created=int(s.created), owned_by="mosaic", root=m.base_id, parent=m.base_id,
-            mosaic={"kind": "skill", "version": s.version, "sha256": s.sha256, "rank": s.rank, "description": s.description},
-        )
-        for s in skills
-    ]
-    cards.append(ModelCard(id="auto", created=int(m.started), owned_by="mosaic", mosaic={"kind": "router"}))
-    return ModelList(data=cards)
+    context = m.settings.max_model_len
 
+    def card(id_: str, created: float, root: str, parent: str | None, mosaic: dict) -> ModelCard:
+        return ModelCard(id=id_, created=int(created), owned_by="mosaic", root=root, parent=parent,
+                         max_model_len=context, permission=[ModelPermission()], mosaic=mosaic)
+
+    cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})]
+    cards += [card(s.name, s.created, s.ref, m.base_id,
+                   {"kind": "skill", "version": s.version, "sha256": s.sha256, "rank": s.rank, "description": s.description})
+              for s in skills]
+    cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
+    return JSONResponse(ModelList(data=cards).model_dump())
+
+
+# --- plans -----------------------------------------------------------------------------------------
 
 async def plan_for(m: Mosaic, model: str, composition: Composition | None, text: str) -> Plan:
     """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice).
@@ -108,144 +507,11 @@ async def serve_plan(m: Mosaic, plan: Plan) -> tuple[EngineAdapter | None, Mosai
     return served.adapter, MosaicInfo(**info, **served.describe())
 
 
-def _params(m: Mosaic, req, prompt_len: int, max_tokens: int | None, param: str) -> GenerationParams:
-    limits.check_prompt_tokens(m.settings, prompt_len, param)
-    return GenerationParams(
-        max_tokens=limits.check_max_tokens(m.settings, prompt_len, max_tokens), temperature=req.temperature,
-        top_p=req.top_p, stop=req.stop_list(), seed=req.seed, presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-    )
-
-
-def _ready(m: Mosaic) -> None:
-    if not m.engine.ready():
-        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
-
-
-@router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request):
-    m = _state(request)
-    _ready(m)
-    limits.check_prompt_chars(m.settings, (x.text() for x in req.messages), "messages")
-    tok = m.engine.tokenizer()
-    messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
-    try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception as exc:  # a template's own validation (e.g. role order)
-        raise InvalidRequestError(f"the messages do not fit the model's chat template: {exc}", param="messages") from exc
-    prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
-    params = _params(m, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens, "messages")
-    last_user = next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
-    plan = await plan_for(m, req.model, req.composition, last_user)
-    adapter, info = await serve_plan(m, plan)
-    return await _respond(m, req, prompt_ids, params, adapter, info, chat=True)
-
-
-@router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request):
-    m = _state(request)
-    _ready(m)
-    tok = m.engine.tokenizer()
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-        if not all(0 <= t < len(tok) for t in prompt):
-            raise InvalidRequestError(f"token ids must lie in [0, {len(tok)})", param="prompt")
-        prompt_ids, text = list(prompt), tok.decode(prompt)
-    else:
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise InvalidRequestError("send one prompt per request (a list of several is not served)", param="prompt")
-            prompt = prompt[0]
-        text = str(prompt)
-        limits.check_prompt_chars(m.settings, [text], "prompt")
-        prompt_ids = tok(text)["input_ids"]
-    if not prompt_ids:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    params = _params(m, req, len(prompt_ids), req.max_tokens, "prompt")
-    plan = await plan_for(m, req.model, req.composition, text)
-    adapter, info = await serve_plan(m, plan)
-    return await _respond(m, req, prompt_ids, params, adapter, info, chat=False, echo=text if req.echo else "")
-
-
-async def _respond(m, req, prompt_ids, params, adapter, info: MosaicInfo, *, chat: bool, echo: str = ""):
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    created = int(time.time())
-    model = req.model
-    mosaic = info.model_dump(mode="json", exclude_none=True)
-    target = {"base": m.base_id, "composition": "composition"}.get(info.plan) or info.skills[0].split("@")[0]
-    stream = _observed(m.engine.generate(prompt_ids, params, adapter), info.plan, target)
-    if not req.stream:
-        text, last = echo, None
-        async for chunk in stream:
-            text += chunk.text
-            last = chunk
-        assert last is not None
-        usage = _usage(last)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason, "logprobs": None}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage, "mosaic": mosaic})
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return EventSourceResponse(_sse(rid, created, model, stream, chat, mosaic, include_usage, echo), ping=15)
-
-
-async def _observed(stream: AsyncIterator[Chunk], plan: str, target: str) -> AsyncIterator[Chunk]:
-    """Count the request, its tokens and its time to the last token, whatever the response shape."""
-    t0 = time.monotonic()
-    outcome, last = "error", None
-    try:
-        async for chunk in stream:
-            last = chunk
-            yield chunk
-        outcome = "ok"
-    finally:
-        seconds = time.monotonic() - t0
-        metrics.REQUESTS.labels(plan=plan, outcome=outcome).inc()
-        metrics.LATENCY.labels(plan=plan).observe(seconds)
-        metrics.TARGET_REQUESTS.labels(target=target, outcome=outcome).inc()
-        metrics.TARGET_LATENCY.labels(target=target).observe(seconds)
-        if last is not None:
-            metrics.TARGET_TOKENS.labels(target=target, kind="prompt").inc(last.prompt_tokens)
-            metrics.TARGET_TOKENS.labels(target=target, kind="completion").inc(last.completion_tokens)
-
-
-def _usage(c: Chunk) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
-
-
-async def _sse(rid, created, model, stream: AsyncIterator[Chunk], chat: bool, mosaic: dict, include_usage: bool, echo: str):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def event(choice: dict | None, **extra) -> str:
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice] if choice else [], **extra}
-        return json.dumps(body)
-
-    def choice(text: str, finish: str | None, first: bool = False) -> dict:
-        if chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-
-    last = None
-    try:
-        yield event(choice(echo, None, first=True), mosaic=mosaic)
-        async for chunk in stream:
-            last = chunk
-            if chunk.text or chunk.finish_reason:
-                yield event(choice(chunk.text, chunk.finish_reason))
-        if include_usage and last is not None:
-            yield event(None, usage=_usage(last))
-    except MosaicError as exc:
-        yield json.dumps(error_payload(exc))
-    yield "[DONE]"
-
+# --- the router, without generating ----------------------------------------------------------------
 
 class RouteRequest(BaseModel):
     prompt: str | None = Field(default=None, description="the text to route")
-    messages: list[ChatMessage] | None = Field(default=None, description="or chat messages (the last user turn is routed)")
+    messages: list[dict] | None = Field(default=None, description="or chat messages (the last user turn is routed)")
     composition: Composition | None = Field(
         default=None, description="a context-aware composition (weights 'auto'): its weights for this prompt")
     model: str | None = Field(default=None, description="a stored context-aware composition: its weights for this prompt")
@@ -258,8 +524,9 @@ async def route(req: RouteRequest, request: Request) -> Plan:
     if req.prompt is None and not req.messages:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
     m = _state(request)
-    text = req.prompt if req.prompt is not None else next((x.text() for x in reversed(req.messages) if x.role == "user"), "")
+    text = req.prompt if req.prompt is not None else _last_user(req.messages)
     limits.check_prompt_chars(m.settings, [text], "prompt" if req.prompt is not None else "messages")
     if req.composition is not None or req.model not in (None, "auto"):
         return await plan_for(m, req.model or "auto", req.composition, text)
     return await m.route(text)
+

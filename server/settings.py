@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = 0.4
     kv_cache_gib: int = 1  # VLLM_CPU_KVCACHE_SPACE on CPU
     dtype: str = "bfloat16"
+    # vLLM's tool-call parser for tools/tool_choice (it fits the base model's chat template: the bundled
+    # SmolLM2 uses ChatML, whose tool-call convention is Hermes' <tool_call> tags); "" turns tools off
+    tool_call_parser: str = "hermes"
     engine_check_seconds: float = 5.0  # how often a running engine is checked
     engine_restart_seconds: float = 10.0  # first back-off before restarting a failed engine (doubles each time)
     engine_max_restarts: int = 5  # restarts in a row before giving up (health stays "error")
