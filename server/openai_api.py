@@ -187,6 +187,16 @@ def _validate(cls: type[BaseModel], value: Any, loc: tuple):
         return cls.model_validate(value)
     except ValidationError as exc:  # answered by the 400 handler in server/errors.py
         raise RequestValidationError([{**e, "loc": ("body", *loc, *e.get("loc", ()))} for e in exc.errors()]) from None
+    except Exception as exc:  # a vLLM validator's own error (VLLMValidationError), answered as vLLM answers it
+        raise Refused(vllm_error(exc)) from None
+
+
+class Refused(Exception):
+    """A request vLLM's protocol refused, with vLLM's error response."""
+
+    def __init__(self, error) -> None:
+        super().__init__(error.error.message)
+        self.error = error
 
 
 def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None) -> None:
@@ -247,7 +257,10 @@ async def _cancellable(request: Request, work):
 async def serve(request: Request, kind: str) -> Response:
     m = _state(request)
     ep = endpoint(kind)
-    req, composition, _ = await parse(request, ep)
+    try:
+        req, composition, _ = await parse(request, ep)
+    except Refused as exc:
+        return JSONResponse(exc.error.model_dump(**ep.dump), status_code=exc.error.error.code)
     if not m.engine.ready():
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
     check_limits(m, ep, req, composition)
