@@ -17,6 +17,8 @@ Sections (each can be left out with --skip NAME):
   registry  upload + fetch of a large adapter through the registry vs raw redis-py SET/GET of the same bytes.
   composition  what a composition keeps of each skill: every pair and all 8, fixed weights vs context-aware
             ("weights": "auto") vs learned (LoraHub); mixed tasks that need two skills at once (bench/composition.py).
+  vllm_serve  Mosaic vs plain vLLM measured by vLLM's own benchmark client (`vllm bench serve`): a random
+            adapter per request (and base only), 8 in flight, 48 requests (bench/vllm_serve.py).
   storage   the library (demo skills + variants) compressed to MoS shard pools at several pool shapes: bytes in
             Redis, per-skill error, load time and exact match before/after (bench/storage.py).
 The README's Results section is rewritten from this report (between its results markers).
@@ -43,7 +45,7 @@ SKILLS = ROOT / "bench" / "skills"
 REPORTS = ROOT / "bench" / "reports"
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
-SECTIONS = ("quality", "routing", "compose", "serving", "registry", "storage", "composition")
+SECTIONS = ("quality", "routing", "compose", "serving", "registry", "storage", "composition", "vllm_serve")
 
 
 def log(msg: str) -> None:
@@ -414,6 +416,16 @@ def _composition(quick: bool) -> dict:
     return res
 
 
+def _vllm_serve(quick: bool) -> dict:
+    from bench import vllm_serve
+
+    ns = argparse.Namespace(requests=16 if quick else 48, concurrency=8, adapters=6, input_len=64, output_len=16 if quick else 32)
+    res = vllm_serve.run(ns)
+    if not quick:
+        vllm_serve.write(res)
+    return res
+
+
 def render(res: dict, quick: bool) -> tuple[str, str]:
     """(REPORT.md, the README's Results section)."""
     L = ["# Mosaic benchmark report", "",
@@ -507,6 +519,12 @@ def render(res: dict, quick: bool) -> tuple[str, str]:
         body = body.replace("# Composition retention", "## 7. Composition retention", 1).replace("\n## ", "\n### ")
         L += [body.replace("### 7. Composition", "## 7. Composition"), ""]
         headline += composition.headline(co)
+    if vs := res.get("vllm_serve"):
+        from bench import vllm_serve
+
+        body = vllm_serve.render(vs).replace("# Serving: Mosaic vs plain vLLM", "## 8. Serving under load: Mosaic vs plain vLLM", 1)
+        L += [body, ""]
+        headline.append(f"| serving under load | {vllm_serve.headline(vs)} (goal ≥ 0.97 / ≤ 1.05) |")
     results = ["| measure | result |", "|---|---|", *headline]
     return "\n".join(L) + "\n", "\n".join(results)
 
@@ -542,7 +560,7 @@ def main() -> None:
     steps = {"quality": lambda: quality(args.quick), "routing": lambda: routing(args.quick),
              "compose": lambda: compose_speed(args.rerun_compose), "serving": lambda: serving(args.quick),
              "registry": lambda: registry(args.quick), "storage": lambda: _storage(args.quick),
-             "composition": lambda: _composition(args.quick)}
+             "composition": lambda: _composition(args.quick), "vllm_serve": lambda: _vllm_serve(args.quick)}
     for name, fn in steps.items():
         if name in args.skip:
             continue

@@ -203,12 +203,33 @@ def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | N
     if composition is not None:
         limits.check_composition(m.settings, composition)
     limits.check_prompt_chars(m.settings, ep.texts(m, req), "prompt" if hasattr(req, "prompt") else "messages")
+    if m.engine.serving is not None and m.settings.max_prompt_tokens < m.settings.max_model_len - 1:
+        # tighter than the context that vLLM checks itself: count the prompt here
+        for n in prompt_token_counts(m, req):
+            limits.check_prompt_tokens(m.settings, n, "prompt" if hasattr(req, "prompt") else "messages")
     for name in MAX_TOKENS_FIELDS:
         value = vars(req).get(name)
         if isinstance(value, int) and value > m.settings.max_tokens_limit:
             raise InvalidRequestError(
                 f"{name}={value} is more than the server allows ({m.settings.max_tokens_limit}, setting "
                 "MOSAIC_MAX_TOKENS_LIMIT)", param=name)
+
+
+def prompt_token_counts(m: Mosaic, req: Any) -> list[int]:
+    """Prompt lengths in tokens, by the model's tokenizer (chat: through its chat template)."""
+    tok = m.engine.tokenizer()
+    if hasattr(req, "messages"):
+        messages = [{"role": x.get("role"), "content": _content_text(x.get("content"))} for x in _messages(req.messages)]
+        try:
+            return [len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))]
+        except Exception:  # a template's own refusal: vLLM answers it
+            return []
+    prompt = getattr(req, "prompt", None)
+    if isinstance(prompt, str):
+        return [len(tok(prompt)["input_ids"])]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [len(prompt)]
+    return [len(p) if isinstance(p, list) else len(tok(p)["input_ids"]) for p in prompt or []]
 
 
 class LoraNames:
@@ -260,7 +281,7 @@ async def serve(request: Request, kind: str) -> Response:
     try:
         req, composition, _ = await parse(request, ep)
     except Refused as exc:
-        return JSONResponse(exc.error.model_dump(**ep.dump), status_code=exc.error.error.code)
+        return error_json(exc.error)
     if not m.engine.ready():
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
     check_limits(m, ep, req, composition)
@@ -304,6 +325,17 @@ def vllm_error(exc: Exception):
     return err
 
 
+def error_json(err, headers: dict | None = None) -> JSONResponse:
+    """vLLM's error response (its status, message and param) in Mosaic's vocabulary of OpenAI error
+    types and codes, so that a client sees one error shape whichever layer refused the request."""
+    status = err.error.code
+    type_, code = {400: ("invalid_request_error", "invalid_request"), 404: ("invalid_request_error", "not_found"),
+                   501: ("server_error", "not_implemented"), 503: ("server_error", "service_unavailable")}.get(
+        status, ("invalid_request_error", str(status)) if status < 500 else ("server_error", "internal_error"))
+    body = {"error": {"message": err.error.message, "type": type_, "param": err.error.param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def respond(result, ep: Endpoint, served_name: str, client_model: str, mosaic: dict, headers: dict,
             observed: Observation) -> Response:
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -313,7 +345,7 @@ def respond(result, ep: Endpoint, served_name: str, client_model: str, mosaic: d
         return Response(status_code=499)
     if isinstance(result, ErrorResponse):
         observed.done("error")
-        return JSONResponse(result.model_dump(**ep.dump), status_code=result.error.code, headers=headers)
+        return error_json(result, headers)
     if isinstance(result, BaseModel):
         body = result.model_dump(**ep.dump)
         if "model" in body:
