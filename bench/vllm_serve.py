@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from bench.harness import SKILLS, running_server
+from bench.harness import SKILLS, bench_env, drop_env, running_server
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 KEEP = ("completed", "total_output_tokens", "duration", "request_throughput", "output_throughput",
@@ -55,15 +54,19 @@ def run(args) -> dict:
     skills = sorted(p.name for p in SKILLS.iterdir())[: args.adapters]
     res: dict = {"config": {k: getattr(args, k) for k in ("requests", "concurrency", "adapters", "input_len", "output_len")},
                  "skills": skills}
-    with running_server() as (url, env, health):
-        base, model_dir = health["base_model"], env["MOSAIC_BASE_MODEL"]
-        res["mosaic"] = _cases(url, base, model_dir, skills, args)
     settings = Settings()
+    env = bench_env()  # the plain server goes first: whatever the machine does early counts against vLLM
+    base, model_dir = env["MOSAIC_BASE_MODEL_ID"], env["MOSAIC_BASE_MODEL"]
     argv = [*VLLM_SERVE, *vllm_cli_args(settings, Path(model_dir), base), "--port", "{port}",
             "--lora-modules", *(f"{s}={SKILLS / s}" for s in skills)]
     venv = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
-    with serving(venv, Path(tempfile.mkdtemp(prefix="bench-vllm-")) / "vllm.log", argv=argv) as (url, _, _):
-        res["vllm"] = _cases(url, base, model_dir, skills, args)
+    try:
+        with serving(venv, Path(env["MOSAIC_DATA_DIR"]) / "vllm.log", argv=argv) as (url, _, _):
+            res["vllm"] = _cases(url, base, model_dir, skills, args)
+    finally:
+        drop_env(env)
+    with running_server() as (url, _, health):
+        res["mosaic"] = _cases(url, health["base_model"], model_dir, skills, args)
     res["ratios"] = {
         case: {"output_throughput": res["mosaic"][case]["output_throughput"] / res["vllm"][case]["output_throughput"],
                "median_ttft": res["mosaic"][case]["median_ttft_ms"] / res["vllm"][case]["median_ttft_ms"]}
@@ -89,6 +92,7 @@ def render(res: dict) -> str:
     L += ["", "| case | output throughput, Mosaic / vLLM (goal ≥ 0.97) | median TTFT, Mosaic / vLLM (goal ≤ 1.05) |", "|---|---|---|"]
     for case, r in res["ratios"].items():
         L.append(f"| {case} | {r['output_throughput']:.3f} | {r['median_ttft']:.3f} |")
+    L += ["", *res.get("notes", [])]
     return "\n".join(L) + "\n"
 
 

@@ -221,7 +221,8 @@ def prompt_token_counts(m: Mosaic, req: Any) -> list[int]:
     if hasattr(req, "messages"):
         messages = [{"role": x.get("role"), "content": _content_text(x.get("content"))} for x in _messages(req.messages)]
         try:
-            return [len(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return [len(tok(text, add_special_tokens=False)["input_ids"])]
         except Exception:  # a template's own refusal: vLLM answers it
             return []
     prompt = getattr(req, "prompt", None)

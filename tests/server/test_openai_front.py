@@ -1,0 +1,124 @@
+"""Mosaic's front of vLLM's OpenAI serving layer, without an engine: what it parses, refuses and counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from starlette.requests import Request
+
+from adapter_store.errors import InvalidRequestError
+from server import openai_api
+from server.settings import Settings
+
+
+def _request(body, content_type: str = "application/json") -> Request:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": [(b"content-type", content_type.encode())]},
+                   receive)
+
+
+async def _parse(kind: str, body, **kw):
+    return await openai_api.parse(_request(body, **kw), openai_api.endpoint(kind))
+
+
+def _parse_now(kind: str, body, **kw):
+    return asyncio.run(_parse(kind, body, **kw))
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_vllm_fields_and_composition_are_parsed():
+    req, comp, _ = _parse_now("chat", {**CHAT, "logprobs": True, "top_logprobs": 2, "n": 2, "min_p": 0.1,
+                                         "response_format": {"type": "json_object"}, "composition": {"skills": ["a", "b"]}})
+    assert req.logprobs and req.top_logprobs == 2 and req.n == 2 and req.min_p == 0.1
+    assert req.response_format.type == "json_object"
+    assert list(comp.skills) == ["a", "b"] and not hasattr(req, "composition")
+    req, _, _ = _parse_now("completion", {"model": "m", "prompt": ["a", "b"], "echo": True, "logprobs": 1})
+    assert req.echo and req.logprobs == 1 and req.prompt == ["a", "b"]
+
+
+@pytest.mark.parametrize("kind,body,param", [
+    ("chat", {**CHAT, "temprature": 0}, "temprature"),
+    ("completion", {"model": "m", "prompt": "x", "guided_json": {}}, "guided_json"),  # a field vLLM removed
+    ("tokenize", {"model": "m", "prompt": "x", "extra": 1}, "extra"),
+])
+def test_fields_outside_the_protocol_are_refused_by_name(kind, body, param):
+    with pytest.raises(InvalidRequestError) as e:
+        _parse_now(kind, body)
+    assert e.value.param == param and param in e.value.message
+
+
+@pytest.mark.parametrize("raw,ctype", [(b"{", "application/json"), (b"[1]", "application/json"),
+                                       (json.dumps(CHAT).encode(), "text/plain")])
+def test_bodies_that_are_not_a_json_object_are_400(raw, ctype):
+    with pytest.raises(InvalidRequestError):
+        _parse_now("chat", raw, content_type=ctype)
+
+
+def test_bad_values_are_validation_errors_with_their_location():
+    with pytest.raises(RequestValidationError) as e:
+        _parse_now("chat", {**CHAT, "seed": 2**64})
+    assert e.value.errors()[0]["loc"][:2] == ("body", "seed")
+    with pytest.raises(RequestValidationError) as e:
+        _parse_now("chat", {**CHAT, "composition": {"skills": []}})
+    assert e.value.errors()[0]["loc"][:2] == ("body", "composition")
+    with pytest.raises(openai_api.Refused) as e:  # a vLLM validator's own error: vLLM's 400
+        _parse_now("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}})
+    assert e.value.error.error.code == 400 and openai_api.error_json(e.value.error).status_code == 400
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_spec):
+    from transformers import AutoTokenizer
+
+    from server.base_model import prepare
+
+    return AutoTokenizer.from_pretrained(prepare(Settings(), quiet=True))
+
+
+def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(tokenizer):
+    settings = Settings(max_prompt_tokens=8, max_tokens_limit=50)
+    m = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
+    short, _, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
+    openai_api.check_limits(m, openai_api.endpoint("completion"), short, None)
+    for kind, body in [("completion", {"model": "m", "prompt": "word " * 20}),
+                       ("completion", {"model": "m", "prompt": [[1] * 9]}),
+                       ("chat", CHAT)]:  # the chat template alone is longer than 8 tokens
+        req, _, _ = _parse_now(kind, body)
+        with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
+            openai_api.check_limits(m, openai_api.endpoint(kind), req, None)
+    req, _, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
+    with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
+        openai_api.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
+                                openai_api.endpoint("chat"), req, None)
+
+
+def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
+    events = ['data: {"id":"x","model":"mosaic-abc","choices":[{"text":"a"}]}\n\n',
+              'data: {"id":"x","model":"mosaic-abc","choices":[{"text":"\\"model\\":\\"mosaic-abc\\""}],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n',
+              "data: [DONE]\n\n"]
+
+    async def source():
+        for e in events:
+            yield e
+
+    async def collect():
+        obs = openai_api.Observation("skill", "s")
+        rename = ('"model":"mosaic-abc"', '"model":"sentiment"')
+        return [e async for e in openai_api._stream(source(), rename, {"plan": "skill"}, obs)]
+
+    out = asyncio.run(collect())
+    assert all(e.endswith("\n\n") and e.startswith("data: ") for e in out) and out[-1] == "data: [DONE]\n\n"
+    first, second = json.loads(out[0][6:]), json.loads(out[1][6:])
+    assert first["model"] == second["model"] == "sentiment" and first["mosaic"] == {"plan": "skill"}
+    assert "mosaic" not in second and second["choices"][0]["text"] == '"model":"mosaic-abc"'  # text untouched
