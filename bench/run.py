@@ -419,7 +419,8 @@ def _composition(quick: bool) -> dict:
 def _vllm_serve(quick: bool) -> dict:
     from bench import vllm_serve
 
-    ns = argparse.Namespace(requests=16 if quick else 48, concurrency=8, adapters=6, input_len=64, output_len=16 if quick else 32)
+    ns = argparse.Namespace(requests=16 if quick else 48, concurrency=8, adapters=6, input_len=64, output_len=16 if quick else 32,
+                            rounds=1 if quick else 2)
     res = vllm_serve.run(ns)
     if not quick:
         vllm_serve.write(res)
