@@ -76,7 +76,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     name, sep, ver = ref.partition("@")
     if not sep:
         return name, None
-    if not ver.isdigit() or int(ver) < 1:
+    if not (ver.isascii() and ver.isdigit()) or int(ver) < 1:  # str.isdigit() also accepts "²"
         raise InvalidRequestError(f"bad skill reference {ref!r}: the version after '@' must be a positive integer")
     return name, int(ver)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, config_rank, parse_key
 from adapter_store.errors import AdapterValidationError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would also accept a trailing newline
 RESERVED_NAMES = {"auto", "base"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config fields whose non-default value changes what the adapter computes and that no engine

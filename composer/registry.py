@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -48,6 +49,8 @@ class Param:
             value = self.type(value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"parameter {name!r} must be {self.type.__name__}: {exc}") from exc
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every bound check below
+            raise ValueError(f"parameter {name!r} must be a finite number, got {value!r}")
         if self.low is not None and value < self.low or self.high is not None and value > self.high:
             raise ValueError(f"parameter {name!r} must be within [{self.low}, {self.high}], got {value!r}")
         if self.choices is not None and value not in self.choices:

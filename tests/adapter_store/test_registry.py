@@ -83,6 +83,6 @@ def test_generation_bumps_on_every_change(registry):
 def test_parse_ref():
     assert parse_ref("a") == ("a", None)
     assert parse_ref("a@12") == ("a", 12)
-    for bad in ("a@0", "a@", "a@-1"):
+    for bad in ("a@0", "a@", "a@-1", "a@\u00b2", "a@\u0661"):  # superscript two, Arabic-Indic one: isdigit() but not versions
         with pytest.raises(InvalidRequestError):
             parse_ref(bad)

@@ -61,5 +61,8 @@ def test_unknown_parameters_and_bad_values_are_refused():
         compose(adapters, weights, method="ties", params={"densty": 0.3})
     with pytest.raises(ValueError, match="within"):
         compose(adapters, weights, method="ties", params={"density": 1.5})
+    for bad in ("nan", float("nan"), float("inf")):  # NaN would pass every bound check
+        with pytest.raises(ValueError, match="finite"):
+            compose(adapters, weights, method="ties", params={"density": bad})
     with pytest.raises(ValueError, match="one of"):
         compose(adapters, weights, method="ties", params={"majority_sign_method": "vote"})
