@@ -18,6 +18,7 @@ from typing import Any
 from adapter_store.errors import InvalidRequestError
 from server import limits
 from server.engine import EngineAdapter, GenerationParams
+from server.protocol import content_text
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "min_tokens", "ignore_eos", "stream",
           "stream_options", "user", "n"}
@@ -39,7 +40,7 @@ def check(kind: str, req: Any) -> None:
 def _prompt_ids(m, kind: str, req: Any) -> list[int]:
     tok = m.engine.tokenizer()
     if kind == "chat":
-        messages = [{"role": "system" if x.get("role") == "developer" else x.get("role"), "content": _text(x.get("content"))}
+        messages = [{"role": "system" if x.get("role") == "developer" else x.get("role"), "content": content_text(x.get("content"))}
                     for x in req.messages]
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -60,12 +61,6 @@ def _prompt_ids(m, kind: str, req: Any) -> list[int]:
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     return ids
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str) or content is None:
-        return content or ""
-    return "".join(str(p.get("text") or "") for p in content if isinstance(p, dict))
 
 
 async def handle(m, kind: str, req: Any, adapter: EngineAdapter | None, model: str):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from jinja2 import TemplateError
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
@@ -42,7 +43,7 @@ from router.plan import Plan
 from server import hf_openai, limits, metrics
 from server.auth import require_scope
 from server.engine import EngineAdapter
-from server.protocol import MosaicInfo
+from server.protocol import MosaicInfo, content_text
 from server.state import Mosaic
 
 log = logging.getLogger("mosaic.server")
@@ -56,15 +57,6 @@ def _state(request: Request) -> Mosaic:
 
 # --- what each endpoint reads ----------------------------------------------------------------------
 
-def _content_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = content if isinstance(content, list) else [content]
-    return "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and "text" in p)
-
-
 def _messages(items: Any) -> list[dict]:
     if not isinstance(items, list):
         return []
@@ -72,11 +64,11 @@ def _messages(items: Any) -> list[dict]:
 
 
 def _last_user(items: Any) -> str:
-    return next((_content_text(x.get("content")) for x in reversed(_messages(items)) if x.get("role") == "user"), "")
+    return next((content_text(x.get("content")) for x in reversed(_messages(items)) if x.get("role") == "user"), "")
 
 
 def _all_messages(items: Any) -> list[str]:
-    return [_content_text(x.get("content")) for x in _messages(items)]
+    return [content_text(x.get("content")) for x in _messages(items)]
 
 
 def _prompts(m: Mosaic, prompt: Any) -> list[str]:
@@ -161,7 +153,7 @@ def field_names(cls: type[BaseModel]) -> set[str]:
     return names
 
 
-async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None, dict]:
+async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None]:
     """The request as vLLM's protocol model, and Mosaic's ``composition``. 400 on anything else."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "application/json":
@@ -179,7 +171,7 @@ async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None
             f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: Mosaic serves the fields of "
             "vLLM's OpenAI protocol for this endpoint, plus 'composition'", param=unknown[0])
     composition = body.pop("composition", None)
-    return _validate(cls, body, ()), None if composition is None else _validate(Composition, composition, ("composition",)), body
+    return _validate(cls, body, ()), None if composition is None else _validate(Composition, composition, ("composition",))
 
 
 def _validate(cls: type[BaseModel], value: Any, loc: tuple):
@@ -219,11 +211,11 @@ def prompt_token_counts(m: Mosaic, req: Any) -> list[int]:
     """Prompt lengths in tokens, by the model's tokenizer (chat: through its chat template)."""
     tok = m.engine.tokenizer()
     if hasattr(req, "messages"):
-        messages = [{"role": x.get("role"), "content": _content_text(x.get("content"))} for x in _messages(req.messages)]
+        messages = [{"role": x.get("role"), "content": content_text(x.get("content"))} for x in _messages(req.messages)]
         try:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             return [len(tok(text, add_special_tokens=False)["input_ids"])]
-        except Exception:  # a template's own refusal: vLLM answers it
+        except (ValueError, TypeError, TemplateError):  # the template refuses these messages: vLLM answers that
             return []
     prompt = getattr(req, "prompt", None)
     if isinstance(prompt, str):
@@ -262,25 +254,11 @@ class LoraNames:
 LORA_NAMES = LoraNames()
 
 
-async def _cancellable(request: Request, work):
-    """Run ``work``; cancel it when the client disconnects first (as vLLM's own routes do)."""
-    from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
-
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(listen_for_disconnect(request))
-    done, pending = await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
-    for t in pending:
-        t.cancel()
-    if task in done:
-        return task.result()
-    return None
-
-
 async def serve(request: Request, kind: str) -> Response:
     m = _state(request)
     ep = endpoint(kind)
     try:
-        req, composition, _ = await parse(request, ep)
+        req, composition = await parse(request, ep)
     except Refused as exc:
         return error_json(exc.error)
     if not m.engine.ready():
@@ -300,12 +278,15 @@ async def serve(request: Request, kind: str) -> Response:
             raise
         return respond(result, ep, client_model, client_model, mosaic, headers, observed)
     serving = m.engine.serving
+    from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+
     handler = getattr(getattr(serving, ep.serving), ep.method)
     with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(m)) as served_name:
         if req.model is not None or adapter is not None:
             req.model = served_name
         try:
-            result = await _cancellable(request, handler(req, request))
+            # vLLM's own routes' wrapper: the work is cancelled if the client disconnects first (result None)
+            result = await with_cancellation(handler)(req, request)
         except Exception as exc:  # vLLM's own server turns these into responses in its exception handlers
             result = vllm_error(exc)
     return respond(result, ep, served_name, client_model, mosaic, headers, observed)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,3 +25,13 @@ class MosaicInfo(BaseModel):
     # context-aware compositions: α over the composition's skills (renormalised) and where the weights came from
     alpha: dict[str, float] | None = None
     weights_from: Literal["auto"] | None = None
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's ``content``: a string, or the text of its parts (images and the like add none)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(str(p.get("text") or "") for p in parts if isinstance(p, dict) and "text" in p)

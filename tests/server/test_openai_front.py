@@ -37,12 +37,12 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_vllm_fields_and_composition_are_parsed():
-    req, comp, _ = _parse_now("chat", {**CHAT, "logprobs": True, "top_logprobs": 2, "n": 2, "min_p": 0.1,
+    req, comp = _parse_now("chat", {**CHAT, "logprobs": True, "top_logprobs": 2, "n": 2, "min_p": 0.1,
                                          "response_format": {"type": "json_object"}, "composition": {"skills": ["a", "b"]}})
     assert req.logprobs and req.top_logprobs == 2 and req.n == 2 and req.min_p == 0.1
     assert req.response_format.type == "json_object"
     assert list(comp.skills) == ["a", "b"] and not hasattr(req, "composition")
-    req, _, _ = _parse_now("completion", {"model": "m", "prompt": ["a", "b"], "echo": True, "logprobs": 1})
+    req, _ = _parse_now("completion", {"model": "m", "prompt": ["a", "b"], "echo": True, "logprobs": 1})
     assert req.echo and req.logprobs == 1 and req.prompt == ["a", "b"]
 
 
@@ -89,15 +89,15 @@ def tokenizer(base_spec):
 def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(tokenizer):
     settings = Settings(max_prompt_tokens=8, max_tokens_limit=50)
     m = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
-    short, _, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
+    short, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
     openai_api.check_limits(m, openai_api.endpoint("completion"), short, None)
     for kind, body in [("completion", {"model": "m", "prompt": "word " * 20}),
                        ("completion", {"model": "m", "prompt": [[1] * 9]}),
                        ("chat", CHAT)]:  # the chat template alone is longer than 8 tokens
-        req, _, _ = _parse_now(kind, body)
+        req, _ = _parse_now(kind, body)
         with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
             openai_api.check_limits(m, openai_api.endpoint(kind), req, None)
-    req, _, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
+    req, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
         openai_api.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
                                 openai_api.endpoint("chat"), req, None)
