@@ -13,8 +13,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
+import re2
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -48,10 +50,28 @@ def factor_key(module: str, kind: str) -> str:
     return f"{KEY_PREFIX}{module}.lora_{kind}.weight"
 
 
+PATTERN_MAX_CHARS = 256
+
+
+@lru_cache(maxsize=4096)
+def compile_pattern(key: str) -> "re2._Regexp":
+    """A ``rank_pattern``/``alpha_pattern`` key as PEFT reads it (a regex the module name must end with,
+    dot-bounded), compiled by RE2: matching takes linear time whatever the pattern, so an uploaded
+    pattern cannot stall the process. Raises ValueError for a pattern RE2 cannot compile."""
+    if len(key) > PATTERN_MAX_CHARS:
+        raise ValueError(f"longer than {PATTERN_MAX_CHARS} characters")
+    options = re2.Options()
+    options.log_errors = False
+    try:
+        return re2.compile(rf"(.*\.)?({key})$", options)
+    except re2.error as exc:
+        raise ValueError(str(exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else exc)) from None
+
+
 def _pattern_lookup(patterns: dict, module: str, default):
     """PEFT's rule: a pattern key applies when the module name ends with it (regex, dot-bounded)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if compile_pattern(key).match(module):
             return value
     return default
 
@@ -64,6 +84,35 @@ def config_scaling(config: dict, module: str) -> float:
     r = config_rank(config, module)
     alpha = float(_pattern_lookup(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+# config keys that do not change ΔW at inference (training-only, bookkeeping, or the base's name)
+COSMETIC_CONFIG_KEYS = frozenset({"inference_mode", "lora_dropout", "peft_version", "revision", "auto_mapping",
+                                  "base_model_name_or_path", "task_type"})
+
+
+def normalised_config(config: dict) -> dict:
+    """The part of an adapter config that can change ΔW, in one spelling: cosmetic keys dropped, unset
+    values (None, False, {}, []) treated as absent, ``target_modules`` as a sorted set."""
+    out = {}
+    for key, value in config.items():
+        if key in COSMETIC_CONFIG_KEYS or value is None or value is False or value == {} or value == []:
+            continue
+        if key == "target_modules" and isinstance(value, list):
+            value = sorted(set(map(str, value)))
+        out[key] = value
+    return out
+
+
+def config_sha256(config: dict) -> str:
+    return hashlib.sha256(json.dumps(normalised_config(config), sort_keys=True).encode()).hexdigest()
+
+
+def content_id(weights_sha256: str, config_hash: str | None) -> str:
+    """The identity of what is served: the weights and the ΔW-relevant config together."""
+    if not config_hash:  # a version stored before configs were part of the identity
+        return weights_sha256
+    return hashlib.sha256(f"weights:{weights_sha256}\nconfig:{config_hash}".encode()).hexdigest()
 
 
 @dataclass
@@ -143,6 +192,13 @@ class LoraAdapter:
     def sha256(self) -> str:
         """Content hash of the weights file (the bytes as stored and served)."""
         return hashlib.sha256(self.weights_bytes()).hexdigest()
+
+    def config_sha256(self) -> str:
+        return config_sha256(self.config)
+
+    def content_id(self) -> str:
+        """Weights and ΔW-relevant config: two adapters with one content id serve the same ΔW."""
+        return content_id(self.sha256(), self.config_sha256())
 
     def save_dir(self, path: str | Path) -> Path:
         path = Path(path)

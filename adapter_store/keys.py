@@ -1,7 +1,9 @@
 """API keys, stored hashed in Redis next to the library.
 
 A key is shown once, at creation; Redis keeps only its SHA-256. Each key has a name and scopes:
-``admin`` (change the library: upload, delete, compose, retrain the router) and ``inference``.
+``admin`` (change the library: upload, delete, compose, retrain the router; implies the others),
+``read`` (listings, details, downloads, metrics) and ``inference``. Creating a key locks the library for
+good (``locked``): revoking the last key does not open it again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pydantic import BaseModel
 from adapter_store.errors import ConflictError, NotFoundError
 from adapter_store.validation import NAME_RE
 
-SCOPES = ("admin", "inference")
+SCOPES = ("admin", "read", "inference")
 
 
 class KeyInfo(BaseModel):
@@ -36,6 +38,7 @@ class KeyStore:
         self.r = client
         self.k_hashes = f"{prefix}:keys:by-hash"  # sha256 -> name
         self.k_info = f"{prefix}:keys:info"  # name -> KeyInfo JSON (+ hash)
+        self.k_locked = f"{prefix}:keys:locked"  # set when the first key is created; never unset
 
     def create(self, name: str, scopes: list[str]) -> tuple[str, KeyInfo]:
         if not NAME_RE.match(name):
@@ -52,6 +55,7 @@ class KeyStore:
             pipe.multi()
             pipe.hset(self.k_hashes, _digest(key), name)
             pipe.hset(self.k_info, name, json.dumps({**info.model_dump(), "hash": _digest(key)}))
+            pipe.set(self.k_locked, "1")
             pipe.execute()
         return key, info
 
@@ -60,6 +64,10 @@ class KeyStore:
 
     def any(self) -> bool:
         return bool(self.r.hlen(self.k_info))
+
+    def locked(self) -> bool:
+        """Whether a key was ever created here (the library then stays closed to requests without one)."""
+        return bool(self.r.exists(self.k_locked))
 
     def revoke(self, name: str) -> KeyInfo:
         raw = self.r.hget(self.k_info, name)

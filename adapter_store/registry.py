@@ -5,7 +5,8 @@ Layout (``P`` is the key prefix, so tests and deployments can share one Redis):
 ``P:names``                  SET of skill names
 ``P:s:NAME:versions``        ZSET of version numbers (score = version)
 ``P:s:NAME:latest``          the latest version number
-``P:s:NAME:next``            the highest version ever handed out (numbers are never reused)
+``P:s:NAME:next``            the highest version ever handed out (kept when the skill is deleted:
+                             numbers are never reused, so name@N always means the same content)
 ``P:s:NAME:v:N``             HASH {meta, config, weights} — one complete version; a version stored in
                              MoS shard form has ``shards`` (index tables into the pools) instead of
                              ``weights``, and ``original`` (the uploaded weights) with --keep-originals
@@ -16,6 +17,8 @@ Layout (``P`` is the key prefix, so tests and deployments can share one Redis):
 ``P:gen``                    bumped on every change, so replicas can tell their caches are stale
 ``P:events``                 pub/sub channel announcing each change
 ``P:c:HASH``                 HASH of a cached composition result (same fields as a version)
+``P:engine-ids``             HASH served content key -> the engine's integer id (``P:engine-ids:next``
+                             the last one handed out): one id per content, the same on every replica
 
 Every write is one MULTI/EXEC transaction guarded by WATCH, so a reader sees a version
 completely or not at all, and a write that fails before EXEC leaves nothing behind. Each shard-form
@@ -27,17 +30,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 import redis
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 from adapter_store import mos
-from adapter_store.adapter import LoraAdapter
+from adapter_store.adapter import LoraAdapter, content_id
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+
+log = logging.getLogger("mosaic.registry")
 
 
 class SkillInfo(BaseModel):
@@ -59,16 +65,23 @@ class SkillInfo(BaseModel):
     # how the weights are stored when a shard encoding is on: {"pool_version": V or None (kept exact),
     # "error": relative ‖ΔW − ΔŴ‖_F against the upload, "bytes": stored bytes, "sha256": of them, ...}
     mos: dict | None = None
+    config_sha256: str = ""  # of the ΔW-relevant config (adapter.normalised_config)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @computed_field
     @property
     def content_id(self) -> str:
-        """The hash of what is served: the upload's sha256, or of the shard encoding that replaced it
-        (re-encoding changes the weights served, so engine folders and caches are named by this)."""
-        return (self.mos or {}).get("sha256") or self.sha256
+        """The identity of what is served: the weights (the upload's, or the shard encoding that
+        replaced them: re-encoding changes the weights served) together with the ΔW-relevant config.
+        Engine folders, engine ids and composition caches are named by it."""
+        return content_id((self.mos or {}).get("sha256") or self.sha256, self.config_sha256)
+
+    def same_content(self, adapter: LoraAdapter) -> bool:
+        """Whether ``adapter`` is what this version was made from (weights and ΔW-relevant config)."""
+        return self.sha256 == adapter.sha256() and self.config_sha256 == adapter.config_sha256()
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
@@ -129,6 +142,7 @@ class Registry:
                             name=name,
                             version=version,
                             sha256=adapter.sha256(),
+                            config_sha256=adapter.config_sha256(),
                             base_model=adapter.config.get("base_model_name_or_path"),
                             rank=adapter.rank,
                             target_modules=adapter.target_modules,
@@ -178,9 +192,9 @@ class Registry:
                             pipe.zrem(self._k("s", name, "versions"), *map(str, doomed))
                             pipe.set(self._k("s", name, "latest"), max(remaining))
                         else:
-                            pipe.delete(
-                                self._k("s", name, "versions"), self._k("s", name, "latest"), self._k("s", name, "next")
-                            )
+                            # "next" stays: a name deleted and uploaded again goes on counting, so a
+                            # client pinned to name@N never gets other weights under it
+                            pipe.delete(self._k("s", name, "versions"), self._k("s", name, "latest"))
                             pipe.srem(self._k("names"), name)
                         self._announce(pipe, "delete", ref)
                         pipe.execute()
@@ -292,6 +306,18 @@ class Registry:
         if meta is None or config is None or weights is None:
             return None
         return json.loads(meta), LoraAdapter.from_bytes(config, weights)
+
+    # ---- engine ids ---------------------------------------------------------------------
+    def engine_id(self, key: str) -> int:
+        """The engine's integer id for the served content ``key`` (a content id or a composition key):
+        handed out by a counter, so every replica agrees and no two contents ever share an id."""
+        ids = self._k("engine-ids")
+        with self._guard("engine_id"):
+            got = self.r.hget(ids, key)
+            if got is None:
+                self.r.hsetnx(ids, key, self.r.incr(self._k("engine-ids", "next")))  # a racing replica's wins
+                got = self.r.hget(ids, key)
+            return int(got)
 
     # ---- auxiliary state of other rooms (e.g. the router's trained model) -------------
     def put_aux(self, key: str, mapping: dict[str, bytes | str]) -> None:
@@ -515,8 +541,9 @@ class _RedisGuard:
             outcome = ("ok" if exc is None else "unavailable" if lost
                        else "rejected" if isinstance(exc, MosaicError) and exc.status < 500 else "error")
             self.observer(self.op, outcome)
-        if lost:
-            raise UnavailableError(f"the skill registry (Redis) is unavailable: {exc}") from exc
+        if lost:  # the connection's details go to the log, not to clients
+            log.warning("Redis unavailable during %s: %s", self.op, exc)
+            raise UnavailableError("the skill registry (Redis) is unavailable; try again shortly") from exc
         return False
 
 

@@ -7,6 +7,7 @@ so a user fixes an adapter in one round trip. Nothing is written unless the list
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, config_rank, parse_key
+from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, compile_pattern, config_rank, parse_key
 from adapter_store.errors import AdapterValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would also accept a trailing newline
 RESERVED_NAMES = {"auto", "base"}
+MAX_PATTERNS = 1024  # entries of rank_pattern / alpha_pattern
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # 2-D weights that are not linear layers a LoRA may target
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config fields whose non-default value changes what the adapter computes and that no engine
 # here applies: refused by name rather than silently ignored.
@@ -92,6 +95,8 @@ def validate_files(
                 config = None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
+        except RecursionError:
+            problems.append(f"{CONFIG_FILE} is nested too deeply")
     tensors: dict[str, torch.Tensor] | None = None
     if WEIGHTS_FILE not in files:
         problems.append(f"{WEIGHTS_FILE} is missing")
@@ -127,13 +132,46 @@ def _check_config(config: dict, max_rank: int) -> list[str]:
     elif r > max_rank:
         problems.append(f"rank r={r} exceeds the maximum {max_rank}")
     alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-        problems.append(f"lora_alpha must be a number, got {alpha!r}")
+    if not _finite_number(alpha):
+        problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
+    problems += _check_patterns(config, max_rank)
     if not config.get("target_modules"):
         problems.append("target_modules is empty or missing")
     for key, allowed in _UNSUPPORTED.items():
         if key in config and config[key] not in allowed:
             problems.append(f"{key}={config[key]!r} is not supported (only {allowed[0]!r})")
+    return problems
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_patterns(config: dict, max_rank: int) -> list[str]:
+    """``rank_pattern``/``alpha_pattern``: objects of at most MAX_PATTERNS patterns that RE2 compiles
+    (adapter.compile_pattern), ranks in 1..max_rank, alphas finite numbers."""
+    problems = []
+    for field_, value_ok, wanted in (
+        ("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= max_rank,
+         f"an integer rank from 1 to {max_rank}"),
+        ("alpha_pattern", _finite_number, "a finite number"),
+    ):
+        patterns = config.get(field_)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            problems.append(f"{field_} must be an object of pattern -> value, got {type(patterns).__name__}")
+            continue
+        if len(patterns) > MAX_PATTERNS:
+            problems.append(f"{field_} has {len(patterns)} patterns; at most {MAX_PATTERNS} are accepted")
+            continue
+        for key, value in patterns.items():
+            try:
+                compile_pattern(key)
+            except ValueError as exc:
+                problems.append(f"{field_} pattern {key[:80]!r} is not accepted: {exc}")
+            if not value_ok(value):
+                problems.append(f"{field_}[{key[:80]!r}] must be {wanted}, got {value!r}")
     return problems
 
 
@@ -146,6 +184,9 @@ def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseMod
             problems.append(f"tensor {key!r} is not a LoRA factor (expected base_model.model.<module>.lora_A|B.weight)")
             continue
         module, kind = parsed
+        if module.rsplit(".", 1)[-1] in EMBEDDING_MODULES:
+            problems.append(f"tensor {key!r}: LoRA on the embeddings ({module!r}) is not served; target linear layers")
+            continue
         if module not in spec.shapes:
             problems.append(f"tensor {key!r} names module {module!r}, which base model {spec.model_id!r} does not have")
             continue
@@ -174,7 +215,10 @@ def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseMod
             problems.append(f"{module}.lora_B: shape {tuple(B.shape)} does not match the module's output size {d_out}")
         if B.shape[1] != r:
             problems.append(f"{module}: lora_A rank {r} and lora_B rank {B.shape[1]} differ")
-        expected = config_rank(config, module) if isinstance(config.get("r"), int) else None
+        try:
+            expected = config_rank(config, module) if isinstance(config.get("r"), int) else None
+        except (ValueError, TypeError, AttributeError):  # a bad pattern: _check_config reports it
+            expected = None
         if expected is not None and r != expected:
             problems.append(f"{module}: tensor rank {r} differs from the config's rank {expected}")
         if r > max_rank:

@@ -48,7 +48,7 @@ def _cases(url: str, base: str, tokenizer: str, skills: list[str], args) -> dict
 
 
 def _plain(args, skills: list[str]) -> dict:
-    from server.engine import vllm_cli_args
+    from server.engine import cpu_preload, vllm_cli_args
     from server.launch import VLLM_SERVE, serving
     from server.settings import Settings
 
@@ -57,6 +57,8 @@ def _plain(args, skills: list[str]) -> dict:
     argv = [*VLLM_SERVE, *vllm_cli_args(settings, Path(model_dir), base), "--port", "{port}",
             "--lora-modules", *(f"{s}={SKILLS / s}" for s in skills)]
     venv = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    if settings.preload and (preload := cpu_preload(venv)):  # as `mosaic serve` does: both servers alike
+        venv["LD_PRELOAD"] = preload
     try:
         with serving(venv, Path(env["MOSAIC_DATA_DIR"]) / "vllm.log", argv=argv) as (url, _, _):
             return _cases(url, base, model_dir, skills, args)

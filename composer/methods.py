@@ -16,14 +16,15 @@ import torch
 from composer import dense
 from composer.lego import lego_merge
 from composer.lowrank import concat, truncate
-from composer.registry import Factors, MethodContext, Param, merge_method
+from composer.registry import MAX_SKILLS, Factors, MethodContext, Param, merge_method
 
+MAX_LAYERS = 1024  # bounds of layer indices
 DENSITY = Param(float, 0.5, "fraction of entries kept per task vector", low=0.0, high=1.0)
 SIGN = Param(str, "total", "sign election: 'total' (sign of the sum) or 'frequency' (majority count)",
              choices=("total", "frequency"))
 DROP = Param(float, 0.5, "DARE drop rate p (each entry dropped with probability p, the rest rescaled by 1/(1-p))",
              low=0.0, high=0.99)
-SEED = Param(int, 0, "random seed (per-module masks derive from it: same inputs, same bytes)")
+SEED = Param(int, 0, "random seed (per-module masks derive from it: same inputs, same bytes)", low=0, high=2**63 - 1)
 
 
 def _exact(factors: list[Factors], rank: int | None) -> Factors:
@@ -78,8 +79,8 @@ def _psec_weights(weights: list[float], params: dict[str, Any]) -> list[float]:
     description="α-weighted exact sum of skills (α per request, e.g. from the router); optional softmax temperature "
     "and top-k; re-factored only if the rank must shrink.",
     params={
-        "temperature": Param(float, 0.0, "softmax temperature over the weights (0: use the weights as α)", low=0.0),
-        "top_k": Param(int, 0, "keep the k largest α and renormalise (0: all)", low=0),
+        "temperature": Param(float, 0.0, "softmax temperature over the weights (0: use the weights as α)", low=0.0, high=1e6),
+        "top_k": Param(int, 0, "keep the k largest α and renormalise (0: all)", low=0, high=MAX_SKILLS),
     },
     weights_fn=_psec_weights,
 )
@@ -175,8 +176,8 @@ def breadcrumbs(taus: torch.Tensor, *, ctx: MethodContext, beta: float, gamma: f
     description="Keep the entries of Σ τ_i that are important (|τ_i| ≥ λ|Σ τ − τ_i|) to at least k tasks (k is "
     "capped at the number of inputs that have the module, so a module only one skill touches is kept).",
     params={
-        "k": Param(int, 2, "an entry survives when important to at least k tasks", low=1),
-        "lam": Param(float, 0.5, "λ of the TALL mask", low=0.0),
+        "k": Param(int, 2, "an entry survives when important to at least k tasks", low=1, high=MAX_SKILLS),
+        "lam": Param(float, 0.5, "λ of the TALL mask", low=0.0, high=1e6),
     },
 )
 def consensus(taus: torch.Tensor, *, ctx: MethodContext, k: int, lam: float) -> torch.Tensor:
@@ -207,8 +208,8 @@ def pcb(taus: torch.Tensor, *, ctx: MethodContext, ratio: float) -> torch.Tensor
     "layers of one expert and swaps in the middle of another). One or two skills.",
     max_inputs=2,
     params={
-        "start": Param(int, 8, "first layer taken from the second skill", low=0),
-        "end": Param(int, 22, "first layer after the swapped band", low=0),
+        "start": Param(int, 8, "first layer taken from the second skill", low=0, high=MAX_LAYERS),
+        "end": Param(int, 22, "first layer after the swapped band", low=0, high=MAX_LAYERS),
     },
 )
 def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, start: int, end: int) -> Factors:
@@ -238,7 +239,7 @@ def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, 
                           choices=("svd", "mean")),
         "output_reweight": Param(bool, False, "'mean' only: scale B by sqrt(units/K) (the public re-implementation's "
                                  "output reweighting)"),
-        "n_init": Param(int, 4, "k-means restarts", low=1),
+        "n_init": Param(int, 4, "k-means restarts (each one clusters every module again)", low=1, high=16),
         "seed": SEED,
     },
     needs_rank=True,

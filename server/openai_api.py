@@ -36,11 +36,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from adapter_store.errors import InvalidRequestError, NotFoundError, UnavailableError
+from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 from adapter_store.registry import SkillInfo
 from composer.spec import Composition
 from router.plan import Plan
 from server import hf_openai, limits, metrics
+from server.errors import error_payload
 from server.auth import require_scope
 from server.engine import EngineAdapter
 from server.protocol import MosaicInfo, content_text
@@ -139,6 +140,45 @@ def endpoint(kind: str) -> Endpoint:
     if not ENDPOINTS:
         ENDPOINTS.update(_protocols())
     return ENDPOINTS[kind]
+
+
+# --- the published request schemas ------------------------------------------------------------------
+
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses",
+          "/tokenize": "tokenize", "/detokenize": "detokenize"}
+
+
+def publish_request_schemas(spec: dict) -> None:
+    """Put vLLM's request models, plus ``composition``, into the OpenAPI document as the request bodies
+    of the inference routes (they read the raw body, so FastAPI cannot see them), with their
+    definitions under ``components/schemas``."""
+    from pydantic.json_schema import models_json_schema
+
+    from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+    classes = {kind: [endpoint(kind).protocol({})] for kind in ROUTES.values()}
+    classes["tokenize"] = [TokenizeCompletionRequest, TokenizeChatRequest]
+    models = {c for cs in classes.values() for c in cs}
+    refs, top = models_json_schema([(c, "validation") for c in models], ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    if "Composition" not in components:  # FastAPI publishes it when an admin route takes one
+        raise RuntimeError("the OpenAPI document has no Composition schema")
+    for name, schema in top.get("$defs", {}).items():
+        if name in components:
+            raise RuntimeError(f"two schemas named {name!r} in the OpenAPI document")
+        components[name] = schema
+    composition = {"$ref": "#/components/schemas/Composition"}
+    for path, kind in ROUTES.items():
+        bodies = []
+        for cls in classes[kind]:
+            name = f"{cls.__name__}WithComposition"
+            ref = refs[(cls, "validation")]["$ref"]
+            components[name] = {"allOf": [{"$ref": ref}], "title": name, "type": "object",
+                                "properties": {"composition": {**composition, "description": "Mosaic's extension: serve this request "
+                                                                "with a composition of skills (instead of model)"}}}
+            bodies.append({"$ref": f"#/components/schemas/{name}"})
+        schema = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+        spec["paths"][path]["post"]["requestBody"] = {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
 # --- the front --------------------------------------------------------------------------------------
@@ -358,6 +398,11 @@ async def _stream(events: AsyncIterator[str], rename: tuple[str, str] | None, mo
                 event, first = _with_mosaic(event, mosaic), False
             yield event
         outcome = "ok"
+    except Exception as exc:  # the response has started: the error goes on the stream, and the stream ends as usual
+        log.error("a stream failed after it started", exc_info=exc)
+        err = exc if isinstance(exc, MosaicError) else MosaicError("the stream failed inside the server; see its log")
+        yield f"data: {json.dumps(error_payload(err), separators=(',', ':'))}\n\n"
+        yield "data: [DONE]\n\n"
     finally:
         observed.done(outcome, usage)
 
@@ -435,6 +480,44 @@ async def completions(request: Request) -> Response:
 async def responses(request: Request) -> Response:
     """vLLM's OpenAI Responses API, as far as vLLM serves it, plus ``composition``."""
     return await serve(request, "responses")
+
+
+@router.get("/v1/responses/{response_id}", responses={200: {"content": {"text/event-stream": {}}}})
+async def retrieve_response(response_id: str, request: Request, starting_after: int | None = None,
+                            stream: bool = False) -> Response:
+    """vLLM's stored response by id. vLLM keeps responses only when it runs with
+    ``VLLM_ENABLE_RESPONSES_API_STORE=1`` (off by default: its store only grows); otherwise 404, as vLLM answers."""
+    serving = _responses_serving(request)
+    result = await serving.retrieve_responses(response_id, starting_after=starting_after, stream=stream)
+    return _stored(result)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request) -> Response:
+    """Cancel a background response that vLLM stores (see ``GET /v1/responses/{response_id}``)."""
+    return _stored(await _responses_serving(request).cancel_responses(response_id))
+
+
+def _responses_serving(request: Request):
+    m = _state(request)
+    if m.engine.serving is None:
+        raise InvalidRequestError("the reference engine (MOSAIC_ENGINE=hf) keeps no responses: use the vLLM engine")
+    if not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
+    return m.engine.serving.openai_serving_responses
+
+
+def _stored(result) -> Response:
+    """A stored response as vLLM's route answers it; its ``model`` is the name Mosaic lent vLLM for the
+    adapter (``mosaic-<folder>``): the client's own name for it is not stored."""
+    from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    if isinstance(result, ErrorResponse):
+        return error_json(result)
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump(mode="json", by_alias=True))
+    return StreamingResponse(_convert_stream_to_sse_events(result), media_type="text/event-stream")
 
 
 @router.post("/tokenize")

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("~/.cache/mosaic").expanduser()
     api_key: str | None = None
     require_inference_key: bool = False  # when true, inference endpoints need a key with the 'inference' scope
+    # with no key, admin and read are open to loopback clients only (and `mosaic serve` binds nothing
+    # else); true opens them to every client that can reach the server (server/auth.py)
+    open_admin: bool = False
     engine: Literal["vllm", "hf"] = "vllm"
 
     # engine
@@ -33,6 +36,8 @@ class Settings(BaseSettings):
     # vLLM's tool-call parser for tools/tool_choice (it fits the base model's chat template: the bundled
     # SmolLM2 uses ChatML, whose tool-call convention is Hermes' <tool_call> tags); "" turns tools off
     tool_call_parser: str = "hermes"
+    # `mosaic serve` preloads tcmalloc and Intel OpenMP for vLLM's CPU engine (server.engine.cpu_preload)
+    preload: bool = True
     engine_check_seconds: float = 5.0  # how often a running engine is checked
     engine_restart_seconds: float = 10.0  # first back-off before restarting a failed engine (doubles each time)
     engine_max_restarts: int = 5  # restarts in a row before giving up (health stays "error")

@@ -1,15 +1,23 @@
-"""Reading an uploaded adapter: loose files or one .tar.gz/.zip archive, within a size limit."""
+"""Reading an uploaded adapter: loose files or one .tar.gz/.zip archive, within a size limit.
+
+The HTTP layer streams an upload's files to temporary files as they arrive (python-multipart's spooled
+files), with the body's size counted as it is read (limits.BodySizeLimit); :func:`unpack` then runs in
+a worker thread, never on the event loop."""
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import io
+import lzma
 import tarfile
 import zipfile
 from pathlib import PurePosixPath
 
 from adapter_store.errors import InvalidRequestError, PayloadTooLargeError
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 
 
 def _basename(name: str) -> str:
@@ -33,34 +41,76 @@ def unpack(files: list[tuple[str, bytes]], max_bytes: int) -> dict[str, bytes]:
     return out
 
 
-def _unpack_archive(name: str, data: bytes, max_bytes: int) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    total = 0
+MAX_MEMBERS = 64  # files in one archive (a PEFT folder holds a handful)
+MAX_RATIO = 100  # uncompressed / compressed bytes, checked once a member has produced RATIO_AFTER bytes
+RATIO_AFTER = 2**20
+CHUNK = 2**20
 
-    def add(member: str, size: int, read) -> None:
-        nonlocal total
+
+def _decompressed(raw: io.BytesIO):
+    """A file object that decompresses ``raw`` as it is read, a bounded amount per read (tarfile's own
+    stream mode inflates a whole compressed block at once: 422 bytes of bzip2 can be 400 MB)."""
+    head = raw.getvalue()[:6]
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw, mode="rb")
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw, mode="rb")
+    return contextlib.nullcontext(raw)
+
+
+def _unpack_archive(name: str, data: bytes, max_bytes: int) -> dict[str, bytes]:
+    """Members are read one at a time, in order (tar in stream mode over a bounded decompressor);
+    before each member its count and declared size are checked, and while it is read, the total size
+    and the compression ratio so far, so an archive bomb stops at the first member that crosses a limit."""
+    out: dict[str, bytes] = {}
+    raw = io.BytesIO(data)
+    produced = 0
+
+    def refuse(why: str):
+        raise PayloadTooLargeError(f"archive {name!r} {why}")
+
+    def add(member: str, size: int, stream, members: int) -> None:
+        nonlocal produced
+        if members > MAX_MEMBERS:
+            refuse(f"holds more than {MAX_MEMBERS} files")
         base = _basename(member)
         if not base or base.startswith("._"):  # folders, macOS resource forks
             return
-        total += size
-        if total > max_bytes:
-            raise PayloadTooLargeError(f"archive {name!r} unpacks to more than the limit of {max_bytes} bytes")
+        if produced + size > max_bytes:
+            refuse(f"unpacks to more than the limit of {max_bytes} bytes")
         if base in out:
             raise InvalidRequestError(f"archive {name!r} holds {base!r} twice", param="files")
-        out[base] = read()
+        parts = []
+        while chunk := stream.read(min(CHUNK, max_bytes - produced + 1)):
+            produced += len(chunk)
+            parts.append(chunk)
+            if produced > max_bytes:
+                refuse(f"unpacks to more than the limit of {max_bytes} bytes")
+            if produced > RATIO_AFTER and produced > MAX_RATIO * max(raw.tell(), 1):
+                refuse(f"expands more than {MAX_RATIO}-fold (a compression bomb?)")
+        out[base] = b"".join(parts)
 
     try:
         if name.lower().endswith(".zip"):
-            with zipfile.ZipFile(io.BytesIO(data)) as z:
-                for info in z.infolist():
-                    if not info.is_dir():
-                        add(info.filename, info.file_size, lambda i=info: z.read(i))
+            with zipfile.ZipFile(raw) as z:
+                infos = [i for i in z.infolist() if not i.is_dir()]
+                if len(infos) > MAX_MEMBERS:
+                    refuse(f"holds more than {MAX_MEMBERS} files")
+                for n, info in enumerate(infos, 1):
+                    if info.file_size > RATIO_AFTER and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+                        refuse(f"expands more than {MAX_RATIO}-fold (a compression bomb?)")
+                    with z.open(info) as stream:
+                        add(info.filename, info.file_size, stream, n)
         else:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as t:
-                for m in t.getmembers():
+            with _decompressed(raw) as plain, tarfile.open(fileobj=plain, mode="r|") as t:
+                for n, m in enumerate(t, 1):
+                    if n > MAX_MEMBERS:
+                        refuse(f"holds more than {MAX_MEMBERS} entries")
                     if m.isfile():
-                        add(m.name, m.size, lambda m=m: t.extractfile(m).read())
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+                        add(m.name, m.size, t.extractfile(m), n)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, NotImplementedError, lzma.LZMAError) as exc:
         raise InvalidRequestError(f"archive {name!r} cannot be read: {exc}", param="files") from exc
     return out
 

@@ -11,7 +11,7 @@ The plugin is registered through the ``vllm.general_plugins`` entry point (pypro
 vLLM loads in each of its processes; it registers the resolver only when ``MOSAIC_RESOLVER=1`` and
 opens Redis on the first lookup. Adapters are written to the same content-addressed folders Mosaic's
 own server uses (``MOSAIC_DATA_DIR/adapters/<content id>``), normalised to one uniform rank, and get the
-same stable ``lora_int_id``. vLLM remembers a name once resolved: a new version of a skill is picked
+same ``lora_int_id`` (the registry's counter). vLLM remembers a name once resolved: a new version of a skill is picked
 up under its pinned name (``skill@2``); plain ``skill`` keeps the version first resolved until vLLM
 restarts (vLLM's behaviour, not the registry's).
 """

@@ -2,6 +2,7 @@
 
 import pytest
 
+from adapter_store.adapter import LoraAdapter, config_sha256
 from adapter_store.errors import InvalidRequestError, NotFoundError
 from adapter_store.registry import parse_ref
 from tests.helpers import random_adapter
@@ -68,7 +69,8 @@ def test_delete_all_versions(registry):
     gone = registry.delete("s")
     assert [g.ref for g in gone] == ["s@1", "s@2"]
     assert registry.names() == [] and not registry.exists("s")
-    assert list(registry.r.scan_iter(match=f"{registry.p}:s:*")) == []
+    # only the version counter stays, so that the name's numbers are never handed out again
+    assert list(registry.r.scan_iter(match=f"{registry.p}:s:*")) == [f"{registry.p}:s:s:next".encode()]
     with pytest.raises(NotFoundError):
         registry.delete("s")
 
@@ -86,3 +88,44 @@ def test_parse_ref():
     for bad in ("a@0", "a@", "a@-1", "a@\u00b2", "a@\u0661"):  # superscript two, Arabic-Indic one: isdigit() but not versions
         with pytest.raises(InvalidRequestError):
             parse_ref(bad)
+
+
+def test_versions_are_never_reused_even_after_every_version_was_deleted(registry):
+    a1, a2, other = (random_adapter(SHAPES, r=2, seed=s) for s in (1, 2, 3))
+    registry.add("vtest", a1)
+    registry.add("vtest", a2)
+    registry.delete("vtest")
+    info = registry.add("vtest", other)  # issue #14's exact sequence: it was vtest@1 again
+    assert info.version == 3 and registry.info("vtest@3").sha256 == other.sha256()
+    with pytest.raises(NotFoundError):
+        registry.info("vtest@1")
+
+
+def test_the_content_id_covers_the_config_that_changes_the_delta(registry):
+    import copy
+
+    base = random_adapter(SHAPES, r=2, seed=1)
+    louder = LoraAdapter(config={**copy.deepcopy(base.config), "lora_alpha": base.config["lora_alpha"] * 10},
+                         tensors=base.tensors)
+    a, b = registry.add("sentiment", base), registry.add("loud", louder)
+    assert a.sha256 == b.sha256  # the same weights file ...
+    assert a.content_id != b.content_id and not a.same_content(louder)  # ... but not the same ΔW
+    # spellings of one config are one content; what PEFT ignores at inference does not count
+    respelled = {**base.config, "target_modules": list(reversed(base.config["target_modules"])), "rank_pattern": {},
+                 "lora_dropout": 0.3, "inference_mode": False, "use_rslora": False}
+    assert config_sha256(respelled) == config_sha256(base.config)
+    assert a.same_content(LoraAdapter(config=respelled, tensors=base.tensors))
+    for changed in ({"use_rslora": True}, {"r": 4}, {"alpha_pattern": {"q_proj": 3}}, {"target_modules": ["q_proj"]}):
+        assert config_sha256({**base.config, **changed}) != config_sha256(base.config), changed
+
+
+def test_engine_ids_come_from_a_counter_shared_by_replicas(registry, redis_client):
+    from adapter_store.registry import Registry
+
+    other_replica = Registry(redis_client, prefix=registry.p)
+    # two content ids with one 31-bit prefix: the truncated hash that was the engine id gave both one id
+    one, two = "aaaaaaaa" + "1" * 56, "aaaaaaaa" + "2" * 56
+    ids = {registry.engine_id(one), registry.engine_id(two)}
+    assert len(ids) == 2 and all(isinstance(i, int) and i > 0 for i in ids)
+    assert other_replica.engine_id(one) == registry.engine_id(one)
+    assert other_replica.engine_id(two) == registry.engine_id(two)

@@ -72,3 +72,42 @@ def test_bad_names(base_spec, name):
     adapter = random_adapter({Q: base_spec.shapes[Q]}, r=2)
     with pytest.raises(AdapterValidationError, match="name"):
         validate_files(_files(adapter), base_spec, max_rank=64, name=name)
+
+
+def test_rank_and_alpha_patterns_are_checked_at_upload(base_spec):
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=4)
+    config = {**adapter.config, "rank_pattern": {"(": 4, "q_proj": "8", "x" * 300: 4},
+              "alpha_pattern": {"v_proj": float("inf")}, "lora_alpha": float("nan")}
+    files = {CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: adapter.weights_bytes()}
+    with pytest.raises(AdapterValidationError) as e:
+        validate_files(files, base_spec, max_rank=64)
+    text = "\n".join(e.value.problems)
+    assert "rank_pattern pattern '(' is not accepted" in text and "missing )" in text
+    assert "rank_pattern['q_proj'] must be an integer rank" in text and "longer than 256" in text
+    assert "alpha_pattern['v_proj'] must be a finite number" in text and "lora_alpha must be a finite number" in text
+
+
+def test_a_pattern_that_backtracks_exponentially_is_matched_in_linear_time(base_spec):
+    import re
+    import time
+
+    from adapter_store.adapter import config_rank
+
+    evil = "(.*.*.*.*)*z"  # Python's re needs minutes for this on a module name without a 'z'
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=4)
+    config = {**adapter.config, "rank_pattern": {evil: 2}}
+    t0 = time.monotonic()
+    got = validate_files({CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: adapter.weights_bytes()}, base_spec, max_rank=64)
+    assert config_rank(got.config, Q) == 4 and time.monotonic() - t0 < 1.0
+    assert config_rank({**config, "rank_pattern": {r"layers\.0\.self_attn\.q_proj": 2}}, Q) == 2  # PEFT's suffix rule
+    assert re.match(rf"(.*\.)?({evil})$", "q_proj") is None  # (what Python makes of it on a short name)
+
+
+def test_a_lora_on_the_embeddings_is_refused(base_spec):
+    m = "model.embed_tokens"
+    vocab, hidden = base_spec.shapes[m] if m in base_spec.shapes else (49152, 576)
+    tensors = {factor_key(m, "A"): torch.zeros(1, hidden), factor_key(m, "B"): torch.zeros(vocab, 1)}
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["embed_tokens"]}
+    with pytest.raises(AdapterValidationError) as e:
+        validate_files({CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: save(tensors)}, base_spec, max_rank=64)
+    assert any("embeddings" in p for p in e.value.problems)

@@ -66,3 +66,24 @@ def test_unknown_parameters_and_bad_values_are_refused():
             compose(adapters, weights, method="ties", params={"density": bad})
     with pytest.raises(ValueError, match="one of"):
         compose(adapters, weights, method="ties", params={"majority_sign_method": "vote"})
+
+
+def test_the_composition_key_names_the_engine_rank_limit_it_was_cut_to():
+    from composer.spec import Composition
+
+    c = Composition(skills=("a", "b"))
+    ids = ["1" * 64, "2" * 64]
+    assert len({c.content_key(ids), c.content_key(ids, 32), c.content_key(ids, 64)}) == 3
+    assert c.content_key(ids, 32) == Composition(skills=("x", "y")).content_key(ids, 32)  # names never enter
+
+
+@pytest.mark.parametrize("method,params", [("lego", {"n_init": 10**6}), ("dare_ties", {"seed": 2**64}), ("dare_linear", {"seed": -1}),
+                                           ("psec", {"top_k": 10**9}), ("consensus", {"k": 10**9}),
+                                           ("layer_swap", {"end": 10**9})])
+def test_merge_parameters_are_bounded(method, params):
+    from pydantic import ValidationError
+
+    from composer.spec import Composition
+
+    with pytest.raises(ValidationError, match="must be within"):
+        Composition(skills=("a", "b"), method=method, params=params, rank=4)

@@ -1,5 +1,7 @@
-"""API keys: hashed in Redis, scoped; 401 without a key, 403 with one lacking the scope."""
+"""API keys: hashed in Redis, scoped; 401 without a key, 403 with one lacking the scope; without keys the
+library is open to loopback clients only."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -9,7 +11,11 @@ from adapter_store.keys import KeyStore
 from server import engine as engine_module
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import TEST_REDIS_URL, _drop_prefix
+from server.launch import mosaic_cli
+from tests.conftest import LOCAL, TEST_REDIS_URL, _drop_prefix
+
+
+REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
 
 
 @pytest.fixture
@@ -20,11 +26,11 @@ def app_factory(monkeypatch, redis_client):
     monkeypatch.setattr(engine_module.HfEngine, "start", idle)
     prefixes = []
 
-    def make(**kw):
+    def make(client=LOCAL, **kw):
         prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
         prefixes.append(prefix)
         settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, **kw)
-        return TestClient(create_app(settings)), KeyStore(redis_client, prefix)
+        return TestClient(create_app(settings), client=client), KeyStore(redis_client, prefix)
 
     yield make
     for p in prefixes:
@@ -32,28 +38,53 @@ def app_factory(monkeypatch, redis_client):
 
 
 def _delete(client, key=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return client.delete("/v1/adapters/ghost", headers=headers)
+    return client.delete("/v1/adapters/ghost", headers=_bearer(key))
 
 
-def test_open_until_a_key_exists_then_scoped(app_factory, redis_client):
+def _bearer(key):
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def test_without_keys_admin_and_read_are_open_on_loopback_only(app_factory):
+    local, _ = app_factory()
+    remote, _ = app_factory(client=REMOTE)
+    chosen, _ = app_factory(client=REMOTE, open_admin=True)
+    with local, remote, chosen:
+        assert _delete(local).status_code == 404 and local.get("/v1/adapters").status_code == 200
+        for r in (_delete(remote), remote.get("/v1/adapters"), remote.get("/v1/adapters/ghost/download"), remote.get("/metrics")):
+            assert r.status_code == 401 and "MOSAIC_OPEN_ADMIN" in r.json()["error"]["message"], r.text
+        assert _delete(chosen).status_code == 404 and chosen.get("/v1/adapters").status_code == 200
+        assert remote.get("/health").status_code in (200, 503)  # health is never behind a key
+
+
+def test_keys_lock_the_library_for_good_and_scopes_are_checked(app_factory, redis_client):
     client, keys = app_factory()
     with client:
-        assert _delete(client).status_code == 404  # open: reaches the handler (no such skill)
         admin_key, _ = keys.create("ops", ["admin"])
         user_key, _ = keys.create("app", ["inference"])
+        reader_key, _ = keys.create("viewer", ["read"])
         r = _delete(client)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["www-authenticate"] == "Bearer"
         assert _delete(client, "mk-wrong").status_code == 401
         r = _delete(client, user_key)
         assert r.status_code == 403 and "admin" in r.json()["error"]["message"]
+        assert _delete(client, reader_key).status_code == 403
         assert _delete(client, admin_key).status_code == 404
-        assert client.get("/v1/adapters").status_code == 200  # reading the library needs no key
-        keys.revoke("ops")
+        for path in ("/v1/adapters", "/metrics"):  # reading the library needs 'read' (admin implies it)
+            assert client.get(path).status_code == 401
+            assert client.get(path, headers=_bearer(user_key)).status_code == 403
+            assert client.get(path, headers=_bearer(reader_key)).status_code == 200
+            assert client.get(path, headers=_bearer(admin_key)).status_code == 200
+        assert client.get("/v1/adapters/ghost/download", headers=_bearer(reader_key)).status_code == 404
+        for name in ("ops", "app", "viewer"):
+            keys.revoke(name)
+        # revoking every key does not reopen the library, not even on loopback
+        assert _delete(client).status_code == 401 and client.get("/v1/adapters").status_code == 401
         assert _delete(client, admin_key).status_code == 401
     # only hashes are stored
     dump = b"".join(v for k in redis_client.scan_iter(match=f"{keys.k_info.split(':')[0]}:keys:*")
-                    for v in redis_client.hgetall(k).values())
+                    if redis_client.type(k) == b"hash" for v in redis_client.hgetall(k).values())
     assert user_key.encode() not in dump and admin_key.encode() not in dump
 
 
@@ -64,9 +95,45 @@ def test_root_key_and_inference_keys(app_factory):
         assert client.post("/v1/chat/completions", json=body).status_code == 401
         assert _delete(client, "root-secret").status_code == 404
         user_key, _ = keys.create("app", ["inference"])
-        r = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {user_key}"})
+        r = client.post("/v1/chat/completions", json=body, headers=_bearer(user_key))
         assert r.status_code == 503  # past auth; the engine is down in this test
         assert _delete(client, user_key).status_code == 403
+
+
+def test_requiring_inference_keys_locks_admin_too(app_factory):
+    client, _ = app_factory(require_inference_key=True)
+    with client:
+        assert _delete(client).status_code == 401 and client.get("/v1/adapters").status_code == 401
+
+
+def test_the_key_is_checked_before_the_body_is_read(app_factory):
+    client, keys = app_factory()
+    keys.create("ops", ["admin"])
+    with client:
+        reads = 0
+
+        async def receive():
+            nonlocal reads
+            reads += 1
+            return {"type": "http.request", "body": b"x" * 2**20, "more_body": True}
+
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/adapters", "raw_path": b"/v1/adapters",
+                 "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 8000), "client": LOCAL,
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=x"), (b"content-length", b"104857600")]}
+        asyncio.run(client.app(scope, receive, send))
+        assert sent[0]["status"] == 401 and reads == 0
+
+
+def test_serve_refuses_a_public_bind_without_a_key(server_env):
+    env = {k: v for k, v in server_env.items() if k not in ("MOSAIC_API_KEY", "MOSAIC_OPEN_ADMIN")}
+    env["MOSAIC_REDIS_PREFIX"] = f"mosaic-test-{uuid.uuid4().hex[:10]}"
+    done = mosaic_cli(env, "serve", "--host", "0.0.0.0", "--port", "1")
+    assert done.returncode == 2 and "MOSAIC_API_KEY" in done.stderr and "MOSAIC_OPEN_ADMIN" in done.stderr, done.stderr
 
 
 def test_key_names_and_scopes_are_checked(redis_client):

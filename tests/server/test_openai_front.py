@@ -122,3 +122,51 @@ def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
     first, second = json.loads(out[0][6:]), json.loads(out[1][6:])
     assert first["model"] == second["model"] == "sentiment" and first["mosaic"] == {"plan": "skill"}
     assert "mosaic" not in second and second["choices"][0]["text"] == '"model":"mosaic-abc"'  # text untouched
+
+
+def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done():
+    async def source():
+        yield 'data: {"id":"x","model":"m","choices":[{"text":"a"}]}\n\n'
+        raise RuntimeError("boom at /secret/path on 10.0.0.5:6379")
+
+    async def collect():
+        return [e async for e in openai_api._stream(source(), None, {"plan": "base"}, openai_api.Observation("base", "b"))]
+
+    out = asyncio.run(collect())
+    assert out[-1] == "data: [DONE]\n\n" and all(e.endswith("\n\n") for e in out)
+    err = json.loads(out[-2][6:])["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "internal_error"
+    assert "secret" not in err["message"] and "6379" not in err["message"]  # no paths or hosts leave the server
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for v in node.values():
+            yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
+    from server.app import create_app
+
+    spec = create_app(Settings(engine="hf")).openapi()
+    components = spec["components"]["schemas"]
+    dangling = {r for r in _refs(spec) if r.removeprefix("#/components/schemas/") not in components}
+    assert not dangling
+    for path, kind in openai_api.ROUTES.items():
+        body = spec["paths"][path]["post"]["requestBody"]
+        assert body["required"] and list(body["content"]) == ["application/json"]
+        schema = body["content"]["application/json"]["schema"]
+        for ref in [schema["$ref"]] if "$ref" in schema else [s["$ref"] for s in schema["anyOf"]]:
+            wrapper = components[ref.rsplit("/", 1)[1]]
+            assert wrapper["properties"]["composition"]["$ref"] == "#/components/schemas/Composition"
+            inner = components[wrapper["allOf"][0]["$ref"].rsplit("/", 1)[1]]
+            if kind != "tokenize":  # every field the front parses is published, under the name a client sends
+                assert set(inner["properties"]) == openai_api.field_names(openai_api.endpoint(kind).protocol({}))
+    chat = components["ChatCompletionRequest"]["properties"]
+    assert {"logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "n", "logit_bias"} <= set(chat)
+    assert "/v1/responses/{response_id}" in spec["paths"] and "/v1/responses/{response_id}/cancel" in spec["paths"]

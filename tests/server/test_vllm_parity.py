@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from composer.spec import Composition
-from server.engine import vllm_cli_args
+from server.engine import cpu_preload, vllm_cli_args
 from server.launch import ROOT, VLLM_SERVE, serving
 from server.settings import Settings
 
@@ -135,16 +135,18 @@ def plain(server, client, tmp_path_factory):
     for name in LORAS:
         client.completions.create(model=name, prompt="hi", max_tokens=1)
     client.completions.create(model=base, prompt="hi", max_tokens=1, extra_body={"composition": COMPOSITION})
-    shas = {name: httpx.get(f"{server['url']}/v1/adapters/{name}").json()["sha256"] for name in LORAS}
-    folders = {name: data / "adapters" / sha for name, sha in shas.items()}
-    folders["combo"] = data / "compositions" / Composition.model_validate(COMPOSITION).content_key(
-        [shas[s] for s in COMPOSITION["skills"]])
-    assert all((f / "adapter_config.json").exists() for f in folders.values()), folders
     settings = Settings(**{k[len("MOSAIC_"):].lower(): v for k, v in env.items()
                                            if k.startswith("MOSAIC_") and k[len("MOSAIC_"):].lower() in Settings.model_fields})
+    ids = {name: httpx.get(f"{server['url']}/v1/adapters/{name}").json()["content_id"] for name in LORAS}
+    folders = {name: data / "adapters" / cid for name, cid in ids.items()}
+    folders["combo"] = data / "compositions" / Composition.model_validate(COMPOSITION).content_key(
+        [ids[s] for s in COMPOSITION["skills"]], settings.max_lora_rank)
+    assert all((f / "adapter_config.json").exists() for f in folders.values()), folders
     argv = [*VLLM_SERVE, *vllm_cli_args(settings, Path(env["MOSAIC_BASE_MODEL"]), base), "--port", "{port}",
             "--lora-modules", *(f"{name}={folder}" for name, folder in folders.items())]
     vllm_env = {**env, "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib)}
+    if preload := cpu_preload(vllm_env):  # as `mosaic serve` preloads for Mosaic
+        vllm_env["LD_PRELOAD"] = preload
     log = tmp_path_factory.mktemp("plain-vllm") / "vllm.log"
     with serving(vllm_env, log, timeout=600, argv=argv) as (url, _, _):
         yield {"url": url, "base": base, "mosaic": server["url"], "model_dir": env["MOSAIC_BASE_MODEL"]}
@@ -221,6 +223,12 @@ def test_tokenize_detokenize_and_responses(plain):
         g, w = _strip(got.json(), False), _strip(want.json(), False)
         if path == "/v1/responses":  # its output items carry random ids inside
             g, w = g["output"][0]["content"][0]["text"], w["output"][0]["content"][0]["text"]
+            # retrieve and cancel by id answer as vLLM does (without VLLM_ENABLE_RESPONSES_API_STORE: not stored)
+            for url, rid in ((plain["mosaic"], got.json()["id"]), (plain["url"], want.json()["id"])):
+                fetched = httpx.get(f"{url}/v1/responses/{rid}", timeout=30)
+                cancelled = httpx.post(f"{url}/v1/responses/{rid}/cancel", timeout=30)
+                assert (fetched.status_code, cancelled.status_code) == (404, 404), (url, fetched.text, cancelled.text)
+                assert rid in fetched.json()["error"]["message"]
         assert g == w, (path, g, w)
 
 
