@@ -67,7 +67,12 @@ class KeyStore:
 
     def locked(self) -> bool:
         """Whether a key was ever created here (the library then stays closed to requests without one)."""
-        return bool(self.r.exists(self.k_locked))
+        if self.r.exists(self.k_locked):
+            return True
+        if self.r.hlen(self.k_info):  # keys made before the flag existed
+            self.r.set(self.k_locked, "1")
+            return True
+        return False
 
     def revoke(self, name: str) -> KeyInfo:
         raw = self.r.hget(self.k_info, name)

@@ -308,16 +308,27 @@ class Registry:
         return json.loads(meta), LoraAdapter.from_bytes(config, weights)
 
     # ---- engine ids ---------------------------------------------------------------------
-    def engine_id(self, key: str) -> int:
+    def engine_id(self, key: str, above: int = 0) -> int:
         """The engine's integer id for the served content ``key`` (a content id or a composition key):
-        handed out by a counter, so every replica agrees and no two contents ever share an id."""
+        handed out by a counter, so every replica agrees and no two contents ever share an id.
+        ``above``: the caller's engine already uses ids up to this one for other content (Redis lost
+        its ids, e.g. a restart without persistence): the counter moves past it and ``key`` gets a new id."""
         ids = self._k("engine-ids")
         with self._guard("engine_id"):
+            if above:
+                self.r.transaction(lambda pipe: self._move_counter(pipe, above, key), self._k("engine-ids", "next"))
             got = self.r.hget(ids, key)
             if got is None:
                 self.r.hsetnx(ids, key, self.r.incr(self._k("engine-ids", "next")))  # a racing replica's wins
                 got = self.r.hget(ids, key)
             return int(got)
+
+    def _move_counter(self, pipe: redis.client.Pipeline, above: int, key: str) -> None:
+        current = int(pipe.get(self._k("engine-ids", "next")) or 0)
+        pipe.multi()
+        if current < above:
+            pipe.set(self._k("engine-ids", "next"), above)
+        pipe.hdel(self._k("engine-ids"), key)
 
     # ---- auxiliary state of other rooms (e.g. the router's trained model) -------------
     def put_aux(self, key: str, mapping: dict[str, bytes | str]) -> None:

@@ -175,6 +175,27 @@ def _check_patterns(config: dict, max_rank: int) -> list[str]:
     return problems
 
 
+def _ambiguous_patterns(config: dict, module: str) -> list[str]:
+    """PEFT applies the first pattern a module matches, in the order of the file; Mosaic stores configs
+    with sorted keys, so two matching patterns with different values would change meaning: refused."""
+    problems = []
+    for field_ in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field_)
+        if not isinstance(patterns, dict):
+            continue
+        hits = {}
+        for key, value in patterns.items():
+            try:
+                if compile_pattern(key).match(module):
+                    hits[key] = value
+            except ValueError:  # reported by _check_patterns
+                continue
+        if len({json.dumps(v) for v in hits.values()}) > 1:
+            problems.append(f"{module}: matched by several {field_} patterns with different values ({', '.join(map(repr, hits))}); "
+                            "make them match disjoint modules")
+    return problems
+
+
 def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseModelSpec, max_rank: int) -> list[str]:
     problems: list[str] = []
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -215,6 +236,7 @@ def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseMod
             problems.append(f"{module}.lora_B: shape {tuple(B.shape)} does not match the module's output size {d_out}")
         if B.shape[1] != r:
             problems.append(f"{module}: lora_A rank {r} and lora_B rank {B.shape[1]} differ")
+        problems += _ambiguous_patterns(config, module)
         try:
             expected = config_rank(config, module) if isinstance(config.get("r"), int) else None
         except (ValueError, TypeError, AttributeError):  # a bad pattern: _check_config reports it

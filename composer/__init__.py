@@ -1,8 +1,9 @@
 """The composer room: pure tensor math on LoRA factors. No Redis, no HTTP."""
 
 from composer import methods as _methods  # noqa: F401  (registers the built-in methods)
-from composer.compose import ComposeReport, compose
+from composer.compose import ComposeReport, CompositionCancelled, compose
+from composer.cost import Cost, compose_cost
 from composer.registry import METHODS, MergeMethod, get_method, merge_method
 from composer.spec import Composition
 
-__all__ = ["METHODS", "ComposeReport", "Composition", "MergeMethod", "compose", "get_method", "merge_method"]
+__all__ = ["METHODS", "ComposeReport", "CompositionCancelled", "Composition", "Cost", "compose_cost", "MergeMethod", "compose", "get_method", "merge_method"]

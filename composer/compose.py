@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,10 @@ from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import CompositionError
 from composer.lowrank import frobenius_error_sq, frobenius_sq, truncate
 from composer.registry import MethodContext, get_method
+
+class CompositionCancelled(Exception):
+    """The caller set ``stop`` while a composition ran."""
+
 
 AUTO_RANK_CAP = 64  # "auto" rank never exceeds this unless the engine's limit says otherwise
 
@@ -57,6 +62,7 @@ def compose(
     base_model: str | None = None,
     weighting: str = "none",
     lines: tuple[float, float] | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[LoraAdapter, ComposeReport]:
     """Compose ``adapters`` with ``weights`` into one adapter (scaling folded into B, r = lora_alpha).
 
@@ -67,6 +73,9 @@ def compose(
     Weighting helpers for any method: ``weighting="varm"`` scales each adapter's weight per
     module by its share of ‖ΔW‖² (computed from r×r traces); ``lines=(α, β)`` scales layer ℓ's
     composed update by α + β(ℓ−1)/(L−1).
+
+    ``stop``: when it is set (e.g. the client went away), the work ends before the next module with
+    :class:`CompositionCancelled`.
     """
     if weighting not in ("none", "varm"):
         raise ValueError(f"weighting must be 'none' or 'varm', got {weighting!r}")
@@ -85,6 +94,8 @@ def compose(
     err_sq = total_sq = 0.0
     refactored = False
     for name in names:
+        if stop is not None and stop.is_set():
+            raise CompositionCancelled("the composition was abandoned")
         inputs = tuple(i for i, m in enumerate(per_adapter) if name in m)
         present = [(per_adapter[i][name], weights[i]) for i in inputs]
         ws = [w for _, w in present]

@@ -13,14 +13,16 @@ import asyncio
 import json
 import shutil
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import UnavailableError
+from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.registry import Registry, SkillInfo
-from composer import Composition, compose
+from composer import Composition, compose, compose_cost
 from server import metrics
 from server.engine import EngineAdapter
 
@@ -43,14 +45,43 @@ class Served:
         }
 
 
+@dataclass(frozen=True)
+class ComposeBudget:
+    """What one composition may cost (composer.compose_cost's estimate), and the base model's module shapes
+    the estimate is made from."""
+
+    shapes: dict[str, tuple[int, int]]
+    max_work: float  # multiply-adds (setting MOSAIC_MAX_COMPOSE_WORK)
+    max_bytes: float  # peak working set (setting MOSAIC_MAX_COMPOSE_GIB)
+
+    def check(self, comp: Composition, infos: list[SkillInfo]) -> None:
+        targets = {t for i in infos for t in i.target_modules}
+        shapes = [s for name, s in self.shapes.items() if name.rsplit(".", 1)[-1] in targets]
+        cost = compose_cost(comp.method, comp.resolved_params, shapes, [i.rank for i in infos])
+        if cost.work > self.max_work:
+            raise InvalidRequestError(
+                f"this composition would take about {cost.work:.2g} multiply-adds; the server allows {self.max_work:.2g} "
+                "(setting MOSAIC_MAX_COMPOSE_WORK): use fewer skills, a cheaper method or smaller parameters",
+                param="composition")
+        if cost.peak_bytes > self.max_bytes:
+            raise InvalidRequestError(
+                f"this composition would need about {cost.peak_bytes / 2**30:.2f} GiB at once; the server allows "
+                f"{self.max_bytes / 2**30:.2f} (setting MOSAIC_MAX_COMPOSE_GIB)", param="composition")
+
+
 class AdapterCache:
-    def __init__(self, registry: Registry, data_dir: Path, max_rank: int) -> None:
+    def __init__(self, registry: Registry, data_dir: Path, max_rank: int, budget: ComposeBudget | None = None,
+                 workers: int = 1) -> None:
         self.registry = registry
         self.dir = data_dir
         self.max_rank = max_rank
+        self.budget = budget
+        # compositions run on their own threads, so registry calls (on the default pool) never wait behind them
+        self._composers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-compose")
         self._locks: dict[str, asyncio.Lock] = {}
         self._served: dict[str, SkillInfo] = {}  # ref as asked -> what it resolved to last time it was served
         self._ids: dict[str, int] = {}  # served content key -> engine id (the registry's; kept for Redis outages)
+        self._keys_by_id: dict[int, str] = {}
 
     def knows(self, ref: str) -> bool:
         """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
@@ -74,8 +105,12 @@ class AdapterCache:
         return info
 
     async def engine_id(self, key: str) -> int:
+        """The registry's id for ``key``, never one this process's engine already uses for other content."""
         if key not in self._ids:
-            self._ids[key] = await asyncio.to_thread(self.registry.engine_id, key)
+            id_ = await asyncio.to_thread(self.registry.engine_id, key)
+            if self._keys_by_id.get(id_, key) != key:  # Redis lost its ids since this engine got them
+                id_ = await asyncio.to_thread(self.registry.engine_id, key, max(self._keys_by_id))
+            self._ids[key], self._keys_by_id[id_] = id_, key
         return self._ids[key]
 
     def _lock(self, key: str) -> asyncio.Lock:
@@ -138,11 +173,17 @@ class AdapterCache:
                     cache, (meta, adapter) = "hit", stored
                 else:
                     cache = "miss"
+                    if self.budget is not None:
+                        self.budget.check(comp, infos)
                     adapters = [(await asyncio.to_thread(self.registry.load, i.ref))[1] for i in infos]
                     t0 = time.perf_counter()
-                    adapter, report = await asyncio.to_thread(
-                        lambda: compose(adapters, max_rank=self.max_rank, **comp.compose_kwargs())
-                    )
+                    stop = threading.Event()
+                    try:
+                        adapter, report = await asyncio.get_running_loop().run_in_executor(
+                            self._composers, lambda: compose(adapters, max_rank=self.max_rank, stop=stop, **comp.compose_kwargs()))
+                    except asyncio.CancelledError:  # the request was abandoned: so is the work
+                        stop.set()
+                        raise
                     metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
                     meta = {
                         "key": key, "skills": [i.ref for i in infos], "rank": report.rank,

@@ -9,9 +9,10 @@ The server is **locked** once keys are in use: ``MOSAIC_API_KEY`` is set, ``MOSA
 is set, or a key was ever created (revoking the last key does not unlock it: the store remembers).
 - Locked: ``admin`` and ``read`` need a key with that scope; inference needs one when
   ``MOSAIC_REQUIRE_INFERENCE_KEY`` is set.
-- Not locked: ``admin`` and ``read`` are open to clients on the loopback interface only (``mosaic serve``
-  refuses to bind another address in that state), or to everyone when ``MOSAIC_OPEN_ADMIN=true`` was
-  chosen; inference is open.
+- Not locked: ``admin`` and ``read`` are open to requests from this machine only (a loopback client,
+  addressed by a loopback host name, not sent by another origin's web page), and ``mosaic serve``
+  refuses to bind another address in that state; or to everyone when ``MOSAIC_OPEN_ADMIN=true`` was
+  chosen. Inference is open.
 
 Each route declares its scope with :func:`require_scope`; :class:`AuthGate` checks it before any of the
 request body is read (FastAPI reads a form body before it runs a route's dependencies).
@@ -21,12 +22,13 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from urllib.parse import urlsplit
 
 import redis
 
 from fastapi import Request
 from fastapi.routing import APIRoute
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 from adapter_store.errors import AuthError, ForbiddenError, MosaicError, UnavailableError
 from server.errors import error_payload
@@ -52,12 +54,36 @@ def locked(m) -> bool:
     return bool(m.settings.api_key) or m.settings.require_inference_key or m.keys.locked()
 
 
+def _same_machine(headers, client_host: str | None) -> bool:
+    """A request from this machine, addressed to this machine by a loopback name, and not sent by a web
+    page of another origin (a browser's cross-site form post or a DNS-rebinding page would otherwise
+    count as local)."""
+    if not is_loopback(client_host):
+        return False
+    host = headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[: host.find("]") + 1]
+    if not is_loopback(name):
+        return False
+    origin = headers.get("origin")
+    if origin is not None and not is_loopback(urlsplit(origin).hostname):
+        return False
+    return headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+
+def allows(m, scope: str, headers, client_host: str | None) -> bool:
+    try:
+        check(m, scope, headers, client_host)
+    except MosaicError:
+        return False
+    return True
+
+
 def check(m, scope: str, headers, client_host: str | None) -> None:
     """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``."""
     if scope == "inference" and not m.settings.require_inference_key:
         return
     if not locked(m):
-        if m.settings.open_admin or is_loopback(client_host):
+        if m.settings.open_admin or _same_machine(headers, client_host):
             return
         raise AuthError(f"this server has no API keys yet, and '{scope}' is open only to clients on this machine "
                         "(MOSAIC_OPEN_ADMIN=true opens it to everyone): create a key with `mosaic keys create`")
@@ -86,16 +112,23 @@ class require_scope:  # noqa: N801 - used as a FastAPI dependency: Depends(requi
             check(request.app.state.mosaic, self.scope, request.headers, request.client.host if request.client else None)
 
 
+MOUNT_SCOPES = {"/metrics": "read"}  # mounted apps have no dependencies to declare a scope with
+
+
 def route_scope(app, scope) -> str | None:
-    """The scope the route that will answer this request declares (None: open, e.g. /health)."""
-    if scope["path"] == "/metrics" or scope["path"].startswith("/metrics/"):
-        return "read"
+    """The scope the route that will answer this request declares (None: open, e.g. /health), matched
+    as the router matches it (root path included)."""
     for route in app.router.routes:
-        if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.FULL:
+        if route.matches(scope)[0] != Match.FULL:
+            continue
+        if isinstance(route, APIRoute):
             for dep in route.dependant.dependencies:
                 if isinstance(dep.call, require_scope):
                     return dep.call.scope
             return None
+        if isinstance(route, Mount):
+            return MOUNT_SCOPES.get(route.path, "admin")  # an unlisted mount is not left open
+        return None
     return None
 
 

@@ -66,10 +66,6 @@ def serve(
     """Run the OpenAI-compatible server (the engine starts in the background; /health says when ready)."""
     import logging
 
-    import uvicorn
-
-    from server.app import create_app
-
     from server.auth import is_loopback
     from server.engine import cpu_preload
 
@@ -79,8 +75,13 @@ def serve(
               "and read the library. Set MOSAIC_API_KEY (or create a key: `mosaic keys create NAME --scope admin`), "
               "or set MOSAIC_OPEN_ADMIN=true if that is what you want; on 127.0.0.1 no key is needed", 2)
     if settings.engine == "vllm" and settings.preload and (preload := cpu_preload(dict(os.environ))):
-        # the loader reads LD_PRELOAD when a process starts: start again with it (MOSAIC_PRELOAD=false: don't)
-        os.execve(sys.executable, [sys.executable, "-m", "server.cli", *sys.argv[1:]], {**os.environ, "LD_PRELOAD": preload})
+        # the loader reads LD_PRELOAD when a process starts: start again, the same command, with it
+        # (MOSAIC_PRELOAD=false: don't)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "LD_PRELOAD": preload})
+    import uvicorn
+
+    from server.app import create_app
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 

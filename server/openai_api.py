@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from composer.spec import Composition
 from router.plan import Plan
 from server import hf_openai, limits, metrics
 from server.errors import error_payload
+from server import auth
 from server.auth import require_scope
 from server.engine import EngineAdapter
 from server.protocol import MosaicInfo, content_text
@@ -220,7 +221,10 @@ def _validate(cls: type[BaseModel], value: Any, loc: tuple):
     except ValidationError as exc:  # answered by the 400 handler in server/errors.py
         raise RequestValidationError([{**e, "loc": ("body", *loc, *e.get("loc", ()))} for e in exc.errors()]) from None
     except Exception as exc:  # a vLLM validator's own error (VLLMValidationError), answered as vLLM answers it
-        raise Refused(vllm_error(exc)) from None
+        err = vllm_error(exc, log_server_errors=False)
+        if err.error.code >= 500:  # a validator that broke on a value of the wrong shape: still the request's fault
+            raise InvalidRequestError(f"the request has a value of the wrong shape ({type(exc).__name__}: {exc})"[:500]) from None
+        raise Refused(err) from None
 
 
 class Refused(Exception):
@@ -306,7 +310,10 @@ async def serve(request: Request, kind: str) -> Response:
     check_limits(m, ep, req, composition)
     client_model = req.model or m.base_id  # the name the response reports
     plan = await plan_for(m, client_model, composition, ep.routed(m, req))
-    adapter, info = await serve_plan(m, plan)
+    try:  # a composition may take a while: if the client leaves first, its work is abandoned
+        adapter, info = await unless_disconnected(request, serve_plan(m, plan))
+    except ClientGone:
+        return Response(status_code=499)
     mosaic = info.model_dump(mode="json", exclude_none=True)
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
     observed = Observation(info.plan, _target(m, info))
@@ -332,17 +339,44 @@ async def serve(request: Request, kind: str) -> Response:
     return respond(result, ep, served_name, client_model, mosaic, headers, observed)
 
 
+class ClientGone(Exception):
+    """The client disconnected before the work it asked for was done."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first. The body
+    has been read by then, so the next message the server receives is the disconnect (as vLLM's routes do)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled: so is its work
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
 @contextmanager
 def _no_lora(m: Mosaic):
     yield m.base_id
 
 
-def vllm_error(exc: Exception):
+def vllm_error(exc: Exception, log_server_errors: bool = True):
     """An exception from vLLM's serving layer as vLLM's own server answers it."""
     from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
     err = create_error_response(exc)
-    if err.error.code >= 500:
+    if err.error.code >= 500 and log_server_errors:
         log.error("vLLM's serving layer failed", exc_info=exc)
     return err
 
@@ -535,7 +569,7 @@ async def detokenize(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
     """vLLM's model cards: the base model, every skill (``parent`` = the base id, as vLLM's LoRA cards),
-    and ``auto``; Mosaic's own fields under ``mosaic``."""
+    and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for callers with ``read``)."""
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, ModelPermission
 
     m = _state(request)
@@ -546,9 +580,12 @@ async def list_models(request: Request) -> JSONResponse:
         return ModelCard(id=id_, created=int(created), owned_by="mosaic", root=root, parent=parent,
                          max_model_len=context, permission=[ModelPermission()], mosaic=mosaic)
 
+    # a skill's details (content, rank, description) are the library's: shown to callers who may read it
+    detail = auth.allows(m, "read", request.headers, request.client.host if request.client else None)
     cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})]
     cards += [card(s.name, s.created, s.ref, m.base_id,
-                   {"kind": "skill", "version": s.version, "sha256": s.sha256, "rank": s.rank, "description": s.description})
+                   {"kind": "skill", "version": s.version,
+                    **({"content_id": s.content_id, "rank": s.rank, "description": s.description} if detail else {})})
               for s in skills]
     cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
     return JSONResponse(ModelList(data=cards).model_dump())

@@ -20,7 +20,7 @@ from router.policy import LexicalPolicy, RouterPolicy, routable
 from router.psec import PsecRouter, Thresholds
 from router.weights import AlphaRule
 from server import metrics
-from server.adapter_cache import AdapterCache
+from server.adapter_cache import AdapterCache, ComposeBudget
 from server.base_model import base_model_id, prepare
 from server.engine import Engine, make_engine
 from server.settings import Settings
@@ -107,7 +107,9 @@ def build(settings: Settings) -> Mosaic:
     spec = BaseModelSpec.from_dir(model_dir, model_id=model_id)
     registry = open_registry(settings)
     engine = make_engine(settings, model_dir, model_id)
-    cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank)
+    budget = ComposeBudget(spec.shapes, settings.max_compose_work, settings.max_compose_gib * 2**30)
+    cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
+                         workers=settings.compose_workers)
     keys = KeyStore(registry.r, prefix=settings.redis_prefix)
     return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 

@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 from pathlib import PurePosixPath
 
-from adapter_store.errors import InvalidRequestError, PayloadTooLargeError
+from adapter_store.errors import InvalidRequestError, MosaicError, PayloadTooLargeError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")
 
@@ -60,6 +60,27 @@ def _decompressed(raw: io.BytesIO):
     return contextlib.nullcontext(raw)
 
 
+HEADER_ROOM = 64 * 1024  # uncompressed header bytes allowed per tar member (names, pax records)
+
+
+class _Bounded:
+    """A read-only stream that hands out at most ``budget`` bytes of ``plain`` and stops as soon as it has
+    expanded more than MAX_RATIO-fold over the compressed bytes consumed from ``raw``."""
+
+    def __init__(self, plain, raw: io.BytesIO, budget: int, refuse) -> None:
+        self.plain, self.raw, self.budget, self.refuse, self.given = plain, raw, budget, refuse, 0
+
+    def read(self, n: int = -1) -> bytes:
+        room = self.budget - self.given + 1
+        data = self.plain.read(room if n is None or n < 0 else min(n, room))
+        self.given += len(data)
+        if self.given > self.budget:
+            self.refuse(f"unpacks to more than the limit of {self.budget} bytes")
+        if self.given > RATIO_AFTER and self.given > MAX_RATIO * max(self.raw.tell(), 1):
+            self.refuse(f"expands more than {MAX_RATIO}-fold (a compression bomb?)")
+        return data
+
+
 def _unpack_archive(name: str, data: bytes, max_bytes: int) -> dict[str, bytes]:
     """Members are read one at a time, in order (tar in stream mode over a bounded decompressor);
     before each member its count and declared size are checked, and while it is read, the total size
@@ -99,19 +120,27 @@ def _unpack_archive(name: str, data: bytes, max_bytes: int) -> dict[str, bytes]:
                 if len(infos) > MAX_MEMBERS:
                     refuse(f"holds more than {MAX_MEMBERS} files")
                 for n, info in enumerate(infos, 1):
+                    if info.flag_bits & 0x1:
+                        raise InvalidRequestError(f"archive {name!r} holds an encrypted file ({info.filename!r})", param="files")
                     if info.file_size > RATIO_AFTER and info.file_size > MAX_RATIO * max(info.compress_size, 1):
                         refuse(f"expands more than {MAX_RATIO}-fold (a compression bomb?)")
                     with z.open(info) as stream:
                         add(info.filename, info.file_size, stream, n)
         else:
-            with _decompressed(raw) as plain, tarfile.open(fileobj=plain, mode="r|") as t:
+            # every byte tarfile reads counts, headers and skipped members included (a pax header or a
+            # skipped member would otherwise be inflated whole): the members' own limit, plus their headers
+            budget = max_bytes + (MAX_MEMBERS + 2) * HEADER_ROOM
+            with _decompressed(raw) as plain, tarfile.open(fileobj=_Bounded(plain, raw, budget, refuse), mode="r|") as t:
                 for n, m in enumerate(t, 1):
                     if n > MAX_MEMBERS:
                         refuse(f"holds more than {MAX_MEMBERS} entries")
                     if m.isfile():
                         add(m.name, m.size, t.extractfile(m), n)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, NotImplementedError, lzma.LZMAError) as exc:
-        raise InvalidRequestError(f"archive {name!r} cannot be read: {exc}", param="files") from exc
+    except MosaicError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the stdlib readers raise many types on corrupt bytes (zlib.error,
+        # IndexError, struct.error, UnicodeDecodeError, ...): each is an archive that cannot be read
+        raise InvalidRequestError(f"archive {name!r} cannot be read ({type(exc).__name__})", param="files") from None
     return out
 
 

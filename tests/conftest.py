@@ -7,7 +7,8 @@ import redis
 from adapter_store.registry import Registry
 
 TEST_REDIS_URL = os.environ.get("MOSAIC_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
-LOCAL = ("127.0.0.1", 50000)  # a TestClient's client address on the loopback interface (server/auth.py)
+# a TestClient on this machine, as server/auth.py tells one: a loopback client address and Host
+LOCAL, LOCAL_URL = ("127.0.0.1", 50000), "http://127.0.0.1"
 
 
 @pytest.fixture(scope="session")

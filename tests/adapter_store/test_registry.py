@@ -129,3 +129,16 @@ def test_engine_ids_come_from_a_counter_shared_by_replicas(registry, redis_clien
     assert len(ids) == 2 and all(isinstance(i, int) and i > 0 for i in ids)
     assert other_replica.engine_id(one) == registry.engine_id(one)
     assert other_replica.engine_id(two) == registry.engine_id(two)
+
+
+def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(registry, tmp_path):
+    import asyncio
+
+    from server.adapter_cache import AdapterCache
+
+    cache = AdapterCache(registry, tmp_path, max_rank=64)
+    first = asyncio.run(cache.engine_id("content-a"))
+    registry.r.delete(f"{registry.p}:engine-ids", f"{registry.p}:engine-ids:next")  # Redis restarted empty
+    second = asyncio.run(cache.engine_id("content-b"))
+    assert second != first and asyncio.run(cache.engine_id("content-a")) == first
+    assert registry.engine_id("content-c") > second  # the counter moved past every id this engine holds

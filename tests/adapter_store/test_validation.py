@@ -111,3 +111,14 @@ def test_a_lora_on_the_embeddings_is_refused(base_spec):
     with pytest.raises(AdapterValidationError) as e:
         validate_files({CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: save(tensors)}, base_spec, max_rank=64)
     assert any("embeddings" in p for p in e.value.problems)
+
+
+def test_patterns_whose_order_would_matter_are_refused(base_spec):
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=4)
+    for config in ({**adapter.config, "alpha_pattern": {"q_proj": 32, ".*_proj": 4}},
+                   {**adapter.config, "rank_pattern": {"self_attn\\.q_proj": 4, "q_proj": 8}}):
+        with pytest.raises(AdapterValidationError) as e:
+            validate_files({CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: adapter.weights_bytes()}, base_spec, max_rank=64)
+        assert any("several" in p for p in e.value.problems), e.value.problems
+    same = {**adapter.config, "alpha_pattern": {"q_proj": 4, ".*_proj": 4}}  # agreeing patterns are fine
+    validate_files({CONFIG_FILE: json.dumps(same).encode(), WEIGHTS_FILE: adapter.weights_bytes()}, base_spec, max_rank=64)

@@ -12,7 +12,7 @@ from server import engine as engine_module
 from server.app import create_app
 from server.settings import Settings
 from server.launch import mosaic_cli
-from tests.conftest import LOCAL, TEST_REDIS_URL, _drop_prefix
+from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
 
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
@@ -30,7 +30,7 @@ def app_factory(monkeypatch, redis_client):
         prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
         prefixes.append(prefix)
         settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, **kw)
-        return TestClient(create_app(settings), client=client), KeyStore(redis_client, prefix)
+        return TestClient(create_app(settings), client=client, base_url=LOCAL_URL), KeyStore(redis_client, prefix)
 
     yield make
     for p in prefixes:
@@ -55,6 +55,34 @@ def test_without_keys_admin_and_read_are_open_on_loopback_only(app_factory):
             assert r.status_code == 401 and "MOSAIC_OPEN_ADMIN" in r.json()["error"]["message"], r.text
         assert _delete(chosen).status_code == 404 and chosen.get("/v1/adapters").status_code == 200
         assert remote.get("/health").status_code in (200, 503)  # health is never behind a key
+
+
+def test_without_keys_a_web_page_cannot_act_for_the_local_user(app_factory):
+    client, _ = app_factory()
+    with client:
+        assert client.get("/v1/adapters").status_code == 200
+        # a cross-site form post from a page the local user has open, and a DNS-rebinding page
+        assert _delete(client).status_code == 404
+        for headers in ({"origin": "http://evil.example"}, {"sec-fetch-site": "cross-site"}, {"host": "evil.example:8000"}):
+            r = client.delete("/v1/adapters/ghost", headers=headers)
+            assert r.status_code == 401, (headers, r.text)
+        assert client.get("/v1/adapters", headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
+
+
+def test_model_cards_show_a_skills_details_only_to_readers(app_factory, redis_client):
+    client, keys = app_factory()
+    with client:
+        from tests.helpers import random_adapter
+
+        m = client.app.state.mosaic
+        q = "model.layers.0.self_attn.q_proj"
+        m.registry.add("tiny", random_adapter({q: m.spec.shapes[q]}, r=1), description="secret sauce")
+        card = next(c for c in client.get("/v1/models").json()["data"] if c["id"] == "tiny")
+        assert card["mosaic"]["description"] == "secret sauce"  # on this machine, without keys: readable
+        keys.create("ops", ["admin"])
+        user_key, _ = keys.create("app", ["inference"])
+        card = next(c for c in client.get("/v1/models", headers=_bearer(user_key)).json()["data"] if c["id"] == "tiny")
+        assert card["parent"] and "description" not in card["mosaic"] and "content_id" not in card["mosaic"]
 
 
 def test_keys_lock_the_library_for_good_and_scopes_are_checked(app_factory, redis_client):

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import LOCAL, TEST_REDIS_URL, _drop_prefix
+from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def client(redis_client):
     prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
     try:
         with TestClient(create_app(Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix)),
-                        client=LOCAL) as c:
+                        client=LOCAL, base_url=LOCAL_URL) as c:
             yield c
     finally:
         _drop_prefix(redis_client, prefix)

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from server import engine as engine_module
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import LOCAL, TEST_REDIS_URL, _drop_prefix
+from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
 
 
 def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
@@ -20,7 +20,7 @@ def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
     prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
     settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix)
     try:
-        with TestClient(create_app(settings), client=LOCAL) as client:
+        with TestClient(create_app(settings), client=LOCAL, base_url=LOCAL_URL) as client:
             for _ in range(50):
                 health = client.get("/health")
                 if health.json()["status"] == "error":
@@ -62,7 +62,7 @@ def test_engine_that_fails_or_dies_is_restarted(monkeypatch, redis_client, base_
                         engine_check_seconds=0.05)
     body = {"model": base_spec.model_id, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     try:
-        with TestClient(create_app(settings), client=LOCAL) as client:
+        with TestClient(create_app(settings), client=LOCAL, base_url=LOCAL_URL) as client:
             health = _wait_for(client, "ok")
             assert health.json()["engine_restarts"] == 1 and len(starts) == 2
             assert client.post("/v1/chat/completions", json=body).status_code == 200

@@ -170,3 +170,60 @@ def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
     chat = components["ChatCompletionRequest"]["properties"]
     assert {"logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "n", "logit_bias"} <= set(chat)
     assert "/v1/responses/{response_id}" in spec["paths"] and "/v1/responses/{response_id}/cancel" in spec["paths"]
+
+
+def test_work_is_abandoned_when_the_client_disconnects_first():
+    async def scenario(disconnect_after: float):
+        messages = asyncio.Queue()
+        request = Request({"type": "http", "method": "POST", "path": "/", "headers": []}, messages.get)
+        cancelled = asyncio.Event()
+
+        async def work():
+            try:
+                await asyncio.sleep(0.2)
+                return "done"
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        async def client():
+            await asyncio.sleep(disconnect_after)
+            await messages.put({"type": "http.disconnect"})
+
+        asyncio.ensure_future(client())
+        try:
+            return await openai_api.unless_disconnected(request, work()), cancelled.is_set()
+        except openai_api.ClientGone:
+            await asyncio.sleep(0)
+            return "gone", cancelled.is_set()
+
+    assert asyncio.run(scenario(1.0)) == ("done", False)
+    assert asyncio.run(scenario(0.05)) == ("gone", True)
+
+
+def test_a_composition_stops_between_modules_when_asked():
+    import threading
+
+    from composer import CompositionCancelled, compose
+    from tests.helpers import random_adapter
+
+    shapes = {f"model.layers.{i}.self_attn.q_proj": (8, 8) for i in range(3)}
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(CompositionCancelled):
+        compose([random_adapter(shapes, r=2, seed=1), random_adapter(shapes, r=2, seed=2)], [1.0, 1.0], stop=stop)
+
+
+def test_a_composition_over_the_compute_budget_is_refused_before_it_runs(base_spec):
+    from adapter_store.registry import SkillInfo
+    from composer.spec import Composition
+    from server.adapter_cache import ComposeBudget
+
+    budget = ComposeBudget(base_spec.shapes, max_work=2e12, max_bytes=4 * 2**30)
+    infos = [SkillInfo(name=f"s{i}", version=1, sha256="0" * 64, rank=64, target_modules=["q_proj", "v_proj"])
+             for i in range(16)]
+    budget.check(Composition(skills=tuple(i.name for i in infos), method="ties", rank=8), infos)  # affordable
+    with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_COMPOSE_WORK"):
+        budget.check(Composition(skills=tuple(i.name for i in infos), method="lego", rank=8, params={"n_init": 16}), infos)
+    with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_COMPOSE_GIB"):
+        ComposeBudget(base_spec.shapes, 1e18, 2**20).check(Composition(skills=("s0", "s1"), method="ties", rank=8), infos[:2])

@@ -46,3 +46,56 @@ def test_limits_and_bad_archives():
         unpack([("broken.tar.gz", b"not an archive")], 100)
     with pytest.raises(InvalidRequestError, match="twice"):
         unpack([("a/adapter_config.json", b"1"), ("b/adapter_config.json", b"2")], 100)
+
+
+def _archives():
+    from hypothesis import strategies as st
+
+    members = st.lists(st.tuples(st.sampled_from(["adapter_config.json", "a/adapter_model.safetensors", "../x", "", "._y", "d/"]),
+                                 st.binary(max_size=300)), max_size=5)
+
+    def build(kind, items):
+        buf = io.BytesIO()
+        if kind == "zip":
+            with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+                for n, d in items:
+                    z.writestr(n or "empty", d)
+            return "a.zip", buf.getvalue()
+        with tarfile.open(fileobj=buf, mode={"tar.gz": "w:gz", "tar.bz2": "w:bz2", "tar.xz": "w:xz", "tar": "w"}[kind]) as t:
+            for n, d in items:
+                info = tarfile.TarInfo(n or "empty")
+                info.size = len(d)
+                t.addfile(info, io.BytesIO(d))
+        return f"a.{kind}", buf.getvalue()
+
+    def mutate(named, cuts):
+        name, data = named
+        data = bytearray(data)
+        for pos, byte in cuts:
+            if data:
+                data[pos % len(data)] = byte
+        return name, bytes(data)
+
+    archive = st.builds(build, st.sampled_from(["zip", "tar.gz", "tar.bz2", "tar.xz", "tar"]), members)
+    return st.builds(mutate, archive, st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4))
+
+
+def test_any_archive_unpacks_within_limits_or_is_refused():
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(named=_archives(), limit=st_integers())
+    def check(named, limit):
+        try:
+            out = unpack([named], limit)
+        except (InvalidRequestError, PayloadTooLargeError):
+            return
+        assert sum(map(len, out.values())) <= limit and all("/" not in k and k for k in out)
+
+    check()
+
+
+def st_integers():
+    from hypothesis import strategies as st
+
+    return st.integers(1, 2000)
