@@ -12,13 +12,12 @@ process, vllm/platforms/cpu.py). Writes bench/reports/preload.{md,json}.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 
 from bench.harness import SKILLS, running_server
-from bench.vllm_serve import REPORTS, _cases
+from bench.vllm_serve import REPORTS, _cases, workload_args
 from server.engine import cpu_preload
 
 
@@ -65,14 +64,7 @@ def render(res: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=48)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--adapters", type=int, default=6)
-    ap.add_argument("--input-len", type=int, default=64)
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2)
-    res = run(ap.parse_args())
+    res = run(workload_args(__doc__).parse_args())
     (REPORTS / "preload.json").write_text(json.dumps(res, indent=2))
     (REPORTS / "preload.md").write_text(render(res))
     print(render(res))

@@ -131,15 +131,20 @@ def write(res: dict, name: str = "vllm_serve") -> None:
     (REPORTS / f"{name}.md").write_text(render(res))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def workload_args(doc: str) -> argparse.ArgumentParser:
+    """The command line of a serving benchmark: the workload vllm.benchmarks.serve runs, and the rounds."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--adapters", type=int, default=6)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of both servers, in alternating order (medians reported)")
-    res = run(ap.parse_args())
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of each condition, in alternating order (medians reported)")
+    return ap
+
+
+def main() -> None:
+    res = run(workload_args(__doc__).parse_args())
     write(res)
     print(render(res))
 
