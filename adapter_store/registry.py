@@ -16,7 +16,9 @@ Layout (``P`` is the key prefix, so tests and deployments can share one Redis):
 ``P:mos:lock``               held while a compression runs (one at a time)
 ``P:gen``                    bumped on every change, so replicas can tell their caches are stale
 ``P:events``                 pub/sub channel announcing each change
-``P:c:HASH``                 HASH of a cached composition result (same fields as a version)
+``P:content:ID``             SET of the versions (name@N) whose served content id is ID (``P:content-index``
+                             set once versions stored before this index was kept are listed in it)
+``P:c:HASH``, ``P:cache:*``  cached composition results within a byte budget (adapter_store/composition_cache.py)
 ``P:engine-ids``             HASH served content key -> the engine's integer id (``P:engine-ids:next``
                              the last one handed out): one id per content, the same on every replica
 
@@ -41,6 +43,7 @@ from pydantic import BaseModel, Field, computed_field
 
 from adapter_store import mos
 from adapter_store.adapter import LoraAdapter, content_id
+from adapter_store.composition_cache import CompositionCache
 from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
 
 log = logging.getLogger("mosaic.registry")
@@ -96,9 +99,11 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 class Registry:
     def __init__(self, client: redis.Redis, prefix: str = "mosaic",
-                 observer: Callable[[str, str], None] | None = None) -> None:
+                 observer: Callable[[str, str], None] | None = None,
+                 composition_cache_bytes: int = 1 << 30) -> None:
         self.r = client
         self.p = prefix
+        self.compositions = CompositionCache(client, prefix, composition_cache_bytes)
         self.observer = observer  # called with (operation, "ok" | "rejected" | "unavailable" | "error") after each one
         self._pool_cache: OrderedDict[int, tuple[mos.Pools, dict]] = OrderedDict()  # least recently used first
         self._pool_lock = threading.Lock()  # request threads and a compression job share one registry
@@ -166,6 +171,7 @@ class Registry:
                         pipe.set(self._k("s", name, "latest"), version)
                         self._step("pointers-written")
                         pipe.sadd(self._k("names"), name)
+                        pipe.sadd(self._k("content", info.content_id), info.ref)
                         self._announce(pipe, "add", info.ref)
                         pipe.execute()
                         return info
@@ -173,7 +179,26 @@ class Registry:
                         continue
 
     def delete(self, ref: str) -> list[SkillInfo]:
-        """Delete one version (``name@N``) or every version of a skill (``name``)."""
+        """Delete one version (``name@N``) or every version of a skill (``name``), and the cached
+        compositions made from a content that no version has any more."""
+        infos = self._delete(ref)
+        self.forget_compositions(self.unused({i.content_id for i in infos}))
+        return infos
+
+    def unused(self, contents: Iterable[str]) -> list[str]:
+        """The content ids among ``contents`` that no stored version serves."""
+        contents = sorted(set(contents))
+        with self._guard("unused"), self.r.pipeline(transaction=False) as pipe:
+            for c in contents:
+                pipe.scard(self._k("content", c))
+            return [c for c, n in zip(contents, pipe.execute()) if not n]
+
+    def forget_compositions(self, contents: list[str]) -> list[str]:
+        """Drop the cached compositions made from any of ``contents``; returns their keys."""
+        with self._guard("forget_compositions"):
+            return self.compositions.drop_made_from(contents)
+
+    def _delete(self, ref: str) -> list[SkillInfo]:
         name, version = parse_ref(ref)
         with self._guard("delete"):
             with self.r.pipeline(transaction=True) as pipe:
@@ -188,6 +213,8 @@ class Registry:
                         remaining = [v for v in have if v not in doomed]
                         pipe.multi()
                         pipe.delete(*[self._vkey(name, v) for v in doomed])
+                        for info in infos:
+                            pipe.srem(self._k("content", info.content_id), info.ref)
                         if remaining:
                             pipe.zrem(self._k("s", name, "versions"), *map(str, doomed))
                             pipe.set(self._k("s", name, "latest"), max(remaining))
@@ -293,19 +320,28 @@ class Registry:
             return int(self.r.get(self._k("gen")) or 0)
 
     # ---- composition cache ----------------------------------------------------------
-    def put_composition(self, key: str, adapter: LoraAdapter, meta: dict) -> None:
+    def put_composition(self, key: str, adapter: LoraAdapter, meta: dict, inputs: list[str]) -> list[str]:
+        """Cache a composition made from the contents ``inputs``; returns the keys evicted to fit the budget."""
         with self._guard("put_composition"):
-            self.r.hset(
-                self._k("c", key),
-                mapping={"meta": json.dumps(meta), "config": adapter.config_bytes(), "weights": adapter.weights_bytes()},
-            )
+            return self.compositions.put(key, adapter, meta, inputs)
 
     def get_composition(self, key: str) -> tuple[dict, LoraAdapter] | None:
         with self._guard("get_composition"):
-            meta, config, weights = self.r.hmget(self._k("c", key), ["meta", "config", "weights"])
-        if meta is None or config is None or weights is None:
-            return None
-        return json.loads(meta), LoraAdapter.from_bytes(config, weights)
+            return self.compositions.get(key)
+
+    def upgrade(self) -> dict[str, int]:
+        """Bring data written before the content index and the composition budget under them (idempotent;
+        run at server start): every version listed under its content id, every cached composition counted."""
+        with self._guard("upgrade"):
+            indexed = 0
+            if not self.r.get(self._k("content-index")):
+                for name, version in self.all_versions():
+                    raw = self.r.hget(self._vkey(name, version), "meta")
+                    if raw is not None:
+                        info = self._meta(raw)
+                        indexed += self.r.sadd(self._k("content", info.content_id), info.ref)
+                self.r.set(self._k("content-index"), 1)
+            return {"versions_indexed": indexed, "compositions_adopted": self.compositions.adopt_untracked()}
 
     # ---- engine ids ---------------------------------------------------------------------
     def engine_id(self, key: str, above: int = 0) -> int:
@@ -462,8 +498,10 @@ class Registry:
                         # decoded shards that cannot meet the budget again: stored exact they would grow
                         # many times over, so they stay on the pools they name (kept while named)
                         return info
-                    info = info.model_copy(update={"mos": stored.meta})
+                    was, info = info.content_id, info.model_copy(update={"mos": stored.meta})
                     pipe.multi()
+                    pipe.srem(self._k("content", was), info.ref)
+                    pipe.sadd(self._k("content", info.content_id), info.ref)
                     # the config goes with the weights: decoded factors have the scaling folded in (r = alpha)
                     pipe.hset(key, mapping={"meta": info.model_dump_json(), "config": source.config_bytes(),
                                             **stored.fields})

@@ -5,6 +5,9 @@ stale folder, and every replica computes the same folder name; the engine's ``lo
 folder comes from a Redis counter (``Registry.engine_id``), the same on every replica.
 A composition is computed once: the result goes to Redis (for other replicas) and to local
 disk (for the engine); concurrent first requests for the same key wait for one computation.
+Both are bounded: Redis by MOSAIC_COMPOSITION_CACHE_MB (adapter_store/composition_cache.py), the
+folders by MOSAIC_ADAPTER_DISK_MB (server/folders.py), least recently used out first; deleting a
+skill removes what only it used. The in-memory maps are bounded too (``MEMO``).
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+from cachetools import LRUCache
 
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import InvalidRequestError, UnavailableError
@@ -25,6 +31,9 @@ from adapter_store.registry import Registry, SkillInfo
 from composer import Composition, compose, compose_cost
 from server import metrics
 from server.engine import EngineAdapter
+from server.folders import Folders
+
+MEMO = 10_000  # entries kept per in-memory map (refs resolved, engine ids)
 
 
 @dataclass
@@ -71,17 +80,20 @@ class ComposeBudget:
 
 class AdapterCache:
     def __init__(self, registry: Registry, data_dir: Path, max_rank: int, budget: ComposeBudget | None = None,
-                 workers: int = 1) -> None:
+                 workers: int = 1, disk_bytes: int = 8 << 30) -> None:
         self.registry = registry
         self.dir = data_dir
         self.max_rank = max_rank
         self.budget = budget
+        self.folders = Folders(data_dir, disk_bytes)
         # compositions run on their own threads, so registry calls (on the default pool) never wait behind them
         self._composers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-compose")
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._served: dict[str, SkillInfo] = {}  # ref as asked -> what it resolved to last time it was served
-        self._ids: dict[str, int] = {}  # served content key -> engine id (the registry's; kept for Redis outages)
-        self._keys_by_id: dict[int, str] = {}
+        # a key's lock lives while a request holds or waits for it
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._served: LRUCache[str, SkillInfo] = LRUCache(MEMO)  # ref as asked -> what it resolved to last time
+        # served content key -> engine id (the registry's; kept for Redis outages), and back
+        self._ids: LRUCache[str, int] = LRUCache(MEMO)
+        self._keys_by_id: LRUCache[int, str] = LRUCache(MEMO)
 
     def knows(self, ref: str) -> bool:
         """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
@@ -114,7 +126,19 @@ class AdapterCache:
         return self._ids[key]
 
     def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
+
+    async def forget(self, deleted: list[SkillInfo]) -> list[Path]:
+        """After a delete: drop what only the deleted versions used (their folders, the folders of
+        compositions made from them, what they resolved to); returns the folders removed."""
+        refs = {i.ref for i in deleted}
+        for asked in [a for a, info in self._served.items() if info.ref in refs]:
+            self._served.pop(asked, None)
+        unused = await asyncio.to_thread(self.registry.unused, {i.content_id for i in deleted})
+        return await asyncio.to_thread(self.folders.forget, unused)
 
     @staticmethod
     def _write(folder: Path, adapter: LoraAdapter, meta: dict | None = None) -> None:
@@ -143,7 +167,7 @@ class AdapterCache:
         folder = self._skill_folder(info)
         refactored, rel, rank = False, 0.0, info.rank
         async with self._lock(folder.name):
-            if not (folder / "adapter_config.json").exists():
+            if not await asyncio.to_thread(self.folders.claim, folder):
                 loaded, adapter = await asyncio.to_thread(self.registry.load, info.ref)
                 if loaded.content_id != info.content_id:  # re-encoded in between: name the folder by what was read
                     info = self._served[ref] = loaded
@@ -156,16 +180,18 @@ class AdapterCache:
                     )
                     refactored, rel, rank = report.refactored, report.relative_error, report.rank
                 await asyncio.to_thread(self._write, folder, adapter)
+                await asyncio.to_thread(self.folders.added, folder, [info.content_id])
         engine_adapter = EngineAdapter(name=info.ref, int_id=await self.engine_id(folder.name), path=str(folder))
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
     async def composition(self, comp: Composition) -> Served:
         infos: list[SkillInfo] = [await self._info(ref) for ref in comp.skills]
+        inputs = sorted({i.content_id for i in infos})
         key = comp.content_key([i.content_id for i in infos], self.max_rank)
         folder = self.dir / "compositions" / key
         async with self._lock(key):
             meta: dict
-            if (folder / "adapter_config.json").exists() and (folder / "mosaic.json").exists():
+            if await asyncio.to_thread(self.folders.claim, folder) and (folder / "mosaic.json").exists():
                 cache, meta = "hit", _read_meta(folder)
             else:
                 stored = await asyncio.to_thread(self.registry.get_composition, key)
@@ -189,9 +215,12 @@ class AdapterCache:
                         "key": key, "skills": [i.ref for i in infos], "rank": report.rank,
                         "exact_rank": report.exact_rank, "refactored": report.refactored,
                         "relative_error": report.relative_error, "weights": list(report.weights),
+                        "inputs": inputs,
                     }
-                    await asyncio.to_thread(self.registry.put_composition, key, adapter, meta)
+                    await asyncio.to_thread(self.registry.put_composition, key, adapter, meta, inputs)
+                meta = {**meta, "inputs": inputs}  # (results cached before inputs were recorded lack them)
                 await asyncio.to_thread(self._write, folder, adapter, meta)
+                await asyncio.to_thread(self.folders.added, folder, inputs)
         engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=await self.engine_id(key), path=str(folder))
         return Served(
             engine_adapter, [i.ref for i in infos], meta.get("weights", list(comp.resolved_weights)), comp.method, cache,

@@ -105,7 +105,9 @@ async def download_adapter(name: str, request: Request) -> Response:
 
 @router.delete("/v1/adapters/{name}", response_model=Deleted, dependencies=admin)
 async def delete_adapter(name: str, request: Request) -> Deleted:
-    gone = await asyncio.to_thread(_state(request).registry.delete, name)
+    m = _state(request)
+    gone = await asyncio.to_thread(m.registry.delete, name)
+    await m.cache.forget(gone)
     return Deleted(deleted=[g.ref for g in gone])
 
 

@@ -45,6 +45,9 @@ class OptimizeJob(BaseModel):
     error: str | None = None
 
 
+KEEP_JOBS = 100  # finished jobs kept for GET /v1/compositions/jobs
+
+
 def _jobs(request: Request) -> dict[str, OptimizeJob]:
     state = request.app.state
     if not hasattr(state, "optimize_jobs"):
@@ -61,6 +64,9 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
     job = OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills), started=time.time(),
                       progress={"done": 0, "budget": options.budget})
     jobs[job.id] = job
+    for old in [j.id for j in jobs.values() if j.state != "running"][:-KEEP_JOBS]:  # finished ones: the last few
+        jobs.pop(old, None)
+        getattr(request.app.state, "optimize_cancel", {}).pop(old, None)
     cancel = {"asked": False}
     request.app.state.optimize_cancel = getattr(request.app.state, "optimize_cancel", {})
     request.app.state.optimize_cancel[job.id] = cancel

@@ -61,7 +61,11 @@ class Settings(BaseSettings):
     # bundled model: a 16-skill TIES ≈ 6e10, a 16-skill rank-64 LEGO with 16 restarts ≈ 5e14
     max_compose_work: float = 2e12  # multiply-adds
     max_compose_gib: float = 4.0  # peak working set of one module
-    compose_workers: int = Field(default=1, ge=1)  # threads that compose (their own pool: registry calls never wait)
+    compose_workers: int = Field(default=1, ge=1)
+    # what past requests leave behind, least recently used out first: composition results in Redis
+    # (shared by replicas) and the engine's adapter folders on each replica's disk
+    composition_cache_mb: int = Field(default=1024, ge=0)
+    adapter_disk_mb: int = Field(default=8192, ge=0)  # threads that compose (their own pool: registry calls never wait)
     max_prompt_chars: int = 100_000  # characters of prompt or messages, checked before tokenizing (400)
     max_prompt_tokens: int = 2047  # prompt tokens; also capped by max_model_len - 1 (400)
     max_tokens_limit: int = 2048  # tokens generated per request (400 when max_tokens asks for more)

@@ -98,7 +98,8 @@ class Mosaic:
 
 def open_registry(settings: Settings) -> Registry:
     client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis")
-    return Registry(client, prefix=settings.redis_prefix, observer=metrics.registry_observer)
+    return Registry(client, prefix=settings.redis_prefix, observer=metrics.registry_observer,
+                    composition_cache_bytes=settings.composition_cache_mb << 20)
 
 
 def build(settings: Settings) -> Mosaic:
@@ -106,10 +107,15 @@ def build(settings: Settings) -> Mosaic:
     model_id = base_model_id(settings)
     spec = BaseModelSpec.from_dir(model_dir, model_id=model_id)
     registry = open_registry(settings)
+    try:
+        if done := {k: v for k, v in registry.upgrade().items() if v}:
+            log.info("registry brought up to date: %s", done)
+    except UnavailableError as e:  # the server starts without Redis, and serves what it can
+        log.warning("registry not checked for older data: %s", e)
     engine = make_engine(settings, model_dir, model_id)
     budget = ComposeBudget(spec.shapes, settings.max_compose_work, settings.max_compose_gib * 2**30)
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
-                         workers=settings.compose_workers)
+                         workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20)
     keys = KeyStore(registry.r, prefix=settings.redis_prefix)
     return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 

@@ -42,7 +42,8 @@ class MosaicResolver(LoRAResolver):
             from server.state import open_registry
 
             settings = get_settings()
-            self._cache = AdapterCache(open_registry(settings), settings.data_dir, max_rank=settings.max_lora_rank)
+            self._cache = AdapterCache(open_registry(settings), settings.data_dir, max_rank=settings.max_lora_rank,
+                                       disk_bytes=settings.adapter_disk_mb << 20)
         return self._cache
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

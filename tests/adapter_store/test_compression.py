@@ -35,6 +35,8 @@ def test_compressed_library_round_trips_within_budget_and_shrinks(registry):
         assert abs(info.mos["error"] - true_error) < 0.005  # the recorded error is the real one
         assert info.sha256 == before[name].sha256  # the upload's identity is kept ...
         assert info.content_id != before[name].content_id  # ... but what is served is named anew
+        # and the content index follows: compositions cached from the old content can go when it is deleted
+        assert registry.unused([before[name].content_id, info.content_id]) == [before[name].content_id]
         assert registry.original(name) is None  # originals are not kept by default
         sizes = registry.storage_bytes()["versions"][info.ref]
         assert sizes["weights"] == 0 and 0 < sizes["shards"] < len(adapter.weights_bytes()) / 3
