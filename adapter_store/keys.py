@@ -4,6 +4,9 @@ A key is shown once, at creation; Redis keeps only its SHA-256. Each key has a n
 ``admin`` (change the library: upload, delete, compose, retrain the router; implies the others),
 ``read`` (listings, details, downloads, metrics) and ``inference``. Creating a key locks the library for
 good (``locked``): revoking the last key does not open it again.
+
+A key may be limited to a namespace: it then reaches only skills named ``NAMESPACE/…`` (and the base
+model), and none of the operations that span the whole library (server/auth.py says which).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class KeyInfo(BaseModel):
     scopes: list[str]
     created: float
     prefix: str  # the first characters of the key, to tell keys apart in listings
+    namespace: str | None = None  # limited to skills named "namespace/…"
 
 
 def _digest(key: str) -> str:
@@ -40,14 +44,16 @@ class KeyStore:
         self.k_info = f"{prefix}:keys:info"  # name -> KeyInfo JSON (+ hash)
         self.k_locked = f"{prefix}:keys:locked"  # set when the first key is created; never unset
 
-    def create(self, name: str, scopes: list[str]) -> tuple[str, KeyInfo]:
+    def create(self, name: str, scopes: list[str], namespace: str | None = None) -> tuple[str, KeyInfo]:
         if not NAME_RE.match(name):
             raise ValueError(f"key name {name!r} is not allowed (letters, digits, '.', '_', '-')")
+        if namespace is not None and not NAME_RE.match(namespace):
+            raise ValueError(f"namespace {namespace!r} is not allowed (letters, digits, '.', '_', '-')")
         bad = sorted(set(scopes) - set(SCOPES))
         if bad or not scopes:
             raise ValueError(f"scopes must be among {list(SCOPES)}, got {scopes!r}")
         key = "mk-" + secrets.token_hex(24)
-        info = KeyInfo(name=name, scopes=sorted(set(scopes)), created=time.time(), prefix=key[:7])
+        info = KeyInfo(name=name, scopes=sorted(set(scopes)), created=time.time(), prefix=key[:7], namespace=namespace)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.watch(self.k_info)
             if pipe.hexists(self.k_info, name):
@@ -85,10 +91,15 @@ class KeyStore:
             pipe.execute()
         return KeyInfo.model_validate(doc)
 
-    def scopes(self, key: str) -> list[str] | None:
-        """The key's scopes, or None when it is unknown or revoked."""
+    def lookup(self, key: str) -> KeyInfo | None:
+        """The key's record (scopes, namespace), or None when it is unknown or revoked."""
         name = self.r.hget(self.k_hashes, _digest(key))
         if name is None:
             return None
         raw = self.r.hget(self.k_info, name)
-        return KeyInfo.model_validate_json(raw).scopes if raw else None
+        return KeyInfo.model_validate_json(raw) if raw else None
+
+    def scopes(self, key: str) -> list[str] | None:
+        """The key's scopes, or None when it is unknown or revoked."""
+        info = self.lookup(key)
+        return info.scopes if info else None

@@ -21,6 +21,9 @@ from adapter_store.errors import AdapterValidationError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would also accept a trailing newline
 RESERVED_NAMES = {"auto", "base"}
+# a skill's name, optionally in a namespace: "team/name" (a key can be limited to one namespace)
+SKILL_NAME_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+RESERVED_IN_NAMESPACE = {"download"}  # GET /v1/adapters/team/download would read as team's download
 MAX_PATTERNS = 1024  # entries of rank_pattern / alpha_pattern
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # 2-D weights that are not linear layers a LoRA may target
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -62,14 +65,20 @@ class BaseModelSpec:
 
 
 def check_name(name: str) -> list[str]:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not SKILL_NAME_RE.match(name):
         return [
-            f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
+            f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit, optionally after a namespace of the same form and a '/' (team/name)"
         ]
-    if name.lower() in RESERVED_NAMES:
+    namespace, _, last = name.rpartition("/")
+    if name.lower() in RESERVED_NAMES or (namespace and last.lower() in RESERVED_IN_NAMESPACE):
         return [f"name {name!r} is reserved"]
     return []
+
+
+def in_namespace(name: str, namespace: str) -> bool:
+    """Whether the skill ``name`` (or ``name@N``) is in ``namespace`` (names are ``namespace/…``)."""
+    return name.partition("@")[0].startswith(f"{namespace}/")
 
 
 def validate_files(

@@ -13,9 +13,10 @@ from pydantic import BaseModel, Field
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.registry import SkillInfo
-from adapter_store.validation import check_name, validate_files
+from adapter_store.validation import check_name, in_namespace, validate_files
 from composer.spec import Composition
 from server import limits, optimize_api
+from server import auth
 from server.auth import require_scope
 from server.learned_weights import OptimizeOptions
 from server.library import create_and_store
@@ -69,6 +70,7 @@ async def upload_adapter(
     tags: Annotated[str | None, Form(description="JSON list of tags")] = None,
 ) -> SkillInfo:
     m = _state(request)
+    auth.check_names(request, [name])
     limit = m.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
     raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
@@ -81,30 +83,37 @@ async def upload_adapter(
 
 @router.get("/v1/adapters", response_model=SkillList, dependencies=read)
 async def list_adapters(request: Request) -> SkillList:
-    return SkillList(data=await asyncio.to_thread(_state(request).registry.list))
+    skills = await asyncio.to_thread(_state(request).registry.list)
+    if (ns := auth.namespace(request)) is not None:
+        skills = [s for s in skills if in_namespace(s.name, ns)]
+    return SkillList(data=skills)
 
 
-@router.get("/v1/adapters/{name}", response_model=SkillDetail, dependencies=read)
+@router.get("/v1/adapters/{name:path}/download", response_class=Response, dependencies=read,
+            responses={200: {"content": {"application/gzip": {}}}})
+async def download_adapter(name: str, request: Request) -> Response:
+    auth.check_names(request, [name])
+    info, adapter = await asyncio.to_thread(_state(request).registry.load, name)
+    flat = info.name.replace("/", "_")  # team/name -> team_name: one folder, one file name
+    data = pack_tar_gz({CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, flat)
+    return Response(
+        data, media_type="application/gzip",
+        headers={"content-disposition": f'attachment; filename="{flat}-v{info.version}.tar.gz"'},
+    )
+
+
+@router.get("/v1/adapters/{name:path}", response_model=SkillDetail, dependencies=read)
 async def show_adapter(name: str, request: Request) -> SkillDetail:
+    auth.check_names(request, [name])
     reg = _state(request).registry
     info = await asyncio.to_thread(reg.info, name)
     versions = await asyncio.to_thread(reg.versions, info.name)
     return SkillDetail(**info.model_dump(), versions=[v.version for v in versions])
 
 
-@router.get("/v1/adapters/{name}/download", response_class=Response, dependencies=read,
-            responses={200: {"content": {"application/gzip": {}}}})
-async def download_adapter(name: str, request: Request) -> Response:
-    info, adapter = await asyncio.to_thread(_state(request).registry.load, name)
-    data = pack_tar_gz({CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, info.name)
-    return Response(
-        data, media_type="application/gzip",
-        headers={"content-disposition": f'attachment; filename="{info.name}-v{info.version}.tar.gz"'},
-    )
-
-
-@router.delete("/v1/adapters/{name}", response_model=Deleted, dependencies=admin)
+@router.delete("/v1/adapters/{name:path}", response_model=Deleted, dependencies=admin)
 async def delete_adapter(name: str, request: Request) -> Deleted:
+    auth.check_names(request, [name])
     m = _state(request)
     gone = await asyncio.to_thread(m.registry.delete, name)
     await m.cache.forget(gone)
@@ -132,6 +141,8 @@ async def create_composition(body: CompositionRequest, request: Request):
     m = _state(request)
     if problems := check_name(body.name):
         raise InvalidRequestError("; ".join(problems), param="name")
+    auth.check_names(request, [body.name])
+    auth.check_names(request, body.skills, param="skills")
     comp = Composition(**body.model_dump(include=set(Composition.model_fields)))
     limits.check_composition(m.settings, comp, param="skills")
     if (body.quality_prompts or body.min_agreement is not None) and not m.engine.ready():
@@ -151,3 +162,24 @@ async def create_composition(body: CompositionRequest, request: Request):
         answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
         quality_prompts=body.quality_prompts, min_agreement=body.min_agreement,
     )
+
+
+# what a client can do with a skill it has just stored (upload or composition): OpenAPI links, so that
+# generated clients and stateful testers (schemathesis) can follow upload -> show -> compose -> chat -> delete
+NEXT_STEPS = {
+    "ShowSkill": ("/v1/adapters/{name}", "get", {"parameters": {"name": "$response.body#/name"}}),
+    "DownloadSkill": ("/v1/adapters/{name}/download", "get", {"parameters": {"name": "$response.body#/name"}}),
+    "ComposeWithSkill": ("/v1/compositions", "post", {"requestBody": {"skills": ["$response.body#/name"]}}),
+    "ChatWithSkill": ("/v1/chat/completions", "post", {"requestBody": {"model": "$response.body#/name"}}),
+    "CompleteWithSkill": ("/v1/completions", "post", {"requestBody": {"model": "$response.body#/name"}}),
+    "DeleteSkill": ("/v1/adapters/{name}", "delete", {"parameters": {"name": "$response.body#/name"}}),
+}
+
+
+def publish_links(spec: dict) -> None:
+    """Add ``NEXT_STEPS`` as links on the 201 answers of upload and compose."""
+    paths = spec["paths"]
+    links = {name: {"operationId": paths[path][method]["operationId"], **how}
+             for name, (path, method, how) in NEXT_STEPS.items() if method in paths.get(path, {})}
+    for path in ("/v1/adapters", "/v1/compositions"):
+        paths[path]["post"]["responses"]["201"]["links"] = links

@@ -103,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             openai_api.publish_request_schemas(spec)
+            admin_api.publish_links(spec)
             app.openapi_schema = spec
         return app.openapi_schema
 

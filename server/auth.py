@@ -16,6 +16,13 @@ is set, or a key was ever created (revoking the last key does not unlock it: the
 
 Each route declares its scope with :func:`require_scope`; :class:`AuthGate` checks it before any of the
 request body is read (FastAPI reads a form body before it runs a route's dependencies).
+
+**Namespaces**: a key created with ``--namespace team`` reaches only skills named ``team/…`` (and the
+base model): uploads, compositions (name and inputs), details, downloads, deletes and inference check
+every name they touch (:func:`check_names`, 403 otherwise); listings show only the namespace; and what
+spans the whole library is refused (:func:`whole_library`): compression, ``/metrics``, and ``auto``
+routing (the router chooses among every skill: such a key sends a composition with ``weights: "auto"``
+over its own skills instead). The root key and keyless access are not limited.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match, Mount
 
 from adapter_store.errors import AuthError, ForbiddenError, MosaicError, UnavailableError
+from adapter_store.validation import in_namespace
 from server.errors import error_payload
 
 CHECKED = "mosaic.auth"  # set in the ASGI scope once the gate has checked a request
+NAMESPACE = "mosaic.namespace"  # the ASGI scope's record of the key's namespace (absent: not limited)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -70,21 +79,14 @@ def _same_machine(headers, client_host: str | None) -> bool:
     return headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
-def allows(m, scope: str, headers, client_host: str | None) -> bool:
-    try:
-        check(m, scope, headers, client_host)
-    except MosaicError:
-        return False
-    return True
-
-
-def check(m, scope: str, headers, client_host: str | None) -> None:
-    """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``."""
+def check(m, scope: str, headers, client_host: str | None) -> str | None:
+    """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``; returns the
+    namespace the request is limited to (None: not limited)."""
     if scope == "inference" and not m.settings.require_inference_key:
-        return
+        return None
     if not locked(m):
         if m.settings.open_admin or _same_machine(headers, client_host):
-            return
+            return None
         raise AuthError(f"this server has no API keys yet, and '{scope}' is open only to clients on this machine "
                         "(MOSAIC_OPEN_ADMIN=true opens it to everyone): create a key with `mosaic keys create`")
     token = _presented_key(headers)
@@ -92,12 +94,34 @@ def check(m, scope: str, headers, client_host: str | None) -> None:
         raise AuthError(f"this endpoint needs an API key with the '{scope}' scope: send 'Authorization: Bearer <key>'")
     root = m.settings.api_key
     if root and secrets.compare_digest(token.encode(), root.encode()):
-        return
-    scopes = m.keys.scopes(token)
-    if scopes is None:
+        return None
+    key = m.keys.lookup(token)
+    if key is None:
         raise AuthError("the API key is unknown or revoked")
-    if scope not in scopes and "admin" not in scopes:
-        raise ForbiddenError(f"the API key lacks the '{scope}' scope (it has {scopes})")
+    if scope not in key.scopes and "admin" not in key.scopes:
+        raise ForbiddenError(f"the API key lacks the '{scope}' scope (it has {key.scopes})")
+    return key.namespace
+
+
+def namespace(request: Request) -> str | None:
+    """The namespace this request's key is limited to, if any."""
+    return request.scope.get(NAMESPACE)
+
+
+def check_names(request: Request, names, param: str = "name") -> None:
+    """403 unless every skill name (or name@N) in ``names`` is in the request's namespace."""
+    ns = namespace(request)
+    if ns is None:
+        return
+    if outside := sorted({n for n in names if not in_namespace(n, ns)}):
+        raise ForbiddenError(f"this API key reaches only skills named '{ns}/…', not {', '.join(map(repr, outside))}",
+                             param=param)
+
+
+def whole_library(request: Request, what: str) -> None:
+    """403 when the request's key is limited to a namespace: ``what`` spans the whole library."""
+    if (ns := namespace(request)) is not None:
+        raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {what} spans the whole library")
 
 
 class require_scope:  # noqa: N801 - used as a FastAPI dependency: Depends(require_scope("admin"))
@@ -109,27 +133,30 @@ class require_scope:  # noqa: N801 - used as a FastAPI dependency: Depends(requi
 
     def __call__(self, request: Request) -> None:
         if not request.scope.get(CHECKED):
-            check(request.app.state.mosaic, self.scope, request.headers, request.client.host if request.client else None)
+            ns = check(request.app.state.mosaic, self.scope, request.headers,
+                       request.client.host if request.client else None)
+            if ns is not None:
+                request.scope[NAMESPACE] = ns
 
 
 MOUNT_SCOPES = {"/metrics": "read"}  # mounted apps have no dependencies to declare a scope with
 
 
-def route_scope(app, scope) -> str | None:
+def route_scope(app, scope) -> tuple[str | None, bool]:
     """The scope the route that will answer this request declares (None: open, e.g. /health), matched
-    as the router matches it (root path included)."""
+    as the router matches it (root path included), and whether that route is a mounted app."""
     for route in app.router.routes:
         if route.matches(scope)[0] != Match.FULL:
             continue
         if isinstance(route, APIRoute):
             for dep in route.dependant.dependencies:
                 if isinstance(dep.call, require_scope):
-                    return dep.call.scope
-            return None
+                    return dep.call.scope, False
+            return None, False
         if isinstance(route, Mount):
-            return MOUNT_SCOPES.get(route.path, "admin")  # an unlisted mount is not left open
-        return None
-    return None
+            return MOUNT_SCOPES.get(route.path, "admin"), True  # an unlisted mount is not left open
+        return None, False
+    return None, False
 
 
 class AuthGate:
@@ -142,7 +169,7 @@ class AuthGate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        wanted = route_scope(self.fastapi_app, scope)
+        wanted, is_mount = route_scope(self.fastapi_app, scope)
         if wanted is not None:
             from starlette.datastructures import Headers
             from starlette.responses import JSONResponse
@@ -150,7 +177,10 @@ class AuthGate:
             m = self.fastapi_app.state.mosaic
             client = scope.get("client")
             try:
-                check(m, wanted, Headers(scope=scope), client[0] if client else None)
+                ns = check(m, wanted, Headers(scope=scope), client[0] if client else None)
+                if ns is not None and is_mount:
+                    raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {scope['path']} spans "
+                                         "the whole library")
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 exc = UnavailableError("the skill registry (Redis) is unavailable; try again shortly")
                 return await JSONResponse(error_payload(exc), status_code=exc.status)(scope, receive, send)
@@ -158,4 +188,6 @@ class AuthGate:
                 headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
                 return await JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)(scope, receive, send)
             scope[CHECKED] = True
+            if ns is not None:
+                scope[NAMESPACE] = ns
         await self.app(scope, receive, send)

@@ -632,17 +632,19 @@ def _keys():
 def keys_create(
     name: str,
     scope: Annotated[Optional[list[str]], typer.Option("--scope", help="admin, read and/or inference (repeatable; admin implies the others)")] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", help="limit the key to skills named NAMESPACE/…")] = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Create a key; it is printed once and only its hash is stored."""
     try:
-        key, info = _keys().create(name, scope or ["inference"])
+        key, info = _keys().create(name, scope or ["inference"], namespace=namespace)
     except (ValueError, MosaicError) as exc:
         _fail(str(exc), 2)
     if as_json:
         _print_json({**info.model_dump(), "key": key})
     else:
-        out.print(f"key {info.name} ({', '.join(info.scopes)}): [bold]{key}[/]\nstore it now: it cannot be shown again")
+        limited = f", skills named {info.namespace}/… only" if info.namespace else ""
+        out.print(f"key {info.name} ({', '.join(info.scopes)}{limited}): [bold]{key}[/]\nstore it now: it cannot be shown again")
 
 
 @keys_app.command("list")
@@ -652,9 +654,10 @@ def keys_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     if as_json:
         _print_json([i.model_dump() for i in infos])
         return
-    table = Table("name", "scopes", "prefix", "created")
+    table = Table("name", "scopes", "namespace", "prefix", "created")
     for i in infos:
-        table.add_row(i.name, ",".join(i.scopes), i.prefix + "…", time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)))
+        table.add_row(i.name, ",".join(i.scopes), i.namespace or "(all)", i.prefix + "…",
+                      time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created)))
     out.print(table if infos else "no keys: admin endpoints are open unless MOSAIC_API_KEY is set")
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from adapter_store.compression import CompressOptions, compress_library, decompress_library
 from adapter_store.errors import ConflictError, MosaicError
+from server import auth
 from server.auth import require_scope
 
 router = APIRouter(tags=["skills"])
@@ -45,6 +46,7 @@ def _job(request: Request) -> CompressJob:
 
 @router.post("/v1/admin/compress", status_code=202, response_model=CompressJob, dependencies=admin)
 async def start_compress(body: CompressRequest, request: Request) -> CompressJob:
+    auth.whole_library(request, "compression")
     registry = request.app.state.mosaic.registry
     previous = _job(request)
     if previous.state == "running":
@@ -81,4 +83,5 @@ async def start_compress(body: CompressRequest, request: Request) -> CompressJob
 
 @router.get("/v1/admin/compress", response_model=CompressJob, dependencies=admin)
 async def compress_status(request: Request) -> CompressJob:
+    auth.whole_library(request, "compression")
     return _job(request)

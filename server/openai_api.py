@@ -36,7 +36,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 
-from adapter_store.errors import InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+from adapter_store.errors import ForbiddenError, InvalidRequestError, MosaicError, NotFoundError, UnavailableError
+from adapter_store.validation import in_namespace
 from adapter_store.registry import SkillInfo
 from composer.spec import Composition
 from router.plan import Plan
@@ -309,7 +310,7 @@ async def serve(request: Request, kind: str) -> Response:
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
     check_limits(m, ep, req, composition)
     client_model = req.model or m.base_id  # the name the response reports
-    plan = await plan_for(m, client_model, composition, ep.routed(m, req))
+    plan = await plan_for(m, client_model, composition, ep.routed(m, req), auth.namespace(request))
     try:  # a composition may take a while: if the client leaves first, its work is abandoned
         adapter, info = await unless_disconnected(request, serve_plan(m, plan))
     except ClientGone:
@@ -574,6 +575,8 @@ async def list_models(request: Request) -> JSONResponse:
 
     m = _state(request)
     skills = await asyncio.to_thread(m.registry.list)
+    if (ns := auth.namespace(request)) is not None:
+        skills = [s for s in skills if in_namespace(s.name, ns)]
     context = m.settings.max_model_len
 
     def card(id_: str, created: float, root: str, parent: str | None, mosaic: dict) -> ModelCard:
@@ -581,22 +584,40 @@ async def list_models(request: Request) -> JSONResponse:
                          max_model_len=context, permission=[ModelPermission()], mosaic=mosaic)
 
     # a skill's details (content, rank, description) are the library's: shown to callers who may read it
-    detail = auth.allows(m, "read", request.headers, request.client.host if request.client else None)
+    # (a key limited to a namespace: that namespace's)
+    try:
+        read_ns, detail = auth.check(m, "read", request.headers, request.client.host if request.client else None), True
+    except MosaicError:
+        read_ns, detail = None, False
     cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})]
     cards += [card(s.name, s.created, s.ref, m.base_id,
                    {"kind": "skill", "version": s.version,
-                    **({"content_id": s.content_id, "rank": s.rank, "description": s.description} if detail else {})})
+                    **({"content_id": s.content_id, "rank": s.rank, "description": s.description}
+                       if detail and (read_ns is None or in_namespace(s.name, read_ns)) else {})})
               for s in skills]
-    cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
+    if ns is None:  # a key limited to a namespace cannot route over the whole library
+        cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
 # --- plans -----------------------------------------------------------------------------------------
 
-async def plan_for(m: Mosaic, model: str, composition: Composition | None, text: str) -> Plan:
+async def plan_for(m: Mosaic, model: str, composition: Composition | None, text: str,
+                   namespace: str | None = None) -> Plan:
     """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice).
     A context-aware composition (``weights="auto"``), given in the request or stored under a name,
-    gets its weights from ``text``."""
+    gets its weights from ``text``. With a ``namespace`` (the key's), only that namespace's skills."""
+    if namespace is not None:
+        outside = [s for s in (composition.skills if composition is not None else ())
+                   if not in_namespace(s, namespace)]
+        if composition is None and model not in ("auto", m.base_id) and not in_namespace(model, namespace):
+            outside.append(model)
+        if outside:
+            raise ForbiddenError(f"this API key reaches only skills named '{namespace}/…', not "
+                                 f"{', '.join(map(repr, outside))}", param="composition" if composition else "model")
+        if composition is None and model == "auto":
+            raise ForbiddenError(f"this API key is limited to the namespace '{namespace}'; 'auto' chooses among the "
+                                 "whole library: send a composition with weights 'auto' over your skills", param="model")
     if composition is not None:
         limits.check_composition(m.settings, composition)
         if composition.context_aware:
@@ -673,7 +694,7 @@ async def route(req: RouteRequest, request: Request) -> Plan:
     m = _state(request)
     text = req.prompt if req.prompt is not None else _last_user(req.messages)
     limits.check_prompt_chars(m.settings, [text], "prompt" if req.prompt is not None else "messages")
-    if req.composition is not None or req.model not in (None, "auto"):
-        return await plan_for(m, req.model or "auto", req.composition, text)
+    if req.composition is not None or req.model not in (None, "auto") or auth.namespace(request) is not None:
+        return await plan_for(m, req.model or "auto", req.composition, text, auth.namespace(request))
     return await m.route(text)
 

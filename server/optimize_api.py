@@ -22,6 +22,8 @@ from pydantic import BaseModel, Field
 from adapter_store.errors import ConflictError, MosaicError, NotFoundError
 from adapter_store.registry import SkillInfo
 from composer.spec import Composition
+from adapter_store.validation import in_namespace
+from server import auth
 from server.auth import require_scope
 from server.learned_weights import OptimizeOptions, Trial, optimize_composition, optimize_record
 from server.library import create_and_store
@@ -107,13 +109,15 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
 
 @router.get("/v1/compositions/jobs", response_model=list[OptimizeJob], dependencies=admin)
 async def list_jobs(request: Request) -> list[OptimizeJob]:
-    return sorted(_jobs(request).values(), key=lambda j: j.started)
+    ns = auth.namespace(request)
+    return sorted((j for j in _jobs(request).values() if ns is None or in_namespace(j.name, ns)), key=lambda j: j.started)
 
 
 @router.get("/v1/compositions/jobs/{job_id}", response_model=OptimizeJob, dependencies=admin)
 async def get_job(job_id: str, request: Request) -> OptimizeJob:
     job = _jobs(request).get(job_id)
-    if job is None:
+    ns = auth.namespace(request)
+    if job is None or (ns is not None and not in_namespace(job.name, ns)):
         raise NotFoundError(f"no weight search {job_id!r} on this server", param="job_id")
     return job
 

@@ -170,7 +170,74 @@ def test_key_names_and_scopes_are_checked(redis_client):
         keys.create("a", ["root"])
     with pytest.raises(ValueError, match="not allowed"):
         keys.create("bad name", ["admin"])
+    for namespace in ("a/b", "", "a b", "x" * 65):
+        with pytest.raises(ValueError, match="namespace"):
+            keys.create("n", ["admin"], namespace=namespace)
     keys.create("a", ["admin"])
     with pytest.raises(Exception, match="exists"):
         keys.create("a", ["admin"])
     keys.revoke("a")
+
+
+def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_path):
+    from tests.helpers import random_adapter
+
+    client, keys = app_factory(require_inference_key=True)
+    with client:
+        m = client.app.state.mosaic
+        q = "model.layers.0.self_attn.q_proj"
+        folder = random_adapter({q: m.spec.shapes[q]}, r=1).save_dir(tmp_path / "skill")
+        files = [("files", (f.name, f.read_bytes())) for f in sorted(folder.iterdir())]
+        admin, _ = keys.create("ops", ["admin"])
+        team_a, _ = keys.create("team-a", ["admin"], namespace="a")
+        app_b, _ = keys.create("app-b", ["read", "inference"], namespace="b")
+
+        def upload(name, key):
+            return client.post("/v1/adapters", data={"name": name}, files=files, headers=_bearer(key))
+
+        def names(key):
+            return [s["name"] for s in client.get("/v1/adapters", headers=_bearer(key)).json()["data"]]
+
+        assert upload("a/one", team_a).status_code == 201
+        for name in ("b/two", "plain"):
+            r = upload(name, team_a)
+            assert r.status_code == 403 and "'a/…'" in r.json()["error"]["message"], r.text
+        assert upload("b/two", admin).status_code == 201 and upload("plain", admin).status_code == 201
+        assert upload("a/download", admin).status_code == 400  # would read as a's download
+        assert upload("a/b/c", admin).status_code == 400  # one namespace level
+        assert names(team_a) == ["a/one"] and names(app_b) == ["b/two"]
+        assert names(admin) == ["a/one", "b/two", "plain"]
+
+        # details, downloads and deletes: own namespace only; the library is unchanged by a refusal
+        assert client.get("/v1/adapters/a/one", headers=_bearer(team_a)).json()["name"] == "a/one"
+        r = client.get("/v1/adapters/a/one/download", headers=_bearer(team_a))
+        assert r.status_code == 200 and 'filename="a_one-v1.tar.gz"' in r.headers["content-disposition"]
+        for r in (client.get("/v1/adapters/b/two", headers=_bearer(team_a)),
+                  client.get("/v1/adapters/b/two/download", headers=_bearer(team_a)),
+                  client.delete("/v1/adapters/b/two", headers=_bearer(team_a)),
+                  client.delete("/v1/adapters/plain", headers=_bearer(team_a))):
+            assert r.status_code == 403, r.text
+        assert names(admin) == ["a/one", "b/two", "plain"]
+
+        # a composition's name and every input must be in the namespace
+        body = {"name": "a/mix", "skills": ["a/one", "b/two"], "quality_prompts": 0}
+        r = client.post("/v1/compositions", json=body, headers=_bearer(team_a))
+        assert r.status_code == 403 and "b/two" in r.json()["error"]["message"]
+        # what spans the whole library is refused
+        assert client.get("/metrics", headers=_bearer(app_b)).status_code == 403
+        assert client.post("/v1/admin/compress", json={}, headers=_bearer(team_a)).status_code == 403
+        assert client.get("/v1/admin/compress", headers=_bearer(team_a)).status_code == 403
+
+        # inference: the namespace's skills, the base model, compositions of its own skills; not 'auto'
+        def route(key, **body):
+            return client.post("/v1/route", json={"prompt": "hello", **body}, headers=_bearer(key))
+
+        assert route(app_b, model="b/two").json()["skill"] == "b/two"
+        assert route(app_b, model=m.base_id).json()["kind"] == "base"
+        for r in (route(app_b, model="a/one"), route(app_b, model="plain"), route(app_b),
+                  route(app_b, model="auto"), route(app_b, composition={"skills": ["b/two", "a/one"], "weights": "auto"})):
+            assert r.status_code == 403, r.text
+        models = {c["id"] for c in client.get("/v1/models", headers=_bearer(app_b)).json()["data"]}
+        assert models == {m.base_id, "b/two"}
+        assert client.delete("/v1/adapters/a/one", headers=_bearer(team_a)).status_code == 200
+        assert names(admin) == ["b/two", "plain"]

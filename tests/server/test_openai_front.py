@@ -170,6 +170,12 @@ def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
     chat = components["ChatCompletionRequest"]["properties"]
     assert {"logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "n", "logit_bias"} <= set(chat)
     assert "/v1/responses/{response_id}" in spec["paths"] and "/v1/responses/{response_id}/cancel" in spec["paths"]
+    # a stored skill links to what can be done with it next, each link to an operation that exists
+    op_ids = {op["operationId"] for item in spec["paths"].values() for op in item.values() if "operationId" in op}
+    for path in ("/v1/adapters", "/v1/compositions"):
+        links = spec["paths"][path]["post"]["responses"]["201"]["links"]
+        assert {"ShowSkill", "ChatWithSkill", "ComposeWithSkill", "DeleteSkill"} <= set(links)
+        assert {link["operationId"] for link in links.values()} <= op_ids
 
 
 def test_work_is_abandoned_when_the_client_disconnects_first():
