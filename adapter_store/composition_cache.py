@@ -62,6 +62,15 @@ evict(tonumber(ARGV[2]))
 return dropped
 """
 
+# ARGV: prefix, CONTENT...: drops every result made from any CONTENT (one script: a put racing it is
+# either dropped too or indexed after it).
+_DROP_MADE_FROM = _PREAMBLE + """
+for i = 2, #ARGV do
+  for _, key in ipairs(redis.call('SMEMBERS', p .. 'cache:by:' .. ARGV[i])) do drop(key) end
+end
+return dropped
+"""
+
 # ARGV: prefix, budget, KEY, now, meta, config, weights, inputs (a JSON list of content ids): stores KEY
 # as used now, then evicts to the budget (KEY itself goes when it alone is over the budget).
 _PUT = _PREAMBLE + """
@@ -105,6 +114,7 @@ class CompositionCache:
         self._drop = client.register_script(_DROP)
         self._put = client.register_script(_PUT)
         self._adopt = client.register_script(_ADOPT)
+        self._drop_made_from = client.register_script(_DROP_MADE_FROM)
 
     def _k(self, *parts: object) -> str:
         return ":".join([self.p, *map(str, parts)])
@@ -132,11 +142,9 @@ class CompositionCache:
 
     def drop_made_from(self, contents: list[str]) -> list[str]:
         """Drop every result made from any of ``contents``; returns their keys."""
-        keys = sorted(set().union(*(self.made_from(c) for c in contents))) if contents else []
-        dropped = [k.decode() for k in self._drop(args=[f"{self.p}:", -1, *keys])] if keys else []
-        if contents:
-            self.r.delete(*[self._k("cache", "by", c) for c in contents])
-        return dropped
+        if not contents:
+            return []
+        return sorted({k.decode() for k in self._drop_made_from(args=[f"{self.p}:", *contents])})
 
     def evict(self) -> list[str]:
         """Evict down to the budget now (it is also done on every put); returns the keys evicted."""

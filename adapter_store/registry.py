@@ -182,8 +182,16 @@ class Registry:
         """Delete one version (``name@N``) or every version of a skill (``name``), and the cached
         compositions made from a content that no version has any more."""
         infos = self._delete(ref)
-        self.forget_compositions(self.unused({i.content_id for i in infos}))
+        self._forget_unused({i.content_id for i in infos})
         return infos
+
+    def _forget_unused(self, contents: set[str]) -> None:
+        """Drop the cached compositions of contents no version serves any more; a cache left as it was
+        (Redis lost after the write) is only a cache: its LRU removes those results in time."""
+        try:
+            self.forget_compositions(self.unused(contents))
+        except UnavailableError as exc:
+            log.warning("cached compositions of %d deleted contents left to the LRU: %s", len(contents), exc)
 
     def unused(self, contents: Iterable[str]) -> list[str]:
         """The content ids among ``contents`` that no stored version serves."""
@@ -209,6 +217,7 @@ class Registry:
                         if not have or (version is not None and version not in have):
                             raise NotFoundError(f"skill {ref!r} does not exist", param="name")
                         doomed = have if version is None else [version]
+                        pipe.watch(*[self._vkey(name, v) for v in doomed])  # a recode in between: read again
                         infos = [self._meta(pipe.hget(self._vkey(name, v), "meta")) for v in doomed]
                         remaining = [v for v in have if v not in doomed]
                         pipe.multi()
@@ -509,6 +518,8 @@ class Registry:
                         pipe.hdel(key, *stale)
                     self._announce(pipe, "recode", info.ref)
                     pipe.execute()
+                    if was != info.content_id:
+                        self._forget_unused({was})
                     return info
                 except redis.WatchError:
                     continue

@@ -64,14 +64,17 @@ class BaseModelSpec:
         return cls(model_id=model_id or path.name, shapes=shapes)
 
 
-def check_name(name: str) -> list[str]:
+def check_name(name: str, reserved: tuple[str, ...] = ()) -> list[str]:
+    """Problems with a new skill's name (none: it may be used); ``reserved``: other names taken, such
+    as the base model's id."""
     if not isinstance(name, str) or not SKILL_NAME_RE.match(name):
         return [
             f"name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or "
             "digit, optionally after a namespace of the same form and a '/' (team/name)"
         ]
     namespace, _, last = name.rpartition("/")
-    if name.lower() in RESERVED_NAMES or (namespace and last.lower() in RESERVED_IN_NAMESPACE):
+    if (name.lower() in RESERVED_NAMES | {r.lower() for r in reserved}
+            or (namespace and last.lower() in RESERVED_IN_NAMESPACE)):
         return [f"name {name!r} is reserved"]
     return []
 
@@ -85,7 +88,7 @@ def validate_files(
     files: dict[str, bytes], spec: BaseModelSpec, *, max_rank: int, name: str | None = None
 ) -> LoraAdapter:
     """Check an uploaded PEFT folder (file name -> bytes); return the adapter or raise with all problems."""
-    problems: list[str] = check_name(name) if name is not None else []
+    problems: list[str] = check_name(name, reserved=(spec.model_id,)) if name is not None else []
     if name is not None and name == spec.model_id:
         problems.append(f"name {name!r} is the base model's id")
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]

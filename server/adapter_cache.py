@@ -80,7 +80,7 @@ class ComposeBudget:
 
 class AdapterCache:
     def __init__(self, registry: Registry, data_dir: Path, max_rank: int, budget: ComposeBudget | None = None,
-                 workers: int = 1, disk_bytes: int = 8 << 30) -> None:
+                 workers: int = 1, disk_bytes: int | None = 8 << 30) -> None:
         self.registry = registry
         self.dir = data_dir
         self.max_rank = max_rank
@@ -123,7 +123,9 @@ class AdapterCache:
             if self._keys_by_id.get(id_, key) != key:  # Redis lost its ids since this engine got them
                 id_ = await asyncio.to_thread(self.registry.engine_id, key, max(self._keys_by_id))
             self._ids[key], self._keys_by_id[id_] = id_, key
-        return self._ids[key]
+        id_ = self._ids[key]
+        self._keys_by_id[id_] = key  # both maps keep what was used last (the ids the engine may still hold)
+        return id_
 
     def _lock(self, key: str) -> asyncio.Lock:
         lock = self._locks.get(key)
@@ -137,7 +139,10 @@ class AdapterCache:
         refs = {i.ref for i in deleted}
         for asked in [a for a, info in self._served.items() if info.ref in refs]:
             self._served.pop(asked, None)
-        unused = await asyncio.to_thread(self.registry.unused, {i.content_id for i in deleted})
+        try:
+            unused = await asyncio.to_thread(self.registry.unused, {i.content_id for i in deleted})
+        except UnavailableError:  # deleted already; the folders are only a cache: the disk budget removes them in time
+            return []
         return await asyncio.to_thread(self.folders.forget, unused)
 
     @staticmethod

@@ -139,7 +139,7 @@ async def create_composition(body: CompositionRequest, request: Request):
     answers on its example prompts); ``weights: "auto"`` stores a context-aware template; ``optimize``
     learns the weights from examples in a background job (202)."""
     m = _state(request)
-    if problems := check_name(body.name):
+    if problems := check_name(body.name, reserved=(m.base_id,)):
         raise InvalidRequestError("; ".join(problems), param="name")
     auth.check_names(request, [body.name])
     auth.check_names(request, body.skills, param="skills")
@@ -169,7 +169,9 @@ async def create_composition(body: CompositionRequest, request: Request):
 NEXT_STEPS = {
     "ShowSkill": ("/v1/adapters/{name}", "get", {"parameters": {"name": "$response.body#/name"}}),
     "DownloadSkill": ("/v1/adapters/{name}/download", "get", {"parameters": {"name": "$response.body#/name"}}),
-    "ComposeWithSkill": ("/v1/compositions", "post", {"requestBody": {"skills": ["$response.body#/name"]}}),
+    # (stored as the skill's next version: a composition needs a name)
+    "ComposeWithSkill": ("/v1/compositions", "post",
+                         {"requestBody": {"name": "$response.body#/name", "skills": ["$response.body#/name"]}}),
     "ChatWithSkill": ("/v1/chat/completions", "post", {"requestBody": {"model": "$response.body#/name"}}),
     "CompleteWithSkill": ("/v1/completions", "post", {"requestBody": {"model": "$response.body#/name"}}),
     "DeleteSkill": ("/v1/adapters/{name}", "delete", {"parameters": {"name": "$response.body#/name"}}),

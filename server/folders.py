@@ -3,9 +3,11 @@
 Every skill content and every composition the server has served has a folder the engine loads from
 (``DATA/adapters/CONTENT``, ``DATA/compositions/KEY``). Any inference client can ask for a new
 composition, so the folders are kept within ``MOSAIC_ADAPTER_DISK_MB``: when a new one would pass it,
-the least recently used go first. A folder used in the last ``grace`` seconds is never removed (the
-engine may be about to read it), so the total can pass the budget for that long. Removing a folder
-loses nothing: it is written again from the registry the next time it is asked for.
+the least recently used go first. A folder used in the last ``grace`` seconds is never removed (a
+request that named it may still be waiting for the engine to load it), so the total can pass the
+budget for that long. Removing a folder loses nothing: it is written again from the registry the next
+time it is asked for. With no budget (``None``) nothing is ever removed: a plain ``vllm serve`` that
+resolves skills through Mosaic's plugin remembers each folder's path and never asks again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 KINDS = ("adapters", "compositions")
+STALE = 3600.0  # seconds after which a half-written folder is taken for a crashed write
 
 
 @dataclass
@@ -34,7 +37,7 @@ def _size(folder: Path) -> int:
 
 
 class Folders:
-    def __init__(self, root: Path, budget_bytes: int, grace: float = 60.0) -> None:
+    def __init__(self, root: Path, budget_bytes: int | None, grace: float = 600.0) -> None:
         self.root = root
         self.budget = budget_bytes
         self.grace = grace
@@ -48,8 +51,9 @@ class Folders:
         for kind in KINDS:
             d = self.root / kind
             for folder in d.iterdir() if d.is_dir() else ():
-                if folder.name.startswith("."):  # a write that never finished
-                    shutil.rmtree(folder, ignore_errors=True)
+                if folder.name.startswith("."):  # a write that never finished (not one in progress elsewhere)
+                    if folder.stat().st_mtime < time.time() - STALE:
+                        shutil.rmtree(folder, ignore_errors=True)
                 elif (folder / "adapter_config.json").exists():
                     found.append((folder.stat().st_mtime, folder))
         for mtime, folder in sorted(found):
@@ -91,6 +95,8 @@ class Folders:
             return sum(e.size for e in self._entries.values())
 
     def _evict(self) -> list[Path]:
+        if self.budget is None:
+            return []
         total, cutoff, gone = sum(e.size for e in self._entries.values()), time.time() - self.grace, []
         for folder, entry in list(self._entries.items()):
             if total <= self.budget or entry.used > cutoff:

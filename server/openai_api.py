@@ -639,6 +639,10 @@ async def plan_for(m: Mosaic, model: str, composition: Composition | None, text:
         raise NotFoundError(f"the model {model!r} does not exist: use the base model {m.base_id!r}, a skill name, or 'auto'",
                             param="model") from None
     if info is not None and (template := stored_template(info)) is not None:
+        if namespace is not None and (outside := [s for s in template.skills if not in_namespace(s, namespace)]):
+            raise ForbiddenError(f"{info.ref} composes skills outside the namespace '{namespace}' "
+                                 f"({len(outside)} of {len(template.skills)}), which this API key does not reach",
+                                 param="model")
         plan = await m.route_within(text, template)
         return plan.model_copy(update={"reason": f"{info.ref} is context-aware: {plan.reason}"})
     return Plan(kind="skill", skill=model, reason="skill requested by name")

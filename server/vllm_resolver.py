@@ -42,8 +42,9 @@ class MosaicResolver(LoRAResolver):
             from server.state import open_registry
 
             settings = get_settings()
+            # vLLM keeps the path it was given and never asks again: nothing here may be evicted
             self._cache = AdapterCache(open_registry(settings), settings.data_dir, max_rank=settings.max_lora_rank,
-                                       disk_bytes=settings.adapter_disk_mb << 20)
+                                       disk_bytes=None)
         return self._cache
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

@@ -237,7 +237,13 @@ def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_p
         for r in (route(app_b, model="a/one"), route(app_b, model="plain"), route(app_b),
                   route(app_b, model="auto"), route(app_b, composition={"skills": ["b/two", "a/one"], "weights": "auto"})):
             assert r.status_code == 403, r.text
+        # a stored context-aware composition in b's namespace over a skill outside it: not reachable either
+        ctx = {"name": "b/ctx", "skills": ["b/two", "plain"], "weights": "auto", "quality_prompts": 0}
+        assert client.post("/v1/compositions", json=ctx, headers=_bearer(admin)).status_code == 201
+        r = route(app_b, model="b/ctx")
+        assert r.status_code == 403 and "plain" not in r.text, r.text
+        assert upload(m.base_id, admin).status_code == 400  # the base model's id is not a skill name
         models = {c["id"] for c in client.get("/v1/models", headers=_bearer(app_b)).json()["data"]}
-        assert models == {m.base_id, "b/two"}
+        assert models == {m.base_id, "b/two", "b/ctx"}
         assert client.delete("/v1/adapters/a/one", headers=_bearer(team_a)).status_code == 200
-        assert names(admin) == ["b/two", "plain"]
+        assert names(admin) == ["b/ctx", "b/two", "plain"]

@@ -69,8 +69,9 @@ def test_linked_operations_never_fail_the_server(stateful_server):
                 return case.call(**kwargs)
             fields = {k: v for k, v in case.body.items() if k != "files" and isinstance(v, str)}
             name = fields.get("name", "")
-            if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2:  # half the names made valid
-                fields["name"] = f"fz-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+            digest = int(hashlib.sha256(name.encode()).hexdigest(), 16)
+            if digest % 2:  # half the names made valid, half of those in a namespace
+                fields["name"] = f"fz{'/' if digest % 4 == 1 else '-'}{digest % 10**10}"
             resp = requests.post(f"{url}/v1/adapters", data=fields, files=_upload_files(name), timeout=120)
             return Response.from_requests(resp, verify=True)
 
