@@ -7,6 +7,7 @@ The server talks to an :class:`Engine` only: token ids in, text deltas out, with
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -101,6 +102,8 @@ def vllm_cli_args(settings: Settings, model_dir: Path, model_id: str) -> list[st
         "--enable-lora", "--max-loras", str(settings.max_loras), "--max-lora-rank", str(settings.max_lora_rank),
         "--max-cpu-loras", str(settings.max_cpu_loras), "--max-model-len", str(settings.max_model_len),
         "--gpu-memory-utilization", str(settings.gpu_memory_utilization), "--disable-log-stats",
+        # MOSAIC_MAX_TOKENS_LIMIT also caps a request that names no max_tokens (vLLM would give it the whole context)
+        "--override-generation-config", json.dumps({"max_new_tokens": settings.max_tokens_limit}),
     ]
     if settings.tool_call_parser:
         args += ["--tool-call-parser", settings.tool_call_parser, "--enable-auto-tool-choice"]

@@ -53,6 +53,15 @@ def _upload_files(name: str) -> list[tuple[str, tuple[str, bytes]]]:
     return [("files", (f.name, f.read_bytes())) for f in (skill / "adapter_config.json", skill / "adapter_model.safetensors")]
 
 
+def test_a_request_without_max_tokens_is_capped_by_the_setting(stateful_server):
+    """Found by fuzzing: with no max_tokens, vLLM generated up to the whole context (minutes on CPU)."""
+    url, _, _ = stateful_server
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to one hundred."}]}),
+                       ("/v1/completions", {"prompt": "One, two, three,"})):
+        r = httpx.post(f"{url}{path}", json={"model": "sentiment", "ignore_eos": True, **body}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+
+
 def test_linked_operations_never_fail_the_server(stateful_server):
     url, data, registry = stateful_server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json").include(name=OPERATIONS)
