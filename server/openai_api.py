@@ -213,6 +213,7 @@ async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None
             f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: Mosaic serves the fields of "
             "vLLM's OpenAI protocol for this endpoint, plus 'composition'", param=unknown[0])
     composition = body.pop("composition", None)
+    request.state.sent_fields = frozenset(body)
     return _validate(cls, body, ()), None if composition is None else _validate(Composition, composition, ("composition",))
 
 
@@ -236,7 +237,9 @@ class Refused(Exception):
         self.error = error
 
 
-def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None) -> None:
+def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None,
+                 sent: frozenset[str] | None = None) -> None:
+    """Mosaic's limits on a parsed request; ``sent``: the fields the client sent (None: all of them)."""
     if composition is not None:
         limits.check_composition(m.settings, composition)
     limits.check_prompt_chars(m.settings, ep.texts(m, req), "prompt" if hasattr(req, "prompt") else "messages")
@@ -244,8 +247,8 @@ def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | N
         # tighter than the context that vLLM checks itself: count the prompt here
         for n in prompt_token_counts(m, req):
             limits.check_prompt_tokens(m.settings, n, "prompt" if hasattr(req, "prompt") else "messages")
-    for name in MAX_TOKENS_FIELDS:
-        value = vars(req).get(name)
+    for name in MAX_TOKENS_FIELDS:  # as sent: a default (completions: 16) is capped by the engine, not refused
+        value = vars(req).get(name) if sent is None or name in sent else None
         if isinstance(value, int) and value > m.settings.max_tokens_limit:
             raise InvalidRequestError(
                 f"{name}={value} is more than the server allows ({m.settings.max_tokens_limit}, setting "
@@ -308,7 +311,7 @@ async def serve(request: Request, kind: str) -> Response:
         return error_json(exc.error)
     if not m.engine.ready():
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
-    check_limits(m, ep, req, composition)
+    check_limits(m, ep, req, composition, request.state.sent_fields)
     client_model = req.model or m.base_id  # the name the response reports
     plan = await plan_for(m, client_model, composition, ep.routed(m, req), auth.namespace(request))
     try:  # a composition may take a while: if the client leaves first, its work is abandoned

@@ -1,4 +1,5 @@
-"""The bounded load test: 1000 mixed requests on loopback while skills are uploaded and deleted."""
+"""The bounded load test: 600 mixed requests on loopback while skills are uploaded and deleted
+(``python -m bench.load`` runs 1000 for the report in bench/reports/load.md; 600 keep the suite's time)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from bench.load import report_md, run_load
 
 pytestmark = pytest.mark.slow
 
+REQUESTS = 600
 
-def test_thousand_mixed_requests_while_the_library_churns(server):
-    r = asyncio.run(run_load(server["url"], requests=1000, concurrency=16, pid=server["proc"].pid))
+
+def test_mixed_requests_while_the_library_churns(server):
+    r = asyncio.run(run_load(server["url"], requests=REQUESTS, concurrency=16, pid=server["proc"].pid))
     print("\n" + report_md(r) + json.dumps(r, default=str), file=sys.stderr)
-    assert r["requests"] == 1000
+    assert r["requests"] == REQUESTS
     assert r["server_errors"] == 0, r["error_samples"]
     assert set(r["status"]) == {"200"}, r["status"]  # every request is valid: nothing else is acceptable either
     assert r["churn_rounds"] >= 3 and not r["churn_failures"]

@@ -97,6 +97,12 @@ def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(token
         req, _ = _parse_now(kind, body)
         with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
             openai_api.check_limits(m, openai_api.endpoint(kind), req, None)
+    # a default the client did not send (completions: max_tokens 16) is capped by the engine, not refused
+    few = SimpleNamespace(settings=Settings(max_tokens_limit=4), engine=m.engine)
+    req, _ = _parse_now("completion", {"model": "m", "prompt": "hi"})
+    openai_api.check_limits(few, openai_api.endpoint("completion"), req, None, sent=frozenset({"model", "prompt"}))
+    with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
+        openai_api.check_limits(few, openai_api.endpoint("completion"), req, None, sent=frozenset({"max_tokens"}))
     req, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
         openai_api.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
