@@ -67,7 +67,7 @@ def test_config_rank_must_match_tensors(base_spec):
         validate_files(_files(adapter), base_spec, max_rank=64)
 
 
-@pytest.mark.parametrize("name", ["auto", "", "a/b", "x" * 65, "-lead", "with space", "SmolLM2-135M-Instruct", "auto\n", "ok\n"])
+@pytest.mark.parametrize("name", ["auto", "", "a/b/c", "/b", "a/", "a/download", "x" * 65, "-lead", "with space", "SmolLM2-135M-Instruct", "auto\n", "ok\n"])
 def test_bad_names(base_spec, name):
     adapter = random_adapter({Q: base_spec.shapes[Q]}, r=2)
     with pytest.raises(AdapterValidationError, match="name"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from composer import Composition
 from server.adapter_cache import AdapterCache
-from server.folders import Folders
+from server.folders import STALE, Folders
 from tests.helpers import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (32, 32)}
@@ -46,11 +46,13 @@ def test_a_folder_used_within_the_grace_period_is_never_removed(tmp_path):
 
 def test_folders_left_by_an_earlier_run_are_counted_oldest_first(tmp_path):
     old, new = folder(tmp_path, "adapters", "old", 100), folder(tmp_path, "compositions", "new", 100)
-    half_written = tmp_path / "adapters" / ".tmp.x"
-    half_written.mkdir()
+    crashed, in_progress = tmp_path / "adapters" / ".tmp.x", tmp_path / "adapters" / ".tmp.y"
+    crashed.mkdir()
+    in_progress.mkdir()  # another process on this data dir, writing now
     os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(crashed, (time.time() - 2 * STALE, time.time() - 2 * STALE))
     folders = Folders(tmp_path, budget_bytes=250, grace=0)
-    assert folders.total() == 200 and not half_written.exists()
+    assert folders.total() == 200 and not crashed.exists() and in_progress.exists()
     assert folders.added(folder(tmp_path, "adapters", "third", 100), ["third"]) == [old]
     assert new.exists()
 
