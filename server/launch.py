@@ -58,7 +58,7 @@ def serving(env: dict, log_path: Path, *, timeout: float = 900, argv: list[str] 
 
     ``argv`` replaces ``mosaic serve`` (e.g. a plain ``vllm serve``); ``{port}`` in it is filled in."""
     port = free_port()
-    cmd = [a.format(port=port) for a in argv] if argv else [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
+    cmd = [a.replace("{port}", str(port)) for a in argv] if argv else [sys.executable, "-m", "server.cli", "serve", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with open(log_path, "w") as log:
