@@ -77,7 +77,7 @@ class Bench:
         self.adapters = {s: LoraAdapter.from_dir(SKILLS / s) for s in self.skills}
         self.model = LossModel(prepare(get_settings()))
         self.generations = 0
-        self.router, self.profiles = PsecRouter(), demo_profiles()
+        self.router, self.profiles = PsecRouter(get_settings().router_config()), demo_profiles()
         self.own_answers: dict[str, list[str]] = {}
         self.route_ms: list[float] = []
         self.compose_ms: list[float] = []
@@ -140,7 +140,7 @@ class Bench:
         for s in skills:
             for i, (p, _) in enumerate(self.tests[s]):
                 t0 = time.perf_counter()
-                plan = self.router.route_within(p, template, self.profiles)
+                plan = self.router.route_within(p, template, self.profiles, 0)
                 self.route_ms.append((time.perf_counter() - t0) * 1000)
                 w = tuple(plan.composition.weights) if rule is not None else tuple(sum_to_one(plan.alpha))
                 if rule is not None and rule != self.router.rule:
@@ -253,7 +253,7 @@ def mixed_tasks(b: Bench, n: int) -> dict:
         template = Composition(skills=pair, weights="auto")
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(prompts):
-            groups.setdefault(tuple(b.router.route_within(p, template, b.profiles).composition.weights), []).append(i)
+            groups.setdefault(tuple(b.router.route_within(p, template, b.profiles, 0).composition.weights), []).append(i)
         auto_out = [""] * n
         for w, idx in groups.items():
             active = [(s, x) for s, x in zip(pair, w) if x]

@@ -28,9 +28,10 @@ import numpy as np
 from adapter_store.registry import SkillInfo
 from bench.demo_data import examples, exact_match, trained_skills
 from bench.route_prompts import MULTI, OOD
-from router.psec import PsecRouter, Thresholds
+from router.psec import PsecRouter
+from server.settings import get_settings
 
-T = Thresholds()
+T = get_settings().router_config()  # the thresholds the server uses
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 TOPICS = ["astronomy", "cooking", "tax law", "gardening", "chess", "python errors", "medieval history", "knitting",
@@ -63,12 +64,12 @@ def synthetic_profiles(n: int, seed: int = 0) -> list[SkillInfo]:
 
 
 def latency(router: PsecRouter, skills: list[SkillInfo], prompts: list[str], reps: int) -> dict:
-    router.route(prompts[0], skills)  # trains (or loads) once
+    router.route(prompts[0], skills, 0)  # trains (or loads) once
     times = []
     for _ in range(reps):
         for p in prompts:
             t = time.perf_counter()
-            router.route(p, skills)
+            router.route(p, skills, 0)
             times.append((time.perf_counter() - t) * 1000)
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)), "n": len(times)}
 
@@ -80,20 +81,20 @@ def accuracy(router: PsecRouter, skills: list[SkillInfo], n: int) -> dict:
     correct = total = 0
     for s in names:
         for p, _ in examples(s, "test", n, seed=42):
-            plan = router.route(p, skills)
+            plan = router.route(p, skills, 0)
             got = plan.skill if plan.kind == "skill" else plan.kind
             confusion[s][got] += 1
             correct += got == s
             total += 1
     ood_ok = 0
     for p in OOD:
-        plan = router.route(p, skills)
+        plan = router.route(p, skills, 0)
         got = plan.skill if plan.kind == "skill" else plan.kind
         confusion["base"][got] += 1
         ood_ok += plan.kind == "base"
     multi = []
     for p, expected in MULTI:
-        plan = router.route(p, skills)
+        plan = router.route(p, skills, 0)
         multi.append({"prompt": p, "expected": sorted(expected), "kind": plan.kind, "skills": plan.skills,
                       "weights": list(plan.composition.weights) if plan.composition else [],
                       "ok": plan.kind == "composition" and set(plan.skills) == expected})
@@ -129,10 +130,10 @@ def main() -> None:
     demo = demo_profiles()
     prompts = [p for s in trained_skills() for p, _ in examples(s, "test", 5, seed=1)] + OOD[:5]
     res: dict = {}
-    r10 = PsecRouter()
+    r10 = PsecRouter(T)
     skills10 = demo + synthetic_profiles(7)
     res["latency_10"] = latency(r10, skills10, prompts, 2 if args.quick else 10)
-    r100 = PsecRouter()
+    r100 = PsecRouter(T)
     skills100 = demo + synthetic_profiles(97)
     t = time.perf_counter()
     r100.train(skills100)
@@ -151,7 +152,7 @@ def main() -> None:
     t = time.perf_counter()
     LogisticRegression(C=10.0, max_iter=2000).fit(X, y)
     res["retrain_100_cached_embeddings_s"] = time.perf_counter() - t
-    res["accuracy"] = accuracy(PsecRouter(encoder=r100.encoder), demo, 10 if args.quick else 40)
+    res["accuracy"] = accuracy(PsecRouter(T, encoder=r100.encoder), demo, 10 if args.quick else 40)
     if not args.no_serve:
         res["end_to_end"] = end_to_end(5 if args.quick else 20)
     REPORTS.mkdir(parents=True, exist_ok=True)

@@ -1,26 +1,40 @@
 """Router policies: the content-aware choice behind ``model="auto"``.
 
-A policy maps the request text and the current skill library to a :class:`Plan`. The default
-here is lexical: TF-IDF over each skill's description and example prompts, cosine similarity
-to the prompt, the best skill when it clears a threshold, else the base model. It is the
-baseline the embedding router (MiniLM + a PSEC-style network) is measured against.
+A policy maps the request text and the current skill library to a :class:`Plan`. Every policy has
+the same constructor (``config``, ``registry``) and the same two methods; :data:`router.policies.POLICIES`
+names them (``MOSAIC_ROUTER``), and tests/router/test_policy_contract.py holds each to this contract.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from adapter_store.registry import SkillInfo, parse_ref
+from adapter_store.registry import SkillInfo
 from composer.spec import Composition
 from router.plan import Plan
-from router.weights import AlphaRule, contextual_plan, restrict
+from router.weights import AlphaRule
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Every policy's decision thresholds. The values live in one place, the server's settings
+    (``MOSAIC_ROUTER_*``, :meth:`server.settings.Settings.router_config`), measured by bench/route.py."""
+
+    ood: float  # the best skill's similarity below this: out of distribution, serve the base model
+    mix_similarity: float  # another skill joins the top one when the prompt is this close to it too
+    mix_min: float  # ... and its α is at least this
+    lexical_min: float  # the lexical policy's TF-IDF cosine below which it serves the base model
+    rule: AlphaRule  # α -> weights: the grid and the most skills with a nonzero weight
 
 
 class RouterPolicy(Protocol):
+    name: str
+
     def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
-        """The plan for ``model="auto"``: base, one skill, or a composition chosen from the library."""
+        """The plan for ``model="auto"``: base, one skill, or a composition chosen from ``skills``.
+        ``generation`` is the registry's generation the list was read at (a policy may cache by it)."""
         ...
 
     def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int) -> Plan:
@@ -34,45 +48,10 @@ def routable(skills: Sequence[SkillInfo]) -> list[SkillInfo]:
     return [s for s in skills if (s.composition or {}).get("weights") != "auto"]
 
 
-class LexicalPolicy:
-    def __init__(self, threshold: float = 0.2, rule: AlphaRule | None = None) -> None:
-        self.threshold = threshold
-        self.rule = rule or AlphaRule()
-        self._fitted: tuple[int, tuple[str, ...], object, object] | None = None
-        self._lock = threading.Lock()
-
-    def _fit(self, skills: Sequence[SkillInfo], generation: int):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        key = tuple(s.ref for s in skills)
-        with self._lock:
-            if self._fitted and self._fitted[0] == generation and self._fitted[1] == key:
-                return self._fitted[2], self._fitted[3]
-            docs = [" ".join([s.description, *s.examples]) for s in skills]
-            vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True).fit(docs)
-            mat = vec.transform(docs)
-            self._fitted = (generation, key, vec, mat)
-            return vec, mat
-
-    def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
-        if not skills:
-            return Plan(kind="base", reason="no skills are registered")
-        if not text.strip():
-            return Plan(kind="base", reason="the prompt is empty")
-        vec, mat = self._fit(skills, generation)
-        sims = (mat @ vec.transform([text[-4000:]]).T).toarray().ravel()
-        scores = {s.name: round(float(x), 4) for s, x in zip(skills, sims)}
-        best = int(sims.argmax())
-        if sims[best] < self.threshold:
-            return Plan(kind="base", reason=f"no skill scores above {self.threshold}", scores=scores)
-        return Plan(kind="skill", skill=skills[best].name, reason="best lexical match", scores=scores)
-
-    def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int) -> Plan:
-        names = [parse_ref(ref)[0] for ref in comp.skills]
-        if not skills or not text.strip():
-            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.rule,
-                                   "nothing to compare: every skill at full strength")
-        vec, mat = self._fit(skills, generation)
-        sims = (mat @ vec.transform([text[-4000:]]).T).toarray().ravel()
-        by_name = {s.name: float(x) for s, x in zip(skills, sims)}
-        return contextual_plan(comp, restrict(by_name, names), [by_name.get(n, float("nan")) for n in names], self.rule)
+def nothing_to_route(text: str, skills: Sequence[SkillInfo]) -> Plan | None:
+    """The base-model plan every policy gives when there is nothing to decide on, else None."""
+    if not skills:
+        return Plan(kind="base", reason="no skills are registered")
+    if not text or not text.strip():
+        return Plan(kind="base", reason="the prompt is empty")
+    return None

@@ -3,22 +3,21 @@
 PSEC composes skills in parameter space with weights α(x) from a small network over the input.
 Here the input is the prompt's embedding, and the network is a multinomial logistic regression
 (scikit-learn) trained on every skill's example prompts and description. Its probabilities are
-the α over skills. The decision rule turns (α, similarities) into a plan:
+the α over skills. The decision rule turns (α, similarities) into a plan (the names are :class:`router.policy.RouterConfig`'s):
 
 * no skills, or an empty prompt                          -> base model (with the reason)
 * the prompt is far from every skill (max similarity < ``ood``) -> base model
 * the top skill by α, joined by every other skill the prompt is
   also close to (similarity ≥ ``mix_similarity``, α ≥ ``mix_min``) -> one skill, or a `psec`
-  composition of up to ``max_skills`` weighted by :func:`router.weights.weights_from_alpha`
+  composition of up to ``rule.max_skills`` weighted by :func:`router.weights.weights_from_alpha`
   (the strongest at full strength, the others α_i / α_max on a grid)
 
 A context-aware composition (``"weights": "auto"``) asks :meth:`PsecRouter.route_within`: the same
 α, restricted to the composition's own skills, through the same weight rule.
 
-Similarity is the cosine of the prompt to a skill's nearest profile text. On the demo skills
-(bench/route.py) held-out prompts of one skill have a runner-up similarity ≤ 0.26 while each
-skill named in a two-skill prompt has ≥ 0.38; out-of-distribution prompts peak at 0.37 and
-held-out in-distribution prompts start at 0.49: the defaults sit between.
+Similarity is the cosine of the prompt to a skill's nearest profile text. The thresholds
+(:class:`router.policy.RouterConfig`) come from the server's settings; bench/route.py measures where
+they sit between held-out, two-skill and out-of-distribution prompts (bench/reports/REPORT.md).
 
 The trained model is stored in Redis next to the library, keyed by a hash of every skill's
 profile, so restarts and other replicas load it instead of retraining; example embeddings are
@@ -33,7 +32,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -42,21 +41,11 @@ from adapter_store.registry import Registry, SkillInfo, parse_ref
 from composer.spec import Composition
 from router.encoder import Encoder, MiniLMEncoder
 from router.plan import Plan
-from router.weights import AlphaRule, contextual_plan, restrict, weights_from_alpha
+from router.policy import RouterConfig, nothing_to_route
+from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
 EMB_KEY = "router-embeddings"
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    # measured on the 8 demo skills (bench/route.py): held-out in-distribution prompts' best similarity
-    # starts at 0.49, out-of-distribution prompts peak at 0.47; a single-skill prompt's runner-up never
-    # has both similarity >= 0.34 and α >= 0.18, while 3 of the 4 two-skill prompts' second skill does
-    ood: float = 0.48  # the best skill's similarity below this: out of distribution, serve the base model
-    mix_similarity: float = 0.34  # another skill joins the top one when the prompt is this close to it too
-    mix_min: float = 0.18  # ... and its α is at least this
-    max_skills: int = 3
 
 
 def _profile_texts(s: SkillInfo) -> list[str]:
@@ -80,7 +69,6 @@ class RouterModel:
     coef: np.ndarray | None = None  # (classes × d); None with a single skill
     intercept: np.ndarray | None = None
     trained_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def alpha(self, e: np.ndarray) -> np.ndarray:
         if self.coef is None:
@@ -119,12 +107,13 @@ class RouterModel:
 class PsecRouter:
     """A :class:`router.policy.RouterPolicy` over an encoder, stored in the registry's Redis."""
 
-    def __init__(self, registry: Registry | None = None, encoder: Encoder | None = None,
-                 thresholds: Thresholds | None = None, C: float = 10.0, rule: AlphaRule | None = None) -> None:
+    name = "psec"
+
+    def __init__(self, config: RouterConfig, registry: Registry | None = None, *, encoder: Encoder | None = None,
+                 C: float = 10.0) -> None:
+        self.config = config
         self.registry = registry
         self.encoder = encoder or MiniLMEncoder()
-        self.t = thresholds or Thresholds()
-        self.rule = rule or AlphaRule(max_skills=self.t.max_skills)
         self.C = C
         self._model: RouterModel | None = None
         self._key: tuple[Sequence[SkillInfo], str] | None = None
@@ -179,11 +168,10 @@ class PsecRouter:
             return self._model
 
     # ---- deciding -----------------------------------------------------------------
-    def route(self, text: str, skills: Sequence[SkillInfo], generation: int = 0) -> Plan:
-        if not skills:
-            return Plan(kind="base", reason="no skills are registered")
-        if not text or not text.strip():
-            return Plan(kind="base", reason="the prompt is empty")
+    def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
+        if plan := nothing_to_route(text, skills):
+            return plan
+        c = self.config
         model = self.model_for(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
         alpha, sims = model.alpha(e), model.similarity(e)
@@ -191,12 +179,12 @@ class PsecRouter:
         scores = {n: round(float(a), 4) for n, a in zip(model.names, alpha)}
         similarity = {n: round(float(s), 4) for n, s in zip(model.names, sims)}
         top = int(order[0])
-        if sims.max() < self.t.ood:
+        if sims.max() < c.ood:
             return Plan(kind="base", reason=f"out of distribution: similarity {sims.max():.2f} to the nearest skill "
-                        f"is below {self.t.ood}", scores=scores, similarity=similarity)
-        chosen = [top] + [int(i) for i in order[1:] if sims[i] >= self.t.mix_similarity and alpha[i] >= self.t.mix_min]
-        chosen = chosen[: self.t.max_skills]
-        w = weights_from_alpha(alpha[chosen], self.rule)
+                        f"is below {c.ood}", scores=scores, similarity=similarity)
+        chosen = [top] + [int(i) for i in order[1:] if sims[i] >= c.mix_similarity and alpha[i] >= c.mix_min]
+        chosen = chosen[: c.rule.max_skills]
+        w = weights_from_alpha(alpha[chosen], c.rule)
         chosen, w = [i for i, x in zip(chosen, w) if x], [x for x in w if x]
         if len(chosen) >= 2:
             comp = Composition(skills=tuple(model.names[i] for i in chosen), weights=tuple(w), method="psec")
@@ -207,18 +195,18 @@ class PsecRouter:
         return Plan(kind="skill", skill=model.names[top], reason=f"{model.names[top]} (α={alpha[top]:.2f}, similarity {sims[top]:.2f})", scores=scores,
                     similarity=similarity)
 
-    def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int = 0) -> Plan:
+    def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int) -> Plan:
         """A context-aware composition's plan for ``text``: α over the composition's own skills (the
         library's α restricted to them and renormalised), turned into weights by the shared rule."""
         names = [parse_ref(ref)[0] for ref in comp.skills]
         if not text or not text.strip():
-            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.rule,
+            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.config.rule,
                                    "the prompt is empty: every skill at full strength")
         if not skills:
-            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.rule,
+            return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.config.rule,
                                    "the router has no skills: every skill at full strength")
         model = self.model_for(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
         alpha = dict(zip(model.names, model.alpha(e).tolist()))
         sims = dict(zip(model.names, model.similarity(e).tolist()))
-        return contextual_plan(comp, restrict(alpha, names), [sims.get(n, float("nan")) for n in names], self.rule)
+        return contextual_plan(comp, restrict(alpha, names), [sims.get(n, float("nan")) for n in names], self.config.rule)

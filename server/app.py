@@ -12,6 +12,8 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
+from adapter_store.errors import MosaicError
+
 from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api
 from server.settings import Settings, get_settings
 from server.state import Mosaic, build
@@ -61,9 +63,14 @@ async def _supervise_engine(m: Mosaic) -> None:
 def _warm_router(m: Mosaic) -> None:
     """Load the encoder and the router model before the first ``auto`` request needs them."""
     try:
-        m.policy.route("warm up", m.skills())
-    except Exception:
-        log.exception("router warm-up failed (auto requests will retry)")
+        m.decide("warm up")
+    except (MosaicError, OSError) as e:  # Redis or the encoder's files unavailable: auto requests retry
+        log.warning("router warm-up failed (auto requests will retry): %s", e)
+
+
+def _report_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("router warm-up failed", exc_info=exc)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -81,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("MOSAIC_OPEN_ADMIN=true and no API key: anyone who can reach this server can change and read the library")
         task = asyncio.create_task(_supervise_engine(m))
         warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))
+        warm.add_done_callback(_report_failure)
         try:
             yield
         finally:

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from router.policy import RouterConfig
+from router.weights import AlphaRule
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MOSAIC_", extra="ignore")
@@ -42,11 +45,14 @@ class Settings(BaseSettings):
     engine_restart_seconds: float = 10.0  # first back-off before restarting a failed engine (doubles each time)
     engine_max_restarts: int = 5  # restarts in a row before giving up (health stays "error")
 
-    # router (model="auto"); defaults measured on the demo skills (bench/route.py)
+    # router (model="auto"): the policy's name (router/policies.py) and its thresholds, the one place their
+    # values are written; bench/route.py measures them on the demo skills' held-out, two-skill and
+    # out-of-distribution prompts (bench/reports/REPORT.md, "Routing")
     router: Literal["psec", "lexical"] = "psec"
-    router_ood: float = 0.48
-    router_mix_similarity: float = 0.34
-    router_mix_min: float = 0.18
+    router_ood: float = 0.48  # the best skill's similarity below this: the base model serves
+    router_mix_similarity: float = 0.34  # another skill joins the top one when the prompt is this close to it ...
+    router_mix_min: float = 0.18  # ... and its α is at least this
+    router_lexical_min: float = 0.2  # the lexical policy: TF-IDF cosine below this, the base model serves
     # α -> composition weights (model="auto" and "weights": "auto"): the strongest skill at 1, the others
     # α_i/α_max rounded to this grid (below half a step: dropped), at most router_max_skills nonzero
     alpha_grid: float = Field(default=0.25, gt=0.0, le=1.0)
@@ -69,6 +75,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 100_000  # characters of prompt or messages, checked before tokenizing (400)
     max_prompt_tokens: int = 2047  # prompt tokens; also capped by max_model_len - 1 (400)
     max_tokens_limit: int = 2048  # tokens generated per request (400 when max_tokens asks for more)
+
+    def router_config(self) -> RouterConfig:
+        return RouterConfig(ood=self.router_ood, mix_similarity=self.router_mix_similarity, mix_min=self.router_mix_min,
+                            lexical_min=self.router_lexical_min,
+                            rule=AlphaRule(grid=self.alpha_grid, max_skills=self.router_max_skills))
 
     def model_post_init(self, _ctx: object) -> None:
         self.data_dir = Path(self.data_dir).expanduser()

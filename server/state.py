@@ -16,9 +16,8 @@ from adapter_store.registry import Registry
 from adapter_store.validation import BaseModelSpec
 from composer.spec import Composition
 from router.plan import Plan
-from router.policy import LexicalPolicy, RouterPolicy, routable
-from router.psec import PsecRouter, Thresholds
-from router.weights import AlphaRule
+from router import policies
+from router.policy import RouterPolicy, routable
 from server import metrics
 from server.adapter_cache import AdapterCache, ComposeBudget
 from server.base_model import base_model_id, prepare
@@ -75,12 +74,13 @@ class Mosaic:
             self._skills = (generation, routable(self.registry.list()))
         return self._skills[1]
 
-    async def route(self, text: str) -> Plan:
-        def decide() -> Plan:
-            skills = self.skills()
-            return self.policy.route(text, skills, self._skills[0])
+    def decide(self, text: str) -> Plan:
+        """The router's plan for ``text``, blocking (it encodes the prompt, and may load or train the router)."""
+        skills = self.skills()
+        return self.policy.route(text, skills, self._skills[0])
 
-        plan = await asyncio.to_thread(decide)
+    async def route(self, text: str) -> Plan:
+        plan = await asyncio.to_thread(self.decide, text)
         metrics.ROUTER_DECISIONS.labels(decision=plan.kind).inc()
         return plan
 
@@ -121,9 +121,5 @@ def build(settings: Settings) -> Mosaic:
 
 
 def make_policy(settings: Settings, registry: Registry) -> RouterPolicy:
-    rule = AlphaRule(grid=settings.alpha_grid, max_skills=settings.router_max_skills)
-    if settings.router == "lexical":
-        return LexicalPolicy(rule=rule)
-    return PsecRouter(registry, thresholds=Thresholds(ood=settings.router_ood, mix_similarity=settings.router_mix_similarity,
-                                                      mix_min=settings.router_mix_min, max_skills=settings.router_max_skills),
-                      rule=rule)
+    """The router policy the settings name (``MOSAIC_ROUTER``), with their thresholds."""
+    return policies.make_policy(settings.router, settings.router_config(), registry)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 from adapter_store.adapter import LoraAdapter, factor_key
+from server.settings import Settings
+
+# the router thresholds the server uses by default (not read from the environment)
+ROUTER_CONFIG = Settings.model_construct().router_config()
 
 
 def random_adapter(

@@ -90,7 +90,7 @@ def test_a_prompt_for_one_skill_serves_it_dominant(router, registry, a, b):
     for target, other in ((0, 1), (1, 0)):
         name = (a, b)[target]
         for prompt, _ in examples(name, "test", 5, seed=3):
-            plan = router.route_within(prompt, template, skills)
+            plan = router.route_within(prompt, template, skills, 0)
             assert plan.kind == "composition" and plan.alpha is not None
             assert sum(plan.alpha) == pytest.approx(1.0, abs=1e-3)
             w = plan.composition.weights
@@ -106,7 +106,7 @@ def test_restricted_alpha_ignores_the_rest_of_the_library(router, registry):
     """A prompt for a skill outside the composition still gets weights over the composition's skills only."""
     template = Composition(skills=("json_extract", "sentiment"), weights="auto")
     prompt = examples("reverse_list", "test", 1, seed=4)[0][0]
-    plan = router.route_within(prompt, template, registry.list())
+    plan = router.route_within(prompt, template, registry.list(), registry.generation())
     assert set(plan.scores) == {"json_extract", "sentiment"} and max(plan.composition.weights) == 1.0
 
 
@@ -115,13 +115,13 @@ def test_two_skill_prompts_keep_both(router, registry):
     both = 0
     for prompt, pair in MULTI:
         template = Composition(skills=tuple(sorted(pair)), weights="auto")
-        plan = router.route_within(prompt, template, registry.list())
+        plan = router.route_within(prompt, template, registry.list(), registry.generation())
         both += all(w > 0 for w in plan.composition.weights)
     assert both >= 3
 
 
 def test_empty_prompt_runs_every_skill_at_full_strength(router, registry):
-    plan = router.route_within("  ", Composition(skills=("a", "b", "c"), weights="auto"), registry.list())
+    plan = router.route_within("  ", Composition(skills=("a", "b", "c"), weights="auto"), registry.list(), registry.generation())
     assert plan.composition.weights == (1.0, 1.0, 1.0) and "empty" in plan.reason
 
 
