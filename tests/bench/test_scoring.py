@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -41,9 +42,11 @@ def test_demo_data_is_deterministic_with_disjoint_templates(skill):
 
 
 def test_report_renders_from_real_registry_and_routing_measurements():
-    from bench.run import registry, render, routing
+    from bench.run import render
+    from bench.sections import registry, routing
 
-    res = {"date": "today", "machine": "test", "registry": registry(quick=True), "routing": routing(quick=True)}
+    quick = argparse.Namespace(quick=True)
+    res = {"date": "today", "machine": "test", "registry": registry.run(quick), "routing": routing.run(quick)}
     assert res["registry"]["ratio"] > 0 and res["registry"]["mib"] > 1
     md, section = render(res, quick=True)
     assert "## 5. Registry" in md and "## 2. Routing" in md and "Confusion" in md
