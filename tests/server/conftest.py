@@ -58,3 +58,21 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server["url"] + "/v1", api_key="test", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(server_env, redis_client, tmp_path_factory):
+    """One server for both fuzz modules (a start is a minute or two on 2 cores): its own prefix and data,
+    generation capped at 4 tokens, the sentiment skill registered; yields (url, data folder, registry)."""
+    from adapter_store.registry import Registry
+
+    data = tmp_path_factory.mktemp("fuzz")
+    prefix = f"fuzz-{uuid.uuid4().hex[:8]}"
+    env = {**server_env, "MOSAIC_REDIS_PREFIX": prefix, "MOSAIC_DATA_DIR": str(data), "MOSAIC_MAX_TOKENS_LIMIT": "4"}
+    assert mosaic_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "sentiment").returncode == 0
+    try:
+        with serving(env, data / "server.log") as (url, _, _):
+            yield url, data, Registry(redis_client, prefix=prefix)
+    finally:
+        _drop_prefix(redis_client, prefix)
+

@@ -7,33 +7,17 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import uuid
 from pathlib import Path
 
 import pytest
 
-from server.launch import ROOT, mosaic_cli, serving
-from tests.conftest import _drop_prefix
-from tests.server.conftest import DEMO
+from server.launch import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(server_env, redis_client, tmp_path_factory):
-    data = tmp_path_factory.mktemp("fuzz")
-    env = {**server_env, "MOSAIC_REDIS_PREFIX": f"fuzz-{uuid.uuid4().hex[:8]}", "MOSAIC_DATA_DIR": str(data),
-           "MOSAIC_MAX_TOKENS_LIMIT": "4"}
-    assert mosaic_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "sentiment").returncode == 0
-    try:
-        with serving(env, data / "server.log") as (url, _, _):
-            yield url, data
-    finally:
-        _drop_prefix(redis_client, env["MOSAIC_REDIS_PREFIX"])
-
-
 def test_schemathesis_finds_no_server_errors(fuzz_server):
-    url, data = fuzz_server
+    url, data, _ = fuzz_server
     cli = shutil.which("schemathesis", path=str(Path(ROOT / ".venv" / "bin"))) or "schemathesis"
     done = subprocess.run(
         # /v1/responses: vLLM's Responses schema (about 300 definitions) takes schemathesis most of an hour to

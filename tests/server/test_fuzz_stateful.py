@@ -12,7 +12,6 @@ corpus in test_bad_input.py, tests/adapter_store/test_validation_fuzz.py)."""
 from __future__ import annotations
 
 import hashlib
-import uuid
 from collections import Counter
 
 import httpx
@@ -23,9 +22,6 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.errors import Flaky, FlakyStrategyDefinition
 from schemathesis.core.transport import Response
 
-from adapter_store.registry import Registry
-from server.launch import mosaic_cli, serving
-from tests.conftest import _drop_prefix
 from tests.server.conftest import DEMO
 
 pytestmark = pytest.mark.slow
@@ -36,35 +32,22 @@ OPERATIONS = ["POST /v1/adapters", "GET /v1/adapters", "GET /v1/adapters/{name}"
 SKILLS = ["sentiment", "reverse_list", "json_extract"]
 
 
-@pytest.fixture(scope="module")
-def stateful_server(server_env, redis_client, tmp_path_factory):
-    data = tmp_path_factory.mktemp("fuzz-stateful")
-    prefix = f"fuzz-stateful-{uuid.uuid4().hex[:8]}"
-    env = {**server_env, "MOSAIC_REDIS_PREFIX": prefix, "MOSAIC_DATA_DIR": str(data), "MOSAIC_MAX_TOKENS_LIMIT": "4"}
-    assert mosaic_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "sentiment").returncode == 0
-    try:
-        with serving(env, data / "server.log") as (url, _, _):
-            yield url, data, Registry(redis_client, prefix=prefix)
-    finally:
-        _drop_prefix(redis_client, prefix)
-
-
 def _upload_files(name: str) -> list[tuple[str, tuple[str, bytes]]]:
     skill = DEMO / SKILLS[int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(SKILLS)]
     return [("files", (f.name, f.read_bytes())) for f in (skill / "adapter_config.json", skill / "adapter_model.safetensors")]
 
 
-def test_a_request_without_max_tokens_is_capped_by_the_setting(stateful_server):
+def test_a_request_without_max_tokens_is_capped_by_the_setting(fuzz_server):
     """Found by fuzzing: with no max_tokens, vLLM generated up to the whole context (minutes on CPU)."""
-    url, _, _ = stateful_server
+    url, _, _ = fuzz_server
     for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to one hundred."}]}),
                        ("/v1/completions", {"prompt": "One, two, three,"})):
         r = httpx.post(f"{url}{path}", json={"model": "sentiment", "ignore_eos": True, **body}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
 
 
-def test_linked_operations_never_fail_the_server(stateful_server):
-    url, data, registry = stateful_server
+def test_linked_operations_never_fail_the_server(fuzz_server):
+    url, data, registry = fuzz_server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json").include(name=OPERATIONS)
     calls: Counter[str] = Counter()
     statuses: Counter[tuple[str, int]] = Counter()

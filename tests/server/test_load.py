@@ -1,6 +1,6 @@
-"""The bounded load test: 250 mixed requests on loopback while skills are uploaded and deleted
-(``python -m bench.load`` runs 1000 for the report in bench/reports/load.md; 250 keep the suite's time:
-at about 0.6-0.9 requests per second on 2 cores, 1000 took 19 minutes)."""
+"""The bounded load test: 120 mixed requests on loopback while skills are uploaded and deleted
+(``python -m bench.load`` runs 1000 for the report in bench/reports/load.md). 120 keep the suite's time:
+the CI machine served 0.44 requests per second in this test (250 took about 9.5 minutes)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bench.load import report_md, run_load
 
 pytestmark = pytest.mark.slow
 
-REQUESTS = 250
+REQUESTS = 120
 
 
 def test_mixed_requests_while_the_library_churns(server):
