@@ -39,6 +39,7 @@ def test_the_oracle_knows_the_best(model, adapters):
     assert good < base / 10 and bad > base + 1, (good, base, bad)
 
 
+@pytest.mark.slow  # 24 evaluations of the real base model: about a minute on 2 cores
 def test_search_finds_the_helpful_skill(model, adapters):
     comp = Composition(skills=("helpful", "harmful"), method="linear")
     options = OptimizeOptions(budget=24, l1=0.05, seed=0)
