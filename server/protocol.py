@@ -1,11 +1,14 @@
-"""Mosaic's own fields in OpenAI responses. The OpenAI request and response models themselves are vLLM's
-(``vllm.entrypoints.openai``): see server/openai_api.py."""
+"""Mosaic's own models at the OpenAI front: the ``mosaic`` field of responses and ``/v1/route``'s request.
+The OpenAI request and response models themselves are vLLM's (``vllm.entrypoints.openai``): see
+server/openai_endpoints.py."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from composer.spec import Composition
 
 
 class MosaicInfo(BaseModel):
@@ -25,6 +28,14 @@ class MosaicInfo(BaseModel):
     # context-aware compositions: α over the composition's skills (renormalised) and where the weights came from
     alpha: dict[str, float] | None = None
     weights_from: Literal["auto"] | None = None
+
+
+class RouteRequest(BaseModel):
+    prompt: str | None = Field(default=None, description="the text to route")
+    messages: list[dict] | None = Field(default=None, description="or chat messages (the last user turn is routed)")
+    composition: Composition | None = Field(
+        default=None, description="a context-aware composition (weights 'auto'): its weights for this prompt")
+    model: str | None = Field(default=None, description="a stored context-aware composition: its weights for this prompt")
 
 
 def content_text(content: Any) -> str:

@@ -1,0 +1,109 @@
+"""A request's way in: its body parsed with vLLM's protocol model for the endpoint (Mosaic's one
+extension, ``composition``, taken out first; any other unknown field refused with a 400 naming it),
+then Mosaic's limits checked on it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
+
+from adapter_store.errors import InvalidRequestError
+from composer.spec import Composition
+from server import limits
+from server.openai_endpoints import Endpoint, message_dicts
+from server.openai_response import vllm_error
+from server.protocol import content_text
+from server.state import Mosaic
+
+MOSAIC_FIELDS = {"composition"}
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def field_names(cls: type[BaseModel]) -> set[str]:
+    """The names a body may use for ``cls``'s fields: theirs and their aliases."""
+    names = set(cls.model_fields)
+    names |= {f.alias for f in cls.model_fields.values() if f.alias}
+    return names
+
+
+async def parse(request: Request, ep: Endpoint) -> tuple[Any, Composition | None]:
+    """The request as vLLM's protocol model, and Mosaic's ``composition``. 400 on anything else."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise InvalidRequestError("send the request body as JSON (Content-Type: application/json)")
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    cls = ep.protocol(body)
+    unknown = sorted(set(body) - field_names(cls) - MOSAIC_FIELDS)
+    if unknown:
+        raise InvalidRequestError(
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: Mosaic serves the fields of "
+            "vLLM's OpenAI protocol for this endpoint, plus 'composition'", param=unknown[0])
+    composition = body.pop("composition", None)
+    request.state.sent_fields = frozenset(body)
+    return _validate(cls, body, ()), None if composition is None else _validate(Composition, composition, ("composition",))
+
+
+def _validate(cls: type[BaseModel], value: Any, loc: tuple):
+    try:
+        return cls.model_validate(value)
+    except ValidationError as exc:  # answered by the 400 handler in server/errors.py
+        raise RequestValidationError([{**e, "loc": ("body", *loc, *e.get("loc", ()))} for e in exc.errors()]) from None
+    except Exception as exc:  # a vLLM validator's own error (VLLMValidationError), answered as vLLM answers it
+        err = vllm_error(exc, log_server_errors=False)
+        if err.error.code >= 500:  # a validator that broke on a value of the wrong shape: still the request's fault
+            raise InvalidRequestError(f"the request has a value of the wrong shape ({type(exc).__name__}: {exc})"[:500]) from None
+        raise Refused(err) from None
+
+
+class Refused(Exception):
+    """A request vLLM's protocol refused, with vLLM's error response."""
+
+    def __init__(self, error) -> None:
+        super().__init__(error.error.message)
+        self.error = error
+
+
+def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None,
+                 sent: frozenset[str] | None = None) -> None:
+    """Mosaic's limits on a parsed request; ``sent``: the fields the client sent (None: all of them)."""
+    if composition is not None:
+        limits.check_composition(m.settings, composition)
+    limits.check_prompt_chars(m.settings, ep.texts(m, req), "prompt" if hasattr(req, "prompt") else "messages")
+    if m.engine.serving is not None and m.settings.max_prompt_tokens < m.settings.max_model_len - 1:
+        # tighter than the context that vLLM checks itself: count the prompt here
+        for n in prompt_token_counts(m, req):
+            limits.check_prompt_tokens(m.settings, n, "prompt" if hasattr(req, "prompt") else "messages")
+    for name in MAX_TOKENS_FIELDS:  # as sent: a default (completions: 16) is capped by the engine, not refused
+        value = vars(req).get(name) if sent is None or name in sent else None
+        if isinstance(value, int) and value > m.settings.max_tokens_limit:
+            raise InvalidRequestError(
+                f"{name}={value} is more than the server allows ({m.settings.max_tokens_limit}, setting "
+                "MOSAIC_MAX_TOKENS_LIMIT)", param=name)
+
+
+def prompt_token_counts(m: Mosaic, req: Any) -> list[int]:
+    """Prompt lengths in tokens, by the model's tokenizer (chat: through its chat template)."""
+    tok = m.engine.tokenizer()
+    if hasattr(req, "messages"):
+        messages = [{"role": x.get("role"), "content": content_text(x.get("content"))} for x in message_dicts(req.messages)]
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return [len(tok(text, add_special_tokens=False)["input_ids"])]
+        except (ValueError, TypeError, TemplateError):  # the template refuses these messages: vLLM answers that
+            return []
+    prompt = getattr(req, "prompt", None)
+    if isinstance(prompt, str):
+        return [len(tok(prompt)["input_ids"])]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [len(prompt)]
+    return [len(p) if isinstance(p, list) else len(tok(p)["input_ids"]) for p in prompt or []]

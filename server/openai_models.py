@@ -1,0 +1,44 @@
+"""``/v1/models``: vLLM's model cards for the base model, every skill and ``auto``."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from adapter_store.errors import MosaicError
+from adapter_store.validation import in_namespace
+from server import auth
+from server.state import Mosaic
+
+
+async def model_list(m: Mosaic, request: Request) -> dict:
+    """vLLM's ``ModelList`` of the base model, the skills the caller's key reaches (``parent`` = the base id,
+    as vLLM's LoRA cards) and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for
+    callers with ``read``)."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, ModelPermission
+
+    skills = await asyncio.to_thread(m.registry.list)
+    if (ns := auth.namespace(request)) is not None:
+        skills = [s for s in skills if in_namespace(s.name, ns)]
+    context = m.settings.max_model_len
+
+    def card(id_: str, created: float, root: str, parent: str | None, mosaic: dict) -> ModelCard:
+        return ModelCard(id=id_, created=int(created), owned_by="mosaic", root=root, parent=parent,
+                         max_model_len=context, permission=[ModelPermission()], mosaic=mosaic)
+
+    # a skill's details (content, rank, description) are the library's: shown to callers who may read it
+    # (a key limited to a namespace: that namespace's)
+    try:
+        read_ns, detail = auth.check(m, "read", request.headers, request.client.host if request.client else None), True
+    except MosaicError:
+        read_ns, detail = None, False
+    cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})]
+    cards += [card(s.name, s.created, s.ref, m.base_id,
+                   {"kind": "skill", "version": s.version,
+                    **({"content_id": s.content_id, "rank": s.rank, "description": s.description}
+                       if detail and (read_ns is None or in_namespace(s.name, read_ns)) else {})})
+              for s in skills]
+    if ns is None:  # a key limited to a namespace cannot route over the whole library
+        cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
+    return ModelList(data=cards).model_dump()

@@ -1,0 +1,153 @@
+"""One inference request, end to end: parsed and checked (server/openai_front.py), planned and its adapter
+built (server/openai_plan.py), handed to vLLM's serving object with that adapter (:class:`LoraNames`
+lends vLLM a name for it for the duration of the call), and answered (server/openai_response.py).
+The reference engine (``MOSAIC_ENGINE=hf``) answers through server/hf_openai.py instead."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Awaitable
+from contextlib import contextmanager
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from adapter_store.errors import InvalidRequestError, UnavailableError
+from server import auth, hf_openai
+from server.engine import EngineAdapter
+from server.openai_endpoints import endpoint
+from server.openai_front import Refused, check_limits, parse
+from server.openai_plan import plan_for, serve_plan
+from server.openai_response import Observation, error_json, respond, vllm_error
+from server.protocol import MosaicInfo
+from server.state import Mosaic
+
+PLAN_HEADER = "x-mosaic-plan"
+
+
+def state(request: Request) -> Mosaic:
+    return request.app.state.mosaic
+
+
+class LoraNames:
+    """Lends vLLM's model registry a name for each adapter Mosaic serves, while a request uses it.
+
+    vLLM's serving classes find a request's adapter by looking its ``model`` up in
+    ``OpenAIServingModels.lora_requests``; Mosaic puts the adapter there under a name of its content
+    (``mosaic-<folder>``) for the duration of the call and takes it out when no request holds it."""
+
+    def __init__(self) -> None:
+        self._held: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, models, adapter: EngineAdapter):
+        from vllm.lora.request import LoRARequest
+
+        name = f"mosaic-{Path(adapter.path).name}"
+        models.lora_requests.setdefault(name, LoRARequest(name, adapter.int_id, adapter.path))
+        self._held[name] += 1
+        try:
+            yield name
+        finally:
+            self._held[name] -= 1
+            if not self._held[name]:
+                del self._held[name]
+                models.lora_requests.pop(name, None)
+
+
+LORA_NAMES = LoraNames()
+
+
+async def serve(request: Request, kind: str) -> Response:
+    """Serve one request to the endpoint ``kind`` (see server/openai_endpoints.py)."""
+    m = state(request)
+    ep = endpoint(kind)
+    try:
+        req, composition = await parse(request, ep)
+    except Refused as exc:
+        return error_json(exc.error)
+    if not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
+    check_limits(m, ep, req, composition, request.state.sent_fields)
+    client_model = req.model or m.base_id  # the name the response reports
+    plan = await plan_for(m, client_model, composition, ep.routed(m, req), auth.namespace(request))
+    try:  # a composition may take a while: if the client leaves first, its work is abandoned
+        adapter, info = await unless_disconnected(request, serve_plan(m, plan))
+    except ClientGone:
+        return Response(status_code=499)
+    mosaic = info.model_dump(mode="json", exclude_none=True)
+    headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
+    observed = Observation(info.plan, _target(m, info))
+    if m.engine.serving is None:
+        try:
+            result = await hf_openai.handle(m, kind, req, adapter, client_model)
+        except Exception:
+            observed.done("error")
+            raise
+        return respond(result, ep, client_model, client_model, mosaic, headers, observed)
+    serving = m.engine.serving
+    from vllm.entrypoints.serve.utils.api_utils import with_cancellation
+
+    handler = getattr(getattr(serving, ep.serving), ep.method)
+    with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(m)) as served_name:
+        if req.model is not None or adapter is not None:
+            req.model = served_name
+        try:
+            # vLLM's own routes' wrapper: the work is cancelled if the client disconnects first (result None)
+            result = await with_cancellation(handler)(req, request)
+        except Exception as exc:  # vLLM's own server turns these into responses in its exception handlers
+            result = vllm_error(exc)
+    return respond(result, ep, served_name, client_model, mosaic, headers, observed)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the work it asked for was done."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first. The body
+    has been read by then, so the next message the server receives is the disconnect (as vLLM's routes do)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request itself was cancelled: so is its work
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone
+
+
+@contextmanager
+def _no_lora(m: Mosaic):
+    yield m.base_id
+
+
+def _target(m: Mosaic, info: MosaicInfo) -> str:
+    if info.plan == "base":
+        return m.base_id
+    if info.plan == "composition":
+        return "composition"
+    return info.skills[0].split("@")[0]
+
+
+def responses_serving(request: Request):
+    """vLLM's Responses serving object, for its stored responses (refused on the reference engine)."""
+    m = state(request)
+    if m.engine.serving is None:
+        raise InvalidRequestError("the reference engine (MOSAIC_ENGINE=hf) keeps no responses: use the vLLM engine")
+    if not m.engine.ready():
+        raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
+    return m.engine.serving.openai_serving_responses
