@@ -7,6 +7,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
+from adapter_store.errors import ConflictError
 from adapter_store.keys import KeyStore
 from server import engine as engine_module
 from server.app import create_app
@@ -174,7 +175,7 @@ def test_key_names_and_scopes_are_checked(redis_client):
         with pytest.raises(ValueError, match="namespace"):
             keys.create("n", ["admin"], namespace=namespace)
     keys.create("a", ["admin"])
-    with pytest.raises(Exception, match="exists"):
+    with pytest.raises(ConflictError, match="exists"):
         keys.create("a", ["admin"])
     keys.revoke("a")
 
