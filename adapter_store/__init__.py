@@ -2,7 +2,8 @@
 
 from adapter_store.adapter import LoraAdapter, ModuleFactors
 from adapter_store.errors import MosaicError
-from adapter_store.registry import Registry, SkillInfo, parse_ref
+from adapter_store.registry import Registry
+from adapter_store.skill_info import SkillInfo, parse_ref
 from adapter_store.validation import BaseModelSpec, validate_adapter, validate_files
 
 __all__ = [

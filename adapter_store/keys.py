@@ -54,15 +54,16 @@ class KeyStore:
             raise ValueError(f"scopes must be among {list(SCOPES)}, got {scopes!r}")
         key = "mk-" + secrets.token_hex(24)
         info = KeyInfo(name=name, scopes=sorted(set(scopes)), created=time.time(), prefix=key[:7], namespace=namespace)
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.watch(self.k_info)
+
+        def write(pipe: redis.client.Pipeline) -> None:
             if pipe.hexists(self.k_info, name):
                 raise ConflictError(f"a key named {name!r} exists; revoke it first")
             pipe.multi()
             pipe.hset(self.k_hashes, _digest(key), name)
             pipe.hset(self.k_info, name, json.dumps({**info.model_dump(), "hash": _digest(key)}))
             pipe.set(self.k_locked, "1")
-            pipe.execute()
+
+        self.r.transaction(write, self.k_info)  # another key created or revoked meanwhile: check again
         return key, info
 
     def list(self) -> list[KeyInfo]:

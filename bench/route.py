@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from adapter_store.registry import SkillInfo
+from adapter_store.skill_info import SkillInfo
 from bench.demo_data import examples, exact_match, trained_skills
 from bench.route_prompts import MULTI, OOD
 from router.psec import PsecRouter

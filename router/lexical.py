@@ -7,7 +7,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from adapter_store.registry import Registry, SkillInfo, parse_ref
+from adapter_store.registry import Registry
+from adapter_store.skill_info import SkillInfo, parse_ref
 from composer.spec import Composition
 from router.plan import Plan
 from router.policy import RouterConfig, nothing_to_route

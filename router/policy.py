@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from adapter_store.registry import SkillInfo
+from adapter_store.skill_info import SkillInfo
 from composer.spec import Composition
 from router.plan import Plan
 from router.weights import AlphaRule

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from adapter_store.registry import Registry, SkillInfo, parse_ref
+from adapter_store.registry import Registry
+from adapter_store.skill_info import SkillInfo, parse_ref
 from composer.spec import Composition
 from router.encoder import Encoder, MiniLMEncoder
 from router.plan import Plan

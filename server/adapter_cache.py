@@ -27,7 +27,8 @@ from cachetools import LRUCache
 
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import InvalidRequestError, UnavailableError
-from adapter_store.registry import Registry, SkillInfo
+from adapter_store.registry import Registry
+from adapter_store.skill_info import SkillInfo
 from composer import Composition, compose, compose_cost
 from server import metrics
 from server.engine import EngineAdapter

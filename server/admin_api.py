@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.errors import InvalidRequestError, UnavailableError
-from adapter_store.registry import SkillInfo
+from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import check_name, in_namespace, validate_files
 from composer.spec import Composition
 from server import limits, optimize_api

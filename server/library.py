@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from adapter_store.registry import Registry, SkillInfo
+from adapter_store.registry import Registry
+from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import BaseModelSpec, validate_adapter
 from composer import Composition, compose
 from server.quality import Answer, Weigh, check_min_agreement, quality_report

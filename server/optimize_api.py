@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
 from adapter_store.errors import ConflictError, MosaicError, NotFoundError
-from adapter_store.registry import SkillInfo
+from adapter_store.skill_info import SkillInfo
 from composer.spec import Composition
 from adapter_store.validation import in_namespace
 from server import auth

@@ -4,7 +4,7 @@ import pytest
 
 from adapter_store.adapter import LoraAdapter, config_sha256
 from adapter_store.errors import InvalidRequestError, NotFoundError
-from adapter_store.registry import parse_ref
+from adapter_store.skill_info import parse_ref
 from tests.helpers import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}

@@ -227,7 +227,7 @@ def test_a_composition_stops_between_modules_when_asked():
 
 
 def test_a_composition_over_the_compute_budget_is_refused_before_it_runs(base_spec):
-    from adapter_store.registry import SkillInfo
+    from adapter_store.skill_info import SkillInfo
     from composer.spec import Composition
     from server.adapter_cache import ComposeBudget
 

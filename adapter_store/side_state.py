@@ -1,0 +1,62 @@
+"""State the registry keeps for others: the engine's integer ids per served content, and other rooms'
+auxiliary hashes (e.g. the router's trained model). Callers wrap these in the registry's guard."""
+
+from __future__ import annotations
+
+import redis
+
+from adapter_store.layout import KeyLayout
+
+
+class EngineIds:
+    """One integer id per served content, handed out by a counter so that every replica agrees."""
+
+    def __init__(self, client: redis.Redis, keys: KeyLayout) -> None:
+        self.r, self.keys = client, keys
+
+    def get(self, key: str, above: int = 0) -> int:
+        """The engine's integer id for the served content ``key`` (a content id or a composition key):
+        handed out by a counter, so every replica agrees and no two contents ever share an id.
+        ``above``: the caller's engine already uses ids up to this one for other content (Redis lost
+        its ids, e.g. a restart without persistence): the counter moves past it and ``key`` gets a new id."""
+        ids = self.keys.engine_ids
+        if above:
+            self.r.transaction(lambda pipe: self._move_counter(pipe, above, key), self.keys.engine_ids_next)
+        got = self.r.hget(ids, key)
+        if got is None:
+            self.r.hsetnx(ids, key, self.r.incr(self.keys.engine_ids_next))  # a racing replica's wins
+            got = self.r.hget(ids, key)
+        return int(got)
+
+    def _move_counter(self, pipe: redis.client.Pipeline, above: int, key: str) -> None:
+        current = int(pipe.get(self.keys.engine_ids_next) or 0)
+        pipe.multi()
+        if current < above:
+            pipe.set(self.keys.engine_ids_next, above)
+        pipe.hdel(self.keys.engine_ids, key)
+
+
+class AuxStore:
+    """Hashes ``P:aux:KEY`` that other rooms keep beside the library."""
+
+    def __init__(self, client: redis.Redis, keys: KeyLayout) -> None:
+        self.r, self.keys = client, keys
+
+    def put(self, key: str, mapping: dict[str, bytes | str]) -> None:
+        """Replace the hash atomically."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.aux(key))
+            pipe.hset(self.keys.aux(key), mapping=mapping)
+            pipe.execute()
+
+    def get(self, key: str, fields: list[str] | None = None) -> dict[str, bytes]:
+        """Every field (``fields`` None), or those of ``fields`` that are set."""
+        if fields is None:
+            return {k.decode(): v for k, v in self.r.hgetall(self.keys.aux(key)).items()}
+        return {f: v for f, v in zip(fields, self.r.hmget(self.keys.aux(key), fields)) if v is not None}
+
+    def add_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
+        self.r.hset(self.keys.aux(key), mapping=mapping)
+
+
+__all__ = ["AuxStore", "EngineIds"]
