@@ -15,6 +15,7 @@ from prometheus_client import make_asgi_app
 from adapter_store.errors import MosaicError
 
 from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api
+from server.openai_endpoints import endpoint, publish_request_schemas
 from server.settings import Settings, get_settings
 from server.state import Mosaic, build
 
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         m = await asyncio.to_thread(build, settings)
         # vLLM's protocol modules import transformers: import them before the engine's thread does the same,
         # as two threads importing one package's circular imports can meet a half-initialised module
-        await asyncio.to_thread(openai_api.endpoint, "chat")
+        await asyncio.to_thread(endpoint, "chat")
         m.started = time.time()
         app.state.mosaic = m
         if settings.open_admin and not auth.locked(m):
@@ -110,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            openai_api.publish_request_schemas(spec)
+            publish_request_schemas(spec)
             admin_api.publish_links(spec)
             app.openapi_schema = spec
         return app.openapi_schema

@@ -1,6 +1,6 @@
 """The reference engine's OpenAI subset (``MOSAIC_ENGINE=hf``: transformers + PEFT, no vLLM serving layer).
 
-Requests are parsed with vLLM's protocol models by the same front as with vLLM (server/openai_api.py)
+Requests are parsed with vLLM's protocol models by the same front as with vLLM (server/openai_front.py)
 and answered with vLLM's response models and SSE framing. Served: chat and completions, one choice,
 ``max_tokens``/``max_completion_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``min_tokens``,
 ``ignore_eos``, ``stream`` and ``stream_options``; a completions prompt that is one string or one list

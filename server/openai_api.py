@@ -28,20 +28,12 @@ from adapter_store.errors import InvalidRequestError
 from router.plan import Plan
 from server import auth, limits
 from server.auth import require_scope
-from server.openai_endpoints import ROUTES, Endpoint, endpoint, last_user, publish_request_schemas
-from server.openai_front import Refused, check_limits, field_names, parse
+from server.openai_endpoints import last_user
 from server.openai_models import model_list
-from server.openai_plan import plan_for, serve_plan, stored_template
-from server.openai_response import Observation, _stream, error_json, stored_response, vllm_error
-from server.openai_serving import (PLAN_HEADER, ClientGone, LoraNames, responses_serving, serve, state,
-                                   unless_disconnected)
+from server.openai_plan import plan_for
+from server.openai_response import stored_response
+from server.openai_serving import responses_serving, serve, state
 from server.protocol import RouteRequest
-
-__all__ = [  # the routes' own names, and the front's (server/app.py, server/quality.py and the tests reach them here)
-    "router", "ROUTES", "Endpoint", "endpoint", "publish_request_schemas", "Refused", "check_limits", "field_names",
-    "parse", "plan_for", "serve_plan", "stored_template", "Observation", "_stream", "error_json", "vllm_error",
-    "PLAN_HEADER", "ClientGone", "LoraNames", "serve", "unless_disconnected",
-]
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_scope("inference"))])
 

@@ -83,7 +83,7 @@ def respond(result, ep: Endpoint, served_name: str, client_model: str, mosaic: d
         return JSONResponse(body, headers=headers)
     stream = ep.events(result) if ep.events else result
     rename = (f'"model":{json.dumps(served_name)}', f'"model":{json.dumps(client_model)}')
-    return StreamingResponse(_stream(stream, rename if client_model != served_name else None, mosaic, observed),
+    return StreamingResponse(stream_events(stream, rename if client_model != served_name else None, mosaic, observed),
                              media_type="text/event-stream", headers=headers)
 
 
@@ -102,7 +102,7 @@ def stored_response(result) -> Response:
 
 # --- streams ---------------------------------------------------------------------------------------
 
-async def _stream(events: AsyncIterator[str], rename: tuple[str, str] | None, mosaic: dict,
+async def stream_events(events: AsyncIterator[str], rename: tuple[str, str] | None, mosaic: dict,
                   observed: Observation) -> AsyncIterator[str]:
     """vLLM's SSE events as vLLM frames them; the client's model name put back, and ``mosaic`` on the first event.
 

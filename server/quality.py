@@ -122,7 +122,7 @@ def reference_answerer(registry: Registry, base_dir, max_rank: int) -> Answer:
 def engine_answerer(m) -> Answer:
     """Answers with the running server's engine, each plan served as a request would be (``m``: server.state.Mosaic)."""
     from server.engine import GenerationParams
-    from server.openai_api import serve_plan
+    from server.openai_plan import serve_plan
 
     params = GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)
 

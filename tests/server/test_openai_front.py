@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 
 from adapter_store.errors import InvalidRequestError
-from server import openai_api
+from server import openai_endpoints, openai_front, openai_response, openai_serving
 from server.settings import Settings
 
 
@@ -26,7 +26,7 @@ def _request(body, content_type: str = "application/json") -> Request:
 
 
 async def _parse(kind: str, body, **kw):
-    return await openai_api.parse(_request(body, **kw), openai_api.endpoint(kind))
+    return await openai_front.parse(_request(body, **kw), openai_endpoints.endpoint(kind))
 
 
 def _parse_now(kind: str, body, **kw):
@@ -71,10 +71,10 @@ def test_bad_values_are_validation_errors_with_their_location():
     with pytest.raises(RequestValidationError) as e:
         _parse_now("chat", {**CHAT, "composition": {"skills": []}})
     assert e.value.errors()[0]["loc"][:2] == ("body", "composition")
-    with pytest.raises(openai_api.Refused) as e:  # a vLLM validator's own error: vLLM's 400
+    with pytest.raises(openai_front.Refused) as e:  # a vLLM validator's own error: vLLM's 400
         _parse_now("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
                               "tool_choice": {"type": "function", "function": {"name": "g"}}})
-    assert e.value.error.error.code == 400 and openai_api.error_json(e.value.error).status_code == 400
+    assert e.value.error.error.code == 400 and openai_response.error_json(e.value.error).status_code == 400
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +90,23 @@ def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(token
     settings = Settings(max_prompt_tokens=8, max_tokens_limit=50)
     m = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
     short, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
-    openai_api.check_limits(m, openai_api.endpoint("completion"), short, None)
+    openai_front.check_limits(m, openai_endpoints.endpoint("completion"), short, None)
     for kind, body in [("completion", {"model": "m", "prompt": "word " * 20}),
                        ("completion", {"model": "m", "prompt": [[1] * 9]}),
                        ("chat", CHAT)]:  # the chat template alone is longer than 8 tokens
         req, _ = _parse_now(kind, body)
         with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
-            openai_api.check_limits(m, openai_api.endpoint(kind), req, None)
+            openai_front.check_limits(m, openai_endpoints.endpoint(kind), req, None)
     # a default the client did not send (completions: max_tokens 16) is capped by the engine, not refused
     few = SimpleNamespace(settings=Settings(max_tokens_limit=4), engine=m.engine)
     req, _ = _parse_now("completion", {"model": "m", "prompt": "hi"})
-    openai_api.check_limits(few, openai_api.endpoint("completion"), req, None, sent=frozenset({"model", "prompt"}))
+    openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"model", "prompt"}))
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
-        openai_api.check_limits(few, openai_api.endpoint("completion"), req, None, sent=frozenset({"max_tokens"}))
+        openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"max_tokens"}))
     req, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
-        openai_api.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
-                                openai_api.endpoint("chat"), req, None)
+        openai_front.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
+                                openai_endpoints.endpoint("chat"), req, None)
 
 
 def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
@@ -119,9 +119,9 @@ def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
             yield e
 
     async def collect():
-        obs = openai_api.Observation("skill", "s")
+        obs = openai_response.Observation("skill", "s")
         rename = ('"model":"mosaic-abc"', '"model":"sentiment"')
-        return [e async for e in openai_api._stream(source(), rename, {"plan": "skill"}, obs)]
+        return [e async for e in openai_response.stream_events(source(), rename, {"plan": "skill"}, obs)]
 
     out = asyncio.run(collect())
     assert all(e.endswith("\n\n") and e.startswith("data: ") for e in out) and out[-1] == "data: [DONE]\n\n"
@@ -136,7 +136,7 @@ def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done():
         raise RuntimeError("boom at /secret/path on 10.0.0.5:6379")
 
     async def collect():
-        return [e async for e in openai_api._stream(source(), None, {"plan": "base"}, openai_api.Observation("base", "b"))]
+        return [e async for e in openai_response.stream_events(source(), None, {"plan": "base"}, openai_response.Observation("base", "b"))]
 
     out = asyncio.run(collect())
     assert out[-1] == "data: [DONE]\n\n" and all(e.endswith("\n\n") for e in out)
@@ -163,7 +163,7 @@ def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
     components = spec["components"]["schemas"]
     dangling = {r for r in _refs(spec) if r.removeprefix("#/components/schemas/") not in components}
     assert not dangling
-    for path, kind in openai_api.ROUTES.items():
+    for path, kind in openai_endpoints.ROUTES.items():
         body = spec["paths"][path]["post"]["requestBody"]
         assert body["required"] and list(body["content"]) == ["application/json"]
         schema = body["content"]["application/json"]["schema"]
@@ -172,7 +172,7 @@ def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
             assert wrapper["properties"]["composition"]["$ref"] == "#/components/schemas/Composition"
             inner = components[wrapper["allOf"][0]["$ref"].rsplit("/", 1)[1]]
             if kind != "tokenize":  # every field the front parses is published, under the name a client sends
-                assert set(inner["properties"]) == openai_api.field_names(openai_api.endpoint(kind).protocol({}))
+                assert set(inner["properties"]) == openai_front.field_names(openai_endpoints.endpoint(kind).protocol({}))
     chat = components["ChatCompletionRequest"]["properties"]
     assert {"logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "n", "logit_bias"} <= set(chat)
     assert "/v1/responses/{response_id}" in spec["paths"] and "/v1/responses/{response_id}/cancel" in spec["paths"]
@@ -204,8 +204,8 @@ def test_work_is_abandoned_when_the_client_disconnects_first():
 
         asyncio.ensure_future(client())
         try:
-            return await openai_api.unless_disconnected(request, work()), cancelled.is_set()
-        except openai_api.ClientGone:
+            return await openai_serving.unless_disconnected(request, work()), cancelled.is_set()
+        except openai_serving.ClientGone:
             await asyncio.sleep(0)
             return "gone", cancelled.is_set()
 
