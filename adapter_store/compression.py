@@ -31,8 +31,8 @@ class CompressOptions(BaseModel):
     shards_per_vector: int | None = Field(None, ge=1, le=4096,
                                           description="MoS's l: cut every vector in l shards instead")
     pool_size: int = Field(256, ge=2, le=65536, description="shards per pool (one pool per projection and A/B)")
-    # 0.35: at shard width 4 and 256 shards per pool the 20-skill library's errors are 0.29-0.35 with no
-    # exact-match loss (bench/reports/storage.md), so a typical skill needs no private shards
+    # set so that at the default pools a typical skill needs no private shards and loses no measured task
+    # quality (bench/reports/storage.md)
     error_budget: float = Field(0.35, gt=0, lt=1, description="largest relative ‖ΔW − ΔŴ‖_F per skill")
     max_private: float = Field(0.5, ge=0, le=1, description="largest share of a skill's shards stored privately")
     keep_originals: bool = Field(False, description="keep the uploaded weights beside the shards")

@@ -15,27 +15,27 @@ After MoS (Mixture of Shards, ICLR 2025), applied post hoc to adapters that are 
    A skill that cannot meet the budget with at most ``max_private`` of its shards private is left exact.
 
 Bytes per value: log2(pool_size)/width bits for the shared shards (8 bits per 4 values = 2 bits at the
-defaults, against 16 for bf16), plus the private shards. Trained LoRA vectors look like Gaussian noise
-to a codebook (A barely leaves its random initialisation), so the error at a given size follows
-rate-distortion more than shared structure: the benchmark measures what the skills tolerate.
+defaults, against 16 for bf16), plus the private shards. Trained LoRA vectors look like noise to a
+codebook (A barely leaves its random initialisation), so the budget is set by what the skills tolerate,
+not by shared structure.
 
-This module is pure tensor math; the registry decides where pools and encodings live in Redis.
+This module is pure tensor math (the factor math in :mod:`adapter_store.factors`, the stored form in
+:mod:`adapter_store.mos_format`); the registry decides where pools and encodings live in Redis.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from adapter_store.adapter import LoraAdapter, factor_key
+from adapter_store.adapter import LoraAdapter, ModuleFactors, factor_key
+from adapter_store.factors import canonical_units, frobenius_error_sq, frobenius_sq, unit_rows
+from adapter_store.mos_format import SIDES, Encoded, EncodedModule, Pools
 
-SIDES = ("A", "B")
+__all__ = ["Encoded", "EncodedModule", "Pools", "build_pools", "decode", "encode", "pool_key"]
+
 MAX_FIT_SHARDS = 100_000  # shards per pool key given to k-means (a uniform sample beyond that)
 
 
@@ -44,16 +44,9 @@ def pool_key(module: str, side: str) -> str:
     return f"{module.rsplit('.', 1)[-1]}.{side}"
 
 
-def canonical_units(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with rows a_j (r × d_in) and b_j (r × d_out), Σ_j b_j a_jᵀ = scaling · B A, ‖a_j‖ = ‖b_j‖,
-    and each a_j's largest-magnitude entry positive."""
-    a, b = A.double(), (B.double() * scaling).T.contiguous()
-    na, nb = a.norm(dim=1), b.norm(dim=1)
-    c = torch.where((na > 0) & (nb > 0), (nb / na.clamp_min(1e-30)).sqrt(), torch.ones_like(na))
-    a, b = a * c[:, None], b / c[:, None]
-    sign = torch.sign(a.gather(1, a.abs().argmax(dim=1, keepdim=True))).squeeze(1)
-    sign[sign == 0] = 1
-    return a * sign[:, None], b * sign[:, None]
+def _units(m: ModuleFactors) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's canonical units (a, b) as rows, scaling folded in (see :func:`canonical_units`)."""
+    return canonical_units(*unit_rows(m.A, m.B, m.scaling))
 
 
 def to_shards(v: torch.Tensor, width: int) -> torch.Tensor:
@@ -69,50 +62,9 @@ def from_shards(s: torch.Tensor, d: int) -> torch.Tensor:
     return s.reshape(s.shape[0], -1)[:, :d]
 
 
-def delta_error_sq(a: torch.Tensor, b: torch.Tensor, a_hat: torch.Tensor, b_hat: torch.Tensor) -> tuple[float, float]:
-    """(‖ΔW − ΔŴ‖²_F, ‖ΔW‖²_F) for ΔW = bᵀa, ΔŴ = b̂ᵀâ (rows are units) by the trace formula:
-    ‖bᵀa‖² = Σ (b bᵀ) ⊙ (a aᵀ), with only r×r products."""
-    def inner(b1, a1, b2, a2):
-        return float(((b1 @ b2.T) * (a1 @ a2.T)).sum())
-
-    ww = inner(b, a, b, a)
-    return max(ww - 2 * inner(b, a, b_hat, a_hat) + inner(b_hat, a_hat, b_hat, a_hat), 0.0), ww
-
-
-def _unit_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     norms = v.norm(dim=1)
     return v / norms.clamp_min(1e-30)[:, None], norms
-
-
-@dataclass
-class Pools:
-    """The shared codebooks: per pool key, ``pool_size`` shards of one width (float32 holding fp16 values)."""
-
-    codewords: dict[str, torch.Tensor]
-    version: int = 1
-    shard_width: int = 4  # values per shard, unless shards_per_vector is set
-    shards_per_vector: int | None = None  # MoS's l: every vector in l shards (width = ceil(d / l))
-
-    def width(self, d: int) -> int:
-        return math.ceil(d / self.shards_per_vector) if self.shards_per_vector else self.shard_width
-
-    @property
-    def pool_size(self) -> int:
-        return max((c.shape[0] for c in self.codewords.values()), default=0)
-
-    def nbytes(self) -> int:
-        return sum(c.numel() * 2 for c in self.codewords.values())  # stored as fp16
-
-    def to_bytes(self) -> bytes:
-        meta = {"version": str(self.version), "shard_width": str(self.shard_width),
-                "shards_per_vector": str(self.shards_per_vector or 0)}
-        return st_save({k: c.half().contiguous() for k, c in self.codewords.items()}, metadata=meta)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "Pools":
-        meta = _st_metadata(data)
-        return cls({k: c.float() for k, c in st_load(data).items()}, int(meta["version"]),
-                   int(meta["shard_width"]), int(meta["shards_per_vector"]) or None)
 
 
 def build_pools(adapters: list[LoraAdapter], shard_width: int = 4, pool_size: int = 256, seed: int = 0,
@@ -127,9 +79,9 @@ def build_pools(adapters: list[LoraAdapter], shard_width: int = 4, pool_size: in
     for adapter in adapters:
         shards: dict[str, list[np.ndarray]] = {}
         for name, m in adapter.modules().items():
-            a, b = canonical_units(m.A, m.B, m.scaling)
+            a, b = _units(m)
             for side, v in zip(SIDES, (a, b)):
-                u, norms = _unit_rows(v)
+                u, norms = _normalised(v)
                 s = to_shards(u[norms > 0], shell.width(v.shape[1]))
                 shards.setdefault(pool_key(name, side), []).append(s.reshape(-1, s.shape[-1]).float().numpy())
         for key, parts in shards.items():
@@ -148,102 +100,10 @@ def build_pools(adapters: list[LoraAdapter], shard_width: int = 4, pool_size: in
     return shell
 
 
-@dataclass
-class EncodedModule:
-    d: dict[str, int]  # side -> vector length (d_in for A, d_out for B)
-    index: dict[str, torch.Tensor]  # side -> (r, l) int codeword indices
-    scale: dict[str, torch.Tensor]  # side -> (r,) fp16 scale of each vector
-    width: dict[str, int] = field(default_factory=dict)  # side -> values per shard
-    private: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (r, l) bool: shard stored exactly
-    private_values: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> (p, width) bf16, in mask order
-
-
-def index_bits(pool_size: int) -> int:
-    return max(1, math.ceil(math.log2(pool_size)))
-
-
-def pack_indices(index: torch.Tensor, bits: int) -> torch.Tensor:
-    """Flat non-negative indices -> ``bits`` bits each, bit-packed into uint8 (8 bits per 256 codewords,
-    4 per 16, 12 per 4096)."""
-    x = index.numpy().astype(np.int64)
-    planes = ((x[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
-    return torch.from_numpy(np.packbits(planes.reshape(-1)))
-
-
-def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    planes = np.unpackbits(packed.numpy())[: n * bits].reshape(n, bits).astype(np.int64)
-    return torch.from_numpy(planes @ (1 << np.arange(bits)))
-
-
-@dataclass
-class Encoded:
-    """One adapter in shard form; ``error`` is the achieved relative ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F."""
-
-    config: dict
-    modules: dict[str, EncodedModule]
-    pool_version: int
-    error: float
-    dtype: str = "bfloat16"  # of the original factors; decoding gives them back in it
-
-    def private_fraction(self) -> float:
-        total = sum(m.index[s].numel() for m in self.modules.values() for s in SIDES)
-        private = sum(int(p.sum()) for m in self.modules.values() for p in m.private.values())
-        return private / total if total else 0.0
-
-    def to_bytes(self, pool_size: int) -> bytes:
-        """safetensors with four flat tensors — every index table (bit-packed, log2(pool_size) bits), every
-        fp16 scale, the private masks bit-packed, the private shards (bf16) — in (module, side) order;
-        the config, each module's shape and the error as metadata."""
-        order = [(name, side) for name in sorted(self.modules) for side in SIDES]
-        mods = self.modules
-        mask = torch.cat([mods[n].private.get(s, torch.zeros_like(mods[n].index[s], dtype=torch.bool)).reshape(-1)
-                          for n, s in order])
-        values = [mods[n].private_values[s].to(torch.bfloat16) for n, s in order if s in mods[n].private]
-        tensors = {
-            "index": pack_indices(torch.cat([mods[n].index[s].reshape(-1) for n, s in order]), index_bits(pool_size)),
-            "scale": torch.cat([mods[n].scale[s].reshape(-1) for n, s in order]).half(),
-            "private": torch.from_numpy(np.packbits(mask.numpy())),
-            "values": torch.cat(values).reshape(-1) if values else torch.zeros(0, dtype=torch.bfloat16),
-        }
-        # per module, in name order: [name, d_A, d_B, r, l_A, l_B, width_A, width_B]
-        dims = [[n, m.d["A"], m.d["B"], int(m.index["A"].shape[0]), *(int(m.index[s].shape[1]) for s in SIDES),
-                 *(m.width[s] for s in SIDES)] for n, m in sorted(mods.items())]
-        meta = {"config": json.dumps(self.config), "pool_version": str(self.pool_version),
-                "error": repr(self.error), "dtype": self.dtype, "dims": json.dumps(dims),
-                "index_bits": str(index_bits(pool_size))}
-        return st_save(tensors, metadata=meta)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "Encoded":
-        meta, t = _st_metadata(data), st_load(data)
-        dims = {name: {"A": da, "B": db, "r": r, "l": {"A": la, "B": lb}, "w": {"A": wa, "B": wb}}
-                for name, da, db, r, la, lb, wa, wb in json.loads(meta["dims"])}
-        n_shards = sum(d["r"] * d["l"][s] for d in dims.values() for s in SIDES)
-        index, scale = unpack_indices(t["index"], int(meta["index_bits"]), n_shards), t["scale"]
-        mask = torch.from_numpy(np.unpackbits(t["private"].numpy())[:n_shards].astype(bool))
-        values = t["values"]
-        modules, at, at_r, at_v = {}, 0, 0, 0
-        for name, d in dims.items():
-            m = EncodedModule(d={s: d[s] for s in SIDES}, index={}, scale={}, width=dict(d["w"]))
-            for side in SIDES:
-                r, l, width = d["r"], d["l"][side], d["w"][side]
-                m.index[side] = index[at: at + r * l].view(r, l)
-                m.scale[side] = scale[at_r: at_r + r]
-                private = mask[at: at + r * l].view(r, l)
-                if private.any():
-                    p = int(private.sum())
-                    m.private[side] = private
-                    m.private_values[side] = values[at_v: at_v + p * width].view(p, width)
-                    at_v += p * width
-                at, at_r = at + r * l, at_r + r
-            modules[name] = m
-        return cls(json.loads(meta["config"]), modules, int(meta["pool_version"]), float(meta["error"]), meta["dtype"])
-
-
 def _quantise(v: torch.Tensor, codewords: torch.Tensor, width: int) -> dict:
     """Nearest codeword (L2) for each shard of each unit vector of ``v``, then the least-squares scale
     per vector; returns the pieces and the shard-wise reconstruction of ``v``."""
-    u, norms = _unit_rows(v)
+    u, norms = _normalised(v)
     s = to_shards(u, width)
     flat = s.reshape(-1, width).float()
     dist = (codewords * codewords).sum(1)[None, :] - 2 * flat @ codewords.T
@@ -263,7 +123,7 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
     ``max_private`` of the shards private does not meet it (store the skill exact)."""
     parts = {}
     for name, m in adapter.modules().items():
-        a, b = canonical_units(m.A, m.B, m.scaling)
+        a, b = _units(m)
         sides = {}
         for side, v in zip(SIDES, (a, b)):
             cw, width = pools.codewords.get(pool_key(name, side)), pools.width(v.shape[1])
@@ -288,8 +148,9 @@ def encode(adapter: LoraAdapter, pools: Pools, error_budget: float = 0.05, max_p
         num = den = 0.0
         for sides in parts.values():
             a_hat, b_hat = module_hat(sides, cast)
-            e, w = delta_error_sq(sides["A"]["v"], sides["B"]["v"], a_hat, b_hat)
-            num, den = num + e, den + w
+            a, b = sides["A"]["v"], sides["B"]["v"]
+            w = frobenius_sq(a, b.T)
+            num, den = num + frobenius_error_sq(a, b.T, a_hat, b_hat.T, norm_sq=w), den + w
         return math.sqrt(num / den) if den > 0 else 0.0
 
     # every shard's residual, weighted by the norm of its partner vector (a shard of a_j matters as ‖b_j‖)
@@ -354,9 +215,3 @@ def decode(encoded: Encoded, pools: Pools, dtype: torch.dtype | None = None) -> 
         config["rank_pattern"] = {n: m.index["A"].shape[0] for n, m in encoded.modules.items()}
         config["alpha_pattern"] = dict(config["rank_pattern"])
     return LoraAdapter(config=config, tensors=tensors)
-
-
-def _st_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (an 8-byte length, then the JSON header)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8: 8 + n]).get("__metadata__", {})

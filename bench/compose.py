@@ -77,7 +77,7 @@ def _rss_mib() -> float:
 
 def _exact_error(adapters, weights, result) -> float:
     """‖Σ w_i ΔW_i − ΔŴ‖_F / ‖Σ w_i ΔW_i‖_F over all modules, from factors only."""
-    from composer.lowrank import concat, frobenius_error_sq, frobenius_sq
+    from adapter_store.factors import concat, frobenius_error_sq, frobenius_sq
 
     err = tot = 0.0
     mods = [a.modules() for a in adapters]

@@ -11,8 +11,9 @@ import torch
 
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import CompositionError
-from composer.lowrank import frobenius_error_sq, frobenius_sq, truncate
+from adapter_store.factors import Factors, frobenius_error_sq, frobenius_sq, truncate
 from composer.registry import MethodContext, get_method
+
 
 class CompositionCancelled(Exception):
     """The caller set ``stop`` while a composition ran."""
@@ -89,7 +90,7 @@ def compose(
     cap = max_rank or AUTO_RANK_CAP
     names = sorted(set().union(*per_adapter))
     num_layers = 1 + max((i for n in names if (i := layer_index(n)) is not None), default=0)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    out: dict[str, Factors] = {}
     exact_rank = 0
     err_sq = total_sq = 0.0
     refactored = False

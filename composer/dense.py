@@ -1,15 +1,21 @@
-"""Building blocks of the dense task-vector family (TIES, DARE, breadcrumbs, TALL/consensus).
+"""Building blocks of the dense task-vector family (TIES, DARE, breadcrumbs, TALL/consensus, PCB).
 
 Each works on one module's stacked task vectors τ (K × d_out × d_in), the weights already
-folded in (τ_i = w_i s_i B_i A_i). Methods in ``composer.methods`` compose these parts, as
-peft's ``merge_utils`` and mergekit's generalized task arithmetic do.
+folded in (τ_i = w_i s_i B_i A_i). :func:`task_arithmetic` is the family's common shape (sparsify,
+sign consensus, sum or disjoint mean), as in mergekit's generalized task arithmetic; methods in
+``composer.methods`` are configurations of it, or of the other parts here, as peft's ``merge_utils``.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
+
+from adapter_store.factors import Factors, split_svd
+
+Sparsify = Callable[[torch.Tensor], torch.Tensor]  # one task vector τ_i -> its sparsified τ̂_i
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -79,7 +85,33 @@ def consensus_mask(taus: torch.Tensor, k: int, lam: float) -> torch.Tensor:
     return important.sum(0) >= k
 
 
-def refactor_dense(M: torch.Tensor, rank: int | None, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+def task_arithmetic(taus: torch.Tensor, sparsify: Sparsify | None = None, sign: str | None = None) -> torch.Tensor:
+    """Generalized task arithmetic: sparsify each τ_i, then sum them (``sign`` None) or elect a sign per
+    entry (``"total"``/``"frequency"``, :func:`elect_sign`) and take the disjoint mean (TIES)."""
+    if sparsify is not None:
+        taus = torch.stack([sparsify(t) for t in taus])
+    if sign is None:
+        return taus.sum(0)
+    return disjoint_merge(taus, elect_sign(taus, sign))
+
+
+def by_magnitude(density: float) -> Sparsify:
+    """TIES trim / magnitude pruning: keep the top ``density`` fraction of each τ_i by |τ_i|."""
+    return lambda t: t * magnitude_mask(t, density)
+
+
+def by_dropout(p: float, generator: torch.Generator) -> Sparsify:
+    """DARE: drop each entry with probability ``p`` and rescale the rest by 1/(1 − p); the tasks draw
+    from ``generator`` in order."""
+    return lambda t: random_keep(t, 1.0 - p, generator)
+
+
+def by_breadcrumbs(beta: float, gamma: float) -> Sparsify:
+    """Model Breadcrumbs: drop the top ``beta`` and the bottom ``gamma`` fractions of each |τ_i|."""
+    return lambda t: t * breadcrumbs_mask(t, beta, gamma)
+
+
+def refactor_dense(M: torch.Tensor, rank: int | None, cap: int) -> Factors:
     """Best rank-k factors (A k × d_in, B d_out × k) of a dense module update, by its SVD.
 
     ``rank`` None ("auto") takes the numerical rank, capped at ``cap``.
@@ -88,9 +120,7 @@ def refactor_dense(M: torch.Tensor, rank: int | None, cap: int) -> tuple[torch.T
     if rank is None:
         tol = S[0].item() * max(M.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
         rank = max(1, min(int((S > tol).sum()), cap))
-    k = min(rank, S.numel())
-    root = S[:k].sqrt()
-    return root[:, None] * Vh[:k], U[:, :k] * root[None, :]
+    return split_svd(U, S, Vh, rank)
 
 
 def minmax(t: torch.Tensor) -> torch.Tensor:

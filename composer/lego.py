@@ -12,29 +12,14 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from composer.lowrank import truncate
-
-Factors = tuple[torch.Tensor, torch.Tensor]
+from adapter_store.factors import Factors, canonical_units, concat, truncate, unit_rows
 
 
 def msu_pool(factors: list[Factors]) -> tuple[torch.Tensor, torch.Tensor]:
     """All units of all inputs as rows: a (N × d_in), b (N × d_out); zero units are dropped."""
-    a = torch.cat([A for A, _ in factors], 0).double()
-    b = torch.cat([B.T for _, B in factors], 0).double()
+    a, b = unit_rows(*concat(factors))
     keep = (a.norm(dim=1) > 0) & (b.norm(dim=1) > 0)
     return a[keep], b[keep]
-
-
-def canonicalise(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balance the scale (‖a‖ = ‖b‖) and fix the sign (largest-magnitude entry of the
-    normalised [a, b] positive): equal units get equal coordinates."""
-    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
-    c = (nb / na).sqrt()
-    a, b = a * c, b / c
-    direction = torch.cat([a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)], 1)
-    pivot = direction.abs().argmax(dim=1)
-    sign = direction.gather(1, pivot[:, None]).sign()
-    return a * sign, b * sign
 
 
 def features(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -48,7 +33,7 @@ def _sign_invariant_kmeans(
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """k-means on unit directions where u and −u are the same point.
 
-    The sign fixed by :func:`canonicalise` can disagree between two noisy copies of one unit
+    The sign fixed by :func:`canonical_units` can disagree between two noisy copies of one unit
     (when its two largest entries are close); after each fit, a unit whose flipped direction
     is nearer to a centre is flipped, and k-means is refitted from the current centres.
     """
@@ -75,7 +60,7 @@ def lego_merge(
     n = a.shape[0]
     if n <= k:  # nothing to cluster: the exact sum already fits
         return a.float(), b.T.float()
-    a, b = canonicalise(a, b)
+    a, b = canonical_units(a, b, sign_from="both")  # equal units get equal coordinates
     a, b, labels = _sign_invariant_kmeans(a, b, k, n_init=n_init, seed=seed)
     out_a, out_b = [], []
     for c in range(k):

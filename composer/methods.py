@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
+from adapter_store.factors import Factors, concat, truncate
 from composer import dense
 from composer.lego import lego_merge
-from composer.lowrank import concat, truncate
-from composer.registry import MAX_SKILLS, Factors, MethodContext, Param, merge_method
+from composer.registry import MAX_SKILLS, MethodContext, Param, merge_method
 
 MAX_LAYERS = 1024  # bounds of layer indices
 DENSITY = Param(float, 0.5, "fraction of entries kept per task vector", low=0.0, high=1.0)
@@ -27,11 +27,15 @@ DROP = Param(float, 0.5, "DARE drop rate p (each entry dropped with probability 
 SEED = Param(int, 0, "random seed (per-module masks derive from it: same inputs, same bytes)", low=0, high=2**63 - 1)
 
 
-def _exact(factors: list[Factors], rank: int | None) -> Factors:
-    A, B = concat(factors)
+def _at_most(A: torch.Tensor, B: torch.Tensor, rank: int | None) -> Factors:
+    """(A, B) as they are, or truncated when a smaller rank is asked."""
     if rank is not None and rank < A.shape[0]:
         return truncate(A, B, rank)
     return A, B
+
+
+def _exact(factors: list[Factors], rank: int | None) -> Factors:
+    return _at_most(*concat(factors), rank)
 
 
 @merge_method(
@@ -49,7 +53,6 @@ def linear(factors: list[Factors], *, rank: int | None, ctx: MethodContext) -> F
     reference="Eckart–Young; the low-rank QR+SVD route (no dense ΔW)",
     space="factors",
     description="The exact sum, truncated to the best rank-k approximation (Frobenius-optimal).",
-    needs_rank=True,
 )
 def svd(factors: list[Factors], *, rank: int | None, ctx: MethodContext) -> Factors:
     A, B = concat(factors)
@@ -100,7 +103,7 @@ def _dense_method(
             return dense.refactor_dense(merged, rank, ctx.cap)
 
         method.__doc__ = on_taus.__doc__
-        merge_method(name, reference=reference, space="dense", description=description, params=params, needs_rank=True)(method)
+        merge_method(name, reference=reference, space="dense", description=description, params=params)(method)
         return on_taus
 
     return register
@@ -113,13 +116,12 @@ def _dense_method(
     params={"density": DENSITY, "majority_sign_method": SIGN},
 )
 def ties(taus: torch.Tensor, *, ctx: MethodContext, density: float, majority_sign_method: str) -> torch.Tensor:
-    trimmed = torch.stack([t * dense.magnitude_mask(t, density) for t in taus])
-    return dense.disjoint_merge(trimmed, dense.elect_sign(trimmed, majority_sign_method))
+    return dense.task_arithmetic(taus, dense.by_magnitude(density), majority_sign_method)
 
 
-def _dare(taus: torch.Tensor, ctx: MethodContext, p: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(dense.module_seed(seed, ctx.module))
-    return torch.stack([dense.random_keep(t, 1.0 - p, g) for t in taus])
+def _dare(ctx: MethodContext, p: float, seed: int) -> dense.Sparsify:
+    """DARE's drop with this module's own generator (same seed and module, same mask)."""
+    return dense.by_dropout(p, torch.Generator().manual_seed(dense.module_seed(seed, ctx.module)))
 
 
 @_dense_method(
@@ -129,7 +131,7 @@ def _dare(taus: torch.Tensor, ctx: MethodContext, p: float, seed: int) -> torch.
     params={"p": DROP, "seed": SEED},
 )
 def dare_linear(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int) -> torch.Tensor:
-    return _dare(taus, ctx, p, seed).sum(0)
+    return dense.task_arithmetic(taus, _dare(ctx, p, seed))
 
 
 @_dense_method(
@@ -139,8 +141,7 @@ def dare_linear(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int) 
     params={"p": DROP, "seed": SEED, "majority_sign_method": SIGN},
 )
 def dare_ties(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int, majority_sign_method: str) -> torch.Tensor:
-    dropped = _dare(taus, ctx, p, seed)
-    return dense.disjoint_merge(dropped, dense.elect_sign(dropped, majority_sign_method))
+    return dense.task_arithmetic(taus, _dare(ctx, p, seed), majority_sign_method)
 
 
 @_dense_method(
@@ -150,7 +151,7 @@ def dare_ties(taus: torch.Tensor, *, ctx: MethodContext, p: float, seed: int, ma
     params={"density": DENSITY},
 )
 def magnitude_prune(taus: torch.Tensor, *, ctx: MethodContext, density: float) -> torch.Tensor:
-    return torch.stack([t * dense.magnitude_mask(t, density) for t in taus]).sum(0)
+    return dense.task_arithmetic(taus, dense.by_magnitude(density))
 
 
 @_dense_method(
@@ -166,7 +167,7 @@ def magnitude_prune(taus: torch.Tensor, *, ctx: MethodContext, density: float) -
 def breadcrumbs(taus: torch.Tensor, *, ctx: MethodContext, beta: float, gamma: float) -> torch.Tensor:
     if beta + gamma >= 1:
         raise ValueError(f"beta + gamma must be below 1, got {beta} + {gamma}")
-    return torch.stack([t * dense.breadcrumbs_mask(t, beta, gamma) for t in taus]).sum(0)
+    return dense.task_arithmetic(taus, dense.by_breadcrumbs(beta, gamma))
 
 
 @_dense_method(
@@ -219,10 +220,7 @@ def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, 
     if source not in ctx.inputs:  # the skill this layer comes from does not touch this module: no update here
         A, B = factors[0]
         return torch.zeros_like(A[:1]), torch.zeros_like(B[:, :1])
-    A, B = factors[ctx.inputs.index(source)]
-    if rank is not None and rank < A.shape[0]:
-        return truncate(A, B, rank)
-    return A, B
+    return _at_most(*factors[ctx.inputs.index(source)], rank)
 
 
 @merge_method(
@@ -232,8 +230,8 @@ def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, 
     description="Pool every rank-1 unit (a_j, b_j) of every input, cluster them into K groups (K = target rank), and "
     "replace each group by one unit. Never forms a dense ΔW.",
     params={
-        # default chosen by measurement (bench/reports/lego_choice*.md): on the demo skills 'mean' has the larger
-        # reconstruction error but the better task effect (mean exact match 0.70 vs 0.53-0.57 for 'svd'/svd method)
+        # default chosen by measurement (bench/reports/lego_choice*.md): 'mean' has the larger reconstruction
+        # error but the better task effect
         "centroid": Param(str, "mean", "a group's unit: 'mean' (mean of the canonicalised units, norm-reweighted; "
                           "shrinks interference) or 'svd' (best rank-1 of the group's sum; closest to the exact sum)",
                           choices=("svd", "mean")),
@@ -242,7 +240,6 @@ def layer_swap(factors: list[Factors], *, rank: int | None, ctx: MethodContext, 
         "n_init": Param(int, 4, "k-means restarts (each one clusters every module again)", low=1, high=16),
         "seed": SEED,
     },
-    needs_rank=True,
 )
 def lego(factors: list[Factors], *, rank: int | None, ctx: MethodContext, centroid: str, output_reweight: bool,
          n_init: int, seed: int) -> Factors:

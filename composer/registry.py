@@ -7,10 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import torch
+from adapter_store.factors import Factors
 
 MAX_SKILLS = 256  # skills in one composition: the schema's bound; servers apply their own, lower limit
-Factors = tuple[torch.Tensor, torch.Tensor]  # (A: r × d_in, B: d_out × r) with scaling and weight folded into B
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,6 @@ class MergeMethod:
     space: Literal["factors", "dense"]
     description: str
     params: dict[str, Param] = field(default_factory=dict)
-    needs_rank: bool = False  # True: the result is re-factored to a target rank ("auto" picks one)
     max_inputs: int | None = None  # at most this many skills (None: any number)
     # adapter-level weight transform applied before weights are folded in (e.g. PSEC's softmax/top-k)
     weights_fn: Callable[[list[float], dict[str, Any]], list[float]] = _same_weights
@@ -98,7 +96,6 @@ def merge_method(
     space: Literal["factors", "dense"],
     description: str,
     params: dict[str, Param] | None = None,
-    needs_rank: bool = False,
     weights_fn: Callable[[list[float], dict[str, Any]], list[float]] | None = None,
     max_inputs: int | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
@@ -109,7 +106,7 @@ def merge_method(
             raise ValueError(f"merge method {name!r} is already registered")
         METHODS[name] = MergeMethod(
             name=name, fn=fn, reference=reference, space=space, description=description,
-            params=dict(params or {}), needs_rank=needs_rank, weights_fn=weights_fn or _same_weights,
+            params=dict(params or {}), weights_fn=weights_fn or _same_weights,
             max_inputs=max_inputs,
         )
         return fn

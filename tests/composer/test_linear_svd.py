@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from adapter_store.factors import frobenius_error_sq, truncate
 from composer import METHODS, compose
-from composer.lowrank import frobenius_error_sq, truncate
 from tests.helpers import dense_delta, random_adapter
 
 SHAPES = {"layers.0.q": (24, 16), "layers.0.v": (8, 16), "layers.1.q": (24, 16)}
