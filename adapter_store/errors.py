@@ -1,8 +1,9 @@
-"""One error tree for all of Mosaic, rooted in :class:`MosaicError`.
+"""One error tree for all of Mosaic, rooted in :class:`MosaicError`, and the store's errors in it.
 
 Each error carries the HTTP status and OpenAI error ``type``/``code`` it maps to, so the
-HTTP boundary translates them in one place. Subclasses also inherit the stdlib error a
-caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input).
+HTTP boundary (server/errors.py) translates them in one place. Subclasses also inherit the stdlib
+error a caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input).
+Errors only the server raises (authentication, scopes, upload size) live in server/errors.py.
 """
 
 from __future__ import annotations
@@ -49,27 +50,6 @@ class ConflictError(MosaicError, ValueError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
-
-
-class AuthError(MosaicError, PermissionError):
-    """No API key, or an unknown or revoked one."""
-
-    status = 401
-    type = "invalid_request_error"
-    code = "invalid_api_key"
-
-
-class ForbiddenError(MosaicError, PermissionError):
-    """A valid API key without the scope the endpoint needs."""
-
-    status = 403
-    type = "invalid_request_error"
-    code = "insufficient_scope"
-
-
-class PayloadTooLargeError(InvalidRequestError):
-    status = 413
-    code = "payload_too_large"
 
 
 class UnavailableError(MosaicError, RuntimeError):

@@ -37,9 +37,9 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.routing import Match, Mount
 
-from adapter_store.errors import AuthError, ForbiddenError, MosaicError, UnavailableError
+from adapter_store.errors import MosaicError, UnavailableError
 from adapter_store.validation import in_namespace
-from server.errors import error_payload
+from server.errors import AuthError, ForbiddenError, error_payload
 
 CHECKED = "mosaic.auth"  # set in the ASGI scope once the gate has checked a request
 NAMESPACE = "mosaic.namespace"  # the ASGI scope's record of the key's namespace (absent: not limited)

@@ -11,9 +11,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store.errors import MosaicError
+from adapter_store.errors import InvalidRequestError, MosaicError
 
 log = logging.getLogger("mosaic.server")
+
+
+# ---- the server's own errors (the store's are in adapter_store/errors.py) -------------------
+class AuthError(MosaicError, PermissionError):
+    """No API key, or an unknown or revoked one."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ForbiddenError(MosaicError, PermissionError):
+    """A valid API key without the scope the endpoint needs."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "insufficient_scope"
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """An upload, or an archive's contents, over the server's size limit."""
+
+    status = 413
+    code = "payload_too_large"
 
 
 def error_response(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:

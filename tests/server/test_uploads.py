@@ -6,7 +6,8 @@ import zipfile
 
 import pytest
 
-from adapter_store.errors import InvalidRequestError, PayloadTooLargeError
+from adapter_store.errors import InvalidRequestError
+from server.errors import PayloadTooLargeError
 from server.uploads import pack_tar_gz, unpack
 
 
