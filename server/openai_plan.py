@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 
-from adapter_store.errors import ForbiddenError, NotFoundError, UnavailableError
+from adapter_store.errors import NotFoundError, UnavailableError
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import in_namespace
 from composer.spec import Composition
 from router.plan import Plan
 from server import limits, metrics
 from server.engine import EngineAdapter
+from server.errors import ForbiddenError
 from server.protocol import MosaicInfo
 from server.state import Mosaic
 
