@@ -56,11 +56,3 @@ class UnavailableError(MosaicError, RuntimeError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
-
-
-class CompositionError(MosaicError, ArithmeticError):
-    """The composer produced something unusable (e.g. non-finite values)."""
-
-    status = 422
-    type = "invalid_request_error"
-    code = "composition_failed"

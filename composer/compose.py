@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import CompositionError
+from composer.errors import CompositionError
 from adapter_store.factors import Factors, frobenius_error_sq, frobenius_sq, truncate
 from composer.registry import MethodContext, get_method
 

@@ -104,7 +104,7 @@ def test_registry_has_metadata_and_refuses_duplicates():
 
 
 def test_nonfinite_result_is_refused():
-    from adapter_store.errors import CompositionError
+    from composer.errors import CompositionError
 
     bad = random_adapter(SHAPES, r=2, seed=9)
     bad.tensors[next(iter(bad.tensors))][0, 0] = float("inf")
