@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from adapter_store.adapter import LoraAdapter
 from bench.demo_data import MIXED, examples, mixed_examples, trained_skills

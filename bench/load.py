@@ -18,7 +18,6 @@ import io
 import json
 import tarfile
 import time
-from pathlib import Path
 
 import httpx
 

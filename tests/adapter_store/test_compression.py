@@ -9,14 +9,14 @@ import pytest
 
 from adapter_store.compression import CompressOptions, compress_library
 from adapter_store.errors import ConflictError
-from tests.adapter_store.test_mos import SHAPES, _dense_rel_error, _structured_library
+from tests.helpers import SHARD_SHAPES, dense_rel_error, structured_library
 from tests.helpers import random_adapter
 
 OPTIONS = CompressOptions(shard_width=4, pool_size=24, error_budget=0.05, max_private=0.5)
 
 
 def _fill(registry, n=6, seed=0):
-    library = _structured_library(n, seed=seed)
+    library = structured_library(n, seed=seed)
     for i, adapter in enumerate(library):
         registry.add(f"skill{i}", adapter, description=f"skill {i}")
     return {f"skill{i}": a for i, a in enumerate(library)}
@@ -30,7 +30,7 @@ def test_compressed_library_round_trips_within_budget_and_shrinks(registry):
     assert {row["stored"] for row in report.versions} == {"shards"}
     for name, adapter in originals.items():
         info, served = registry.load(name)
-        true_error = _dense_rel_error(adapter, served)  # the oracle: dense ΔW in float64
+        true_error = dense_rel_error(adapter, served)  # the oracle: dense ΔW in float64
         assert true_error <= OPTIONS.error_budget + 0.005
         assert abs(info.mos["error"] - true_error) < 0.005  # the recorded error is the real one
         assert info.sha256 == before[name].sha256  # the upload's identity is kept ...
@@ -52,7 +52,7 @@ def test_keep_originals_returns_the_upload_bit_for_bit(registry):
 
 def test_skill_over_budget_is_stored_exact(registry):
     _fill(registry, n=4)
-    noise = random_adapter(SHAPES, 8, seed=7)  # no shared structure: the pools cannot describe it
+    noise = random_adapter(SHARD_SHAPES, 8, seed=7)  # no shared structure: the pools cannot describe it
     registry.add("noise", noise)
     report = compress_library(registry, OPTIONS.model_copy(update={"max_private": 0.2}))
     row = next(r for r in report.versions if r["ref"] == "noise@1")
@@ -66,12 +66,12 @@ def test_skill_over_budget_is_stored_exact(registry):
 def test_uploads_after_compression_are_encoded_against_the_pools(registry):
     _fill(registry, n=4)
     report = compress_library(registry, OPTIONS)
-    new = _structured_library(1, seed=0)[0]  # same shard bank as the library
+    new = structured_library(1, seed=0)[0]  # same shard bank as the library
     info = registry.add("late", new)
     assert info.mos["pool_version"] == report.pool_version
     assert registry.storage_bytes()["versions"]["late@1"]["shards"] > 0
     _, served = registry.load("late")
-    assert _dense_rel_error(new, served) <= OPTIONS.error_budget + 0.005
+    assert dense_rel_error(new, served) <= OPTIONS.error_budget + 0.005
     registry.stop_compression()
     exact = registry.add("later", new)
     assert exact.mos is None and registry.load("later")[1].weights_bytes() == new.weights_bytes()
@@ -88,7 +88,7 @@ def test_interrupted_refresh_leaves_old_pools_and_every_skill_readable(registry)
     for name, adapter in originals.items():
         registry._pool_cache.clear()  # read the pools from Redis, as a fresh replica would
         _, served = registry.load(name)
-        assert _dense_rel_error(adapter, served) <= OPTIONS.error_budget + 0.005
+        assert dense_rel_error(adapter, served) <= OPTIONS.error_budget + 0.005
     # running it again finishes the job and collects the pools nobody names
     again = compress_library(registry, OPTIONS.model_copy(update={"keep_originals": True}))
     assert {info.mos["pool_version"] for info in registry.list()} == {again.pool_version}
@@ -104,7 +104,7 @@ def test_refresh_without_originals_records_an_error_bound(registry):
     for name, adapter in originals.items():
         info, served = registry.load(name)
         # re-encoded from the decoded shards: the recorded error bounds the true one and the budget holds
-        assert _dense_rel_error(adapter, served) <= info.mos["error"] + 1e-3
+        assert dense_rel_error(adapter, served) <= info.mos["error"] + 1e-3
         assert info.mos["error"] <= 0.1 + 1e-9
         moved += info.mos["pool_version"] == 2
     assert moved  # the budget left room to move these
@@ -114,7 +114,7 @@ def test_refresh_without_originals_records_an_error_bound(registry):
     for name in originals:
         info = registry.info(name)
         assert info.mos["pool_version"] in (1, 2, third.pool_version)
-        assert _dense_rel_error(originals[name], registry.load(name)[1]) <= info.mos["error"] + 1e-3
+        assert dense_rel_error(originals[name], registry.load(name)[1]) <= info.mos["error"] + 1e-3
         assert registry.storage_bytes()["versions"][info.ref]["weights"] == 0
     named = {registry.info(n).mos["pool_version"] for n in originals} | {third.pool_version}
     assert {int(k.decode().rsplit(":", 1)[-1]) for k in registry.r.scan_iter(match=registry._k("mos", "pool", "*"))} == named
@@ -124,7 +124,7 @@ def test_concurrent_uploads_during_a_refresh_lose_nothing(registry):
     _fill(registry)
     keep = OPTIONS.model_copy(update={"keep_originals": True})  # so that every version can move
     compress_library(registry, keep)
-    extra = _structured_library(8, seed=0)
+    extra = structured_library(8, seed=0)
     added, errors = [], []
 
     def upload_some():
@@ -174,8 +174,8 @@ def test_back_to_exact_without_originals_serves_the_decoded_shards(registry):
     for name, adapter in originals.items():
         info, served = registry.load(name)
         assert registry.storage_bytes()["versions"][info.ref]["shards"] == 0
-        assert _dense_rel_error(decoded[name], served) < 1e-6
-        assert abs(_dense_rel_error(adapter, served) - info.mos["error"]) < 0.005
+        assert dense_rel_error(decoded[name], served) < 1e-6
+        assert abs(dense_rel_error(adapter, served) - info.mos["error"]) < 0.005
         assert info.content_id != adapter.content_id() and registry.original(name) is None
 
 
@@ -193,7 +193,7 @@ def test_upload_racing_a_pool_switch_is_encoded_against_the_new_pools(registry, 
         return stored
 
     monkeypatch.setattr(registry, "_storage", storage_then_switch)
-    info = registry.add("racer", _structured_library(1, seed=0)[0])
+    info = registry.add("racer", structured_library(1, seed=0)[0])
     assert info.mos["pool_version"] == switched[0]
     assert registry.load("racer")[0].mos["pool_version"] == switched[0]
 

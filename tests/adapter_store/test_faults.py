@@ -5,46 +5,17 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 
 import pytest
 import redis
 
 from adapter_store.errors import UnavailableError
-from adapter_store.redis_conn import connect
 from adapter_store.registry import Registry
-from server.launch import free_port
-from tests.helpers import random_adapter
+from tests.helpers import OwnRedis, random_adapter
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
 
 SHAPES = {f"model.layers.{i}.self_attn.q_proj": (64, 64) for i in range(2)}
-
-
-class OwnRedis:
-    """A redis-server this test starts, stops and kills (append-only file on, like the managed one)."""
-
-    def __init__(self, folder) -> None:
-        self.folder, self.url = folder, f"redis://127.0.0.1:{free_port()}/0"
-
-    def start(self) -> redis.Redis:
-        return connect(self.url, managed_dir=self.folder, timeout=0.5)
-
-    def pid(self) -> int:
-        return int(redis.Redis.from_url(self.url).info("server")["process_id"])
-
-    def kill(self) -> None:
-        import os
-        import signal
-
-        pid = self.pid()
-        os.kill(pid, signal.SIGKILL)
-        while True:  # wait until the port is free again
-            try:
-                redis.Redis.from_url(self.url, socket_connect_timeout=0.2).ping()
-                time.sleep(0.05)
-            except redis.ConnectionError:
-                return
 
 
 @pytest.fixture

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
-from adapter_store.adapter import LoraAdapter, factor_key
 from adapter_store.mos import Encoded, Pools, build_pools, decode, encode
-from tests.helpers import dense_delta, random_adapter
-
-SHAPES = {f"model.layers.{i}.self_attn.{p}": (192, 128) for i in range(3) for p in ("q_proj", "v_proj")}
-
-
-def _dense_rel_error(original: LoraAdapter, decoded: LoraAdapter) -> float:
-    want, got = dense_delta(original), dense_delta(decoded)
-    num = sum(float((want[n] - got[n]).norm() ** 2) for n in want)
-    return (num / sum(float(w.norm() ** 2) for w in want.values())) ** 0.5
-
-
-def _structured_library(n: int, r: int = 8, width: int = 4, atoms: int = 12, seed: int = 0) -> list[LoraAdapter]:
-    """Adapters whose rank vectors are made of shards drawn from a small shared set (plus 1% noise):
-    the case shard sharing is for (skills trained on one base model that share directions)."""
-    g = torch.Generator().manual_seed(seed)
-    bank = torch.randn(atoms, width, generator=g)
-    out = []
-    for i in range(n):
-        tensors = {}
-        for name, (d_out, d_in) in SHAPES.items():
-            def vec(d):
-                pick = torch.randint(0, atoms, (r, d // width), generator=g)
-                v = bank[pick].reshape(r, d) * (torch.rand(r, 1, generator=g) + 0.5)
-                return v + 0.01 * torch.randn(r, d, generator=g)
-            tensors[factor_key(name, "A")] = vec(d_in) * 0.1
-            tensors[factor_key(name, "B")] = vec(d_out).T.contiguous() * 0.1
-        out.append(LoraAdapter(config={"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
-                                       "base_model_name_or_path": "tiny"}, tensors=tensors))
-    return out
+from tests.helpers import SHARD_SHAPES, dense_rel_error, random_adapter, structured_library
 
 
 def test_round_trip_within_budget_and_smaller():
-    library = _structured_library(6)
+    library = structured_library(6)
     pools = build_pools(library, shard_width=4, pool_size=24, seed=0)
     raw = sum(t.numel() * 2 for a in library for t in a.tensors.values())  # as bf16
     stored = 0
@@ -47,7 +16,7 @@ def test_round_trip_within_budget_and_smaller():
         assert enc is not None and enc.error <= 0.05
         decoded = decode(enc, pools)
         # the recorded error is the true one: checked against dense float64 ΔW
-        assert abs(_dense_rel_error(adapter, decoded) - enc.error) < 0.01
+        assert abs(dense_rel_error(adapter, decoded) - enc.error) < 0.01
         stored += len(enc.to_bytes(pool_size=24))
         # the stored bytes decode to the same adapter
         again = decode(Encoded.from_bytes(enc.to_bytes(pool_size=24)), Pools.from_bytes(pools.to_bytes()))
@@ -57,7 +26,7 @@ def test_round_trip_within_budget_and_smaller():
 
 
 def test_shards_per_vector_sets_the_width_per_projection():
-    library = _structured_library(2)
+    library = structured_library(2)
     pools = build_pools(library, shards_per_vector=8, pool_size=16)
     # q_proj.B and v_proj.B vectors are 192 long, the A vectors 128: l = 8 shards each
     assert pools.codewords["q_proj.B"].shape[1] == 24 and pools.codewords["q_proj.A"].shape[1] == 16
@@ -66,16 +35,16 @@ def test_shards_per_vector_sets_the_width_per_projection():
 
 
 def test_over_budget_stays_exact_and_full_private_is_exact():
-    adapter = random_adapter(SHAPES, 4, seed=3)  # no shared structure at all
+    adapter = random_adapter(SHARD_SHAPES, 4, seed=3)  # no shared structure at all
     pools = build_pools([adapter], shards_per_vector=4, pool_size=2, seed=0)
     assert encode(adapter, pools, error_budget=0.01, max_private=0.3) is None
     enc = encode(adapter, pools, error_budget=0.005, max_private=1.0)  # may privatise every shard
     assert enc is not None and enc.error <= 0.005
-    assert _dense_rel_error(adapter, decode(enc, pools)) <= 0.005
+    assert dense_rel_error(adapter, decode(enc, pools)) <= 0.005
 
 
 def test_decode_refuses_other_pool_version():
-    library = _structured_library(2)
+    library = structured_library(2)
     pools = build_pools(library, pool_size=8)
     enc = encode(library[0], pools, error_budget=0.5)
     newer = build_pools(library, pool_size=8, version=2)
@@ -88,10 +57,10 @@ def test_decode_refuses_other_pool_version():
 
 
 def test_shard_width_that_does_not_divide_the_vectors_round_trips_with_private_shards():
-    library = _structured_library(3)
+    library = structured_library(3)
     pools = build_pools(library, shard_width=50, pool_size=8)  # 128 -> 3 shards, 192 -> 4, zero-padded
     enc = encode(library[0], pools, error_budget=0.05, max_private=1.0)
     assert enc is not None and enc.private_fraction() > 0
     again = Encoded.from_bytes(enc.to_bytes(pool_size=8))
     assert decode(again, pools).weights_bytes() == decode(enc, pools).weights_bytes()
-    assert abs(_dense_rel_error(library[0], decode(again, pools)) - enc.error) < 1e-6
+    assert abs(dense_rel_error(library[0], decode(again, pools)) - enc.error) < 1e-6

@@ -1,7 +1,6 @@
 """PEFT's add_weighted_adapter(combination_type="cat") is exact: Mosaic's linear must agree with it,
 and PEFT's svd at a smaller rank is the Eckart–Young truncation Mosaic's svd must match."""
 
-import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict

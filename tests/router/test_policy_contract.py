@@ -15,9 +15,9 @@ from router.policies import POLICIES, make_policy
 from router.policy import RouterPolicy
 from server.launch import mosaic_cli
 from server.settings import Settings
-from tests.conftest import TEST_REDIS_URL
+from tests.helpers import TEST_REDIS_URL
 from tests.helpers import ROUTER_CONFIG, random_adapter
-from tests.router.conftest import SHAPES, add_demo
+from tests.helpers import ROUTER_SHAPES, add_demo_profiles
 
 NAMES = sorted(POLICIES)
 
@@ -49,13 +49,13 @@ def test_each_policy_has_the_protocols_signatures(name):
 
 def test_nothing_to_decide_means_base_with_the_reason(policy, registry):
     assert policy.route("Reverse the list: a, b", [], 0).reason == "no skills are registered"
-    add_demo(registry)
+    add_demo_profiles(registry)
     plan = policy.route("  \n", registry.list(), registry.generation())
     assert plan.kind == "base" and "empty" in plan.reason
 
 
 def test_a_clear_prompt_gets_its_skill_and_scores_cover_the_library(policy, registry):
-    add_demo(registry)
+    add_demo_profiles(registry)
     skills = registry.list()
     prompt = examples("reverse_list", "test", 1, seed=3)[0][0]
     plan = policy.route(prompt, skills, registry.generation())
@@ -64,11 +64,11 @@ def test_a_clear_prompt_gets_its_skill_and_scores_cover_the_library(policy, regi
 
 
 def test_a_new_skill_is_routed_after_the_library_changes(policy, registry):
-    add_demo(registry)
+    add_demo_profiles(registry)
     prompt = "Write this in pig latin: good morning, my friend"
     before = policy.route(prompt, registry.list(), registry.generation())
     assert before.skill != "piglatin"
-    registry.add("piglatin", random_adapter(SHAPES, r=2, seed=9), description="Rewrites English sentences in pig latin.",
+    registry.add("piglatin", random_adapter(ROUTER_SHAPES, r=2, seed=9), description="Rewrites English sentences in pig latin.",
                  examples=["Write in pig latin: the cat sleeps", "Pig latin please: I like apples",
                            "How do you say 'thank you very much' in pig latin?"])
     plan = policy.route(prompt, registry.list(), registry.generation())
@@ -76,7 +76,7 @@ def test_a_new_skill_is_routed_after_the_library_changes(policy, registry):
 
 
 def test_context_weights_cover_exactly_the_compositions_skills(policy, registry):
-    add_demo(registry)
+    add_demo_profiles(registry)
     template = Composition(skills=("sentiment", "reverse_list", "json_extract"), weights="auto")
     prompt = examples("sentiment", "test", 1, seed=5)[0][0]
     plan = policy.route_within(prompt, template, registry.list(), registry.generation())
@@ -90,7 +90,7 @@ def test_context_weights_cover_exactly_the_compositions_skills(policy, registry)
 
 @pytest.mark.parametrize("name", NAMES)
 def test_mosaic_route_uses_the_policy_the_settings_name(name, registry):
-    add_demo(registry)
+    add_demo_profiles(registry)
     env = dict(os.environ, MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p, MOSAIC_ROUTER=name)
     done = mosaic_cli(env, "route", examples("sentiment", "test", 1, seed=2)[0][0], "--json", timeout=120)
     assert done.returncode == 0, done.stderr

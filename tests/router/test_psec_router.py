@@ -6,7 +6,7 @@ from bench.demo_data import examples
 from bench.route_prompts import MULTI, OOD
 from router.psec import MODEL_KEY, PsecRouter
 from tests.helpers import ROUTER_CONFIG, random_adapter
-from tests.router.conftest import SHAPES
+from tests.helpers import ROUTER_SHAPES
 
 
 @pytest.mark.parametrize("skill", ["json_extract", "sentiment", "reverse_list"])
@@ -56,7 +56,7 @@ def test_library_changes_reach_every_replica(router, registry, encoder):
     other = PsecRouter(ROUTER_CONFIG, registry, encoder=encoder)
     prompt = "Write this in pig latin: good morning, my friend"
     assert other.route(prompt, registry.list(), registry.generation()).kind == "base"
-    registry.add("piglatin", random_adapter(SHAPES, r=2, seed=9), description="Rewrites English sentences in pig latin.",
+    registry.add("piglatin", random_adapter(ROUTER_SHAPES, r=2, seed=9), description="Rewrites English sentences in pig latin.",
                  examples=["Write in pig latin: the cat sleeps", "Pig latin please: I like apples",
                            "How do you say 'thank you very much' in pig latin?"])
     plan = router.route(prompt, registry.list(), registry.generation())

@@ -2,39 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-from server.launch import ROOT, mosaic_cli, serving
-from tests.conftest import TEST_REDIS_URL, _drop_prefix
+from server.launch import mosaic_cli, serving
+from tests.helpers import DEMO, drop_prefix, mosaic_env, new_prefix
 
-DEMO = ROOT / "bench" / "skills"
 START_TIMEOUT = 600
 
 
 @pytest.fixture(scope="session")
-def server_env(base_spec, tmp_path_factory):
-    from server.base_model import prepare
-    from server.settings import Settings
-
-    data = tmp_path_factory.mktemp("mosaic-data")
-    env = dict(os.environ)
-    env.update(
-        MOSAIC_REDIS_URL=TEST_REDIS_URL,
-        MOSAIC_REDIS_PREFIX=f"mosaic-test-{uuid.uuid4().hex[:10]}",
-        MOSAIC_DATA_DIR=str(data),
-        MOSAIC_BASE_MODEL=str(prepare(Settings(), quiet=True)),
-        MOSAIC_BASE_MODEL_ID=base_spec.model_id,
-        MOSAIC_ENGINE="vllm",
-        MOSAIC_API_KEY="",
-    )
-    env.pop("MOSAIC_API_KEY")
-    return env
+def server_env(base_model_dir, base_spec, tmp_path_factory):
+    return mosaic_env(base_model_dir, base_spec.model_id, tmp_path_factory.mktemp("mosaic-data"))
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +31,7 @@ def server(server_env, redis_client):
             print(f"\n[mosaic] server ready in {ready_s:.1f} s", file=sys.stderr)
             yield {"url": url, "env": server_env, "proc": proc}
     finally:
-        _drop_prefix(redis_client, server_env["MOSAIC_REDIS_PREFIX"])
+        drop_prefix(redis_client, server_env["MOSAIC_REDIS_PREFIX"])
         shutil.rmtree(server_env["MOSAIC_DATA_DIR"], ignore_errors=True)
 
 
@@ -67,12 +49,12 @@ def fuzz_server(server_env, redis_client, tmp_path_factory):
     from adapter_store.registry import Registry
 
     data = tmp_path_factory.mktemp("fuzz")
-    prefix = f"fuzz-{uuid.uuid4().hex[:8]}"
+    prefix = new_prefix("fuzz")
     env = {**server_env, "MOSAIC_REDIS_PREFIX": prefix, "MOSAIC_DATA_DIR": str(data), "MOSAIC_MAX_TOKENS_LIMIT": "4"}
     assert mosaic_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "sentiment").returncode == 0
     try:
         with serving(env, data / "server.log") as (url, _, _):
             yield url, data, Registry(redis_client, prefix=prefix)
     finally:
-        _drop_prefix(redis_client, prefix)
+        drop_prefix(redis_client, prefix)
 

@@ -13,7 +13,7 @@ from server import engine as engine_module
 from server.app import create_app
 from server.settings import Settings
 from server.launch import mosaic_cli
-from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
+from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
@@ -35,7 +35,7 @@ def app_factory(monkeypatch, redis_client):
 
     yield make
     for p in prefixes:
-        _drop_prefix(redis_client, p)
+        drop_prefix(redis_client, p)
 
 
 def _delete(client, key=None):

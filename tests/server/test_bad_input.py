@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
+from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def client(redis_client):
                         client=LOCAL, base_url=LOCAL_URL) as c:
             yield c
     finally:
-        _drop_prefix(redis_client, prefix)
+        drop_prefix(redis_client, prefix)
 
 
 def _refused(r, status: int = 400) -> dict:

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from bench.demo_data import examples, exact_match
-from tests.server.conftest import DEMO
-from tests.server.test_serving import BASE, JSON_PROMPT
+from tests.helpers import DEMO
+from tests.helpers import BASE, JSON_PROMPT
 
 pytestmark = pytest.mark.slow
 

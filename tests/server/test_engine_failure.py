@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from server import engine as engine_module
 from server.app import create_app
 from server.settings import Settings
-from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
+from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 
 def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
@@ -32,7 +32,7 @@ def test_engine_failure_is_a_clear_503(monkeypatch, redis_client, base_spec):
             assert client.get("/v1/adapters").status_code == 200
             assert client.get("/v1/models").status_code == 200
     finally:
-        _drop_prefix(redis_client, prefix)
+        drop_prefix(redis_client, prefix)
 
 
 def _wait_for(client, status: str, tries: int = 2400):
@@ -71,4 +71,4 @@ def test_engine_that_fails_or_dies_is_restarted(monkeypatch, redis_client, base_
             assert health.json()["engine_restarts"] == 2 and len(starts) == 3
             assert client.post("/v1/chat/completions", json=body).status_code == 200
     finally:
-        _drop_prefix(redis_client, prefix)
+        drop_prefix(redis_client, prefix)

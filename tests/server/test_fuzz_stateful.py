@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis.errors import Flaky, FlakyStrategyDefinition
 from schemathesis.core.transport import Response
 
-from tests.server.conftest import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 

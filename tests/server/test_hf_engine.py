@@ -7,7 +7,7 @@ import pytest
 from server.engine import EngineAdapter, GenerationParams, HfEngine
 from server.settings import Settings
 from server.training import greedy_answers
-from tests.server.conftest import DEMO
+from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +15,8 @@ PROMPTS = {"json_extract": "Extract the person as JSON: Ada is 36 years old and 
            "reverse_list": "Reverse the list: apple, river, tiger"}
 
 
-def test_hf_engine_matches_peft_and_switches_cleanly(base_spec):
-    from server.base_model import prepare
-
-    model_dir = prepare(Settings(), quiet=True)
-    engine = HfEngine(Settings(engine="hf"), model_dir, base_spec.model_id)
+def test_hf_engine_matches_peft_and_switches_cleanly(base_spec, base_model_dir):
+    engine = HfEngine(Settings(engine="hf"), base_model_dir, base_spec.model_id)
 
     async def ask(prompt: str, adapter: EngineAdapter | None) -> str:
         tok = engine.tokenizer()
@@ -39,8 +36,8 @@ def test_hf_engine_matches_peft_and_switches_cleanly(base_spec):
 
     out = asyncio.run(scenario())
     for skill, prompt in PROMPTS.items():
-        ref = greedy_answers(model_dir, DEMO / skill, [prompt], max_new_tokens=30)[0]
-        base = greedy_answers(model_dir, None, [prompt], max_new_tokens=30)[0]
+        ref = greedy_answers(base_model_dir, DEMO / skill, [prompt], max_new_tokens=30)[0]
+        base = greedy_answers(base_model_dir, None, [prompt], max_new_tokens=30)[0]
         assert out[skill] == out[skill + "/again"] == ref
         assert out[skill + "/base"] == base
         assert out[skill] != out[skill + "/base"]

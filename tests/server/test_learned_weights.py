@@ -11,17 +11,14 @@ from bench.demo_data import examples
 from composer.spec import Composition
 from server.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
 from tests.helpers import random_adapter
-from tests.server.conftest import DEMO
+from tests.helpers import DEMO
 
 PAIRS = examples("json_extract", "train", 4, seed=2)
 
 
 @pytest.fixture(scope="module")
-def model(base_spec):
-    from server.base_model import prepare
-    from server.settings import Settings
-
-    return LossModel(prepare(Settings(), quiet=True))
+def model(base_model_dir):
+    return LossModel(base_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -78,12 +78,10 @@ def test_bad_values_are_validation_errors_with_their_location():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(base_spec):
+def tokenizer(base_model_dir):
     from transformers import AutoTokenizer
 
-    from server.base_model import prepare
-
-    return AutoTokenizer.from_pretrained(prepare(Settings(), quiet=True))
+    return AutoTokenizer.from_pretrained(base_model_dir)
 
 
 def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(tokenizer):

@@ -8,15 +8,14 @@ import json
 import shutil
 import uuid
 from contextlib import ExitStack
-from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from server.launch import mosaic_cli, serving
-from tests.adapter_store.test_faults import OwnRedis
-from tests.server.conftest import DEMO
+from tests.helpers import OwnRedis
+from tests.helpers import DEMO
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
 

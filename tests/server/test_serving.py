@@ -13,12 +13,11 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import DEMO, ROOT
+from server.launch import ROOT
+from tests.helpers import BASE, DEMO, JSON_PROMPT
 
 pytestmark = pytest.mark.slow
 
-BASE = "SmolLM2-135M-Instruct"
-JSON_PROMPT = "Extract the person as JSON: Ada is 36 years old and lives in London."
 COMPOSITION = {"skills": ["json_extract", "sentiment"], "weights": [1.0, 0.5]}
 
 

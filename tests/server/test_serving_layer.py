@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +19,8 @@ from server import state as state_module
 from server.app import create_app
 from server.engine import VllmEngine, vllm_serve_args
 from server.settings import Settings
-from tests.conftest import LOCAL, LOCAL_URL, TEST_REDIS_URL, _drop_prefix
-from tests.helpers import dense_delta
+from tests.helpers import DEMO, LOCAL, LOCAL_URL, TEST_REDIS_URL, dense_delta, drop_prefix, new_prefix
 
-DEMO = Path(__file__).resolve().parents[2] / "bench" / "skills"
 REPLY = ["The", " answer", " is", " positive", "."]
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -107,17 +103,15 @@ class MockedVllm(VllmEngine):
 
 
 @pytest.fixture(scope="module")
-def served(redis_client, base_spec, tmp_path_factory):
+def served(redis_client, base_spec, base_model_dir, tmp_path_factory):
     """The app over the mocked engine, with the demo skills registered; yields (client, engine)."""
-    from server.base_model import prepare
-
-    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
+    prefix = new_prefix()
     registry = Registry(redis_client, prefix=prefix)
     for d in sorted(DEMO.iterdir()):
         meta = json.loads((d / "mosaic.json").read_text())
         registry.add(d.name, LoraAdapter.from_dir(d), description=meta["description"], examples=meta["examples"])
     settings = Settings(engine="vllm", redis_url=TEST_REDIS_URL, redis_prefix=prefix,
-                        data_dir=tmp_path_factory.mktemp("mosaic-data"), base_model=str(prepare(Settings(), quiet=True)),
+                        data_dir=tmp_path_factory.mktemp("mosaic-data"), base_model=str(base_model_dir),
                         base_model_id=base_spec.model_id, api_key=None)
     engines: list[MockedVllm] = []
 
@@ -135,7 +129,7 @@ def served(redis_client, base_spec, tmp_path_factory):
                     time.sleep(0.1)
                 yield client, engines[0]
     finally:
-        _drop_prefix(redis_client, prefix)
+        drop_prefix(redis_client, prefix)
 
 
 @pytest.fixture
