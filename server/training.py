@@ -9,11 +9,19 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from adapter_store.adapter import LoraAdapter
+
+if TYPE_CHECKING:
+    from adapter_store.registry import Registry
+    from adapter_store.skill_info import SkillInfo
+    from adapter_store.validation import BaseModelSpec
+    from server.training_data import Example
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -178,3 +186,79 @@ def init_from_skills(adapters: Sequence[LoraAdapter], rank: int) -> LoraAdapter:
 
     init, _ = compose(list(adapters), [1.0 / len(adapters)] * len(adapters), method="svd", rank=rank)
     return init
+
+
+def split_examples(examples: Sequence[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation) after a seeded shuffle; under 10 examples, all of them train."""
+    shuffled = list(examples)
+    random.Random(seed).shuffle(shuffled)
+    n_val = int(len(shuffled) * val_fraction) if len(shuffled) >= 10 else 0
+    return shuffled[n_val:], shuffled[:n_val]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What ``mosaic skills train`` is about to train on: the data, read and split, and the start point."""
+
+    source: Path
+    examples: list[Example]
+    train: list[Example]
+    val: list[Example]
+    init: LoraAdapter | None = None
+    init_from: str | None = None
+
+
+def plan_training(registry: Registry, base_dir: str | Path, data: str | Path, *, max_tokens: int = 512,
+                  val_fraction: float = 0.1, seed: int = 0, init_from: str | None = None,
+                  rank: int = 8) -> TrainingPlan:
+    """Read ``data`` (every bad line reported), split it, and load the ``init_from`` skills
+    (comma-separated) as the start point; nothing is trained yet."""
+    from transformers import AutoTokenizer
+
+    from server.training_data import read_jsonl
+
+    examples = read_jsonl(data, AutoTokenizer.from_pretrained(base_dir), max_tokens)
+    train, val = split_examples(examples, val_fraction, seed)
+    init = None
+    if init_from:
+        parts = [registry.load(s.strip())[1] for s in init_from.split(",") if s.strip()]
+        init = init_from_skills(parts, rank)
+    return TrainingPlan(Path(data), examples, train, val, init, init_from)
+
+
+@dataclass(frozen=True)
+class TrainedSkill:
+    info: SkillInfo
+    plan: TrainingPlan
+    val_exact_match: float | None  # None: no validation split
+
+    def record(self) -> dict:
+        """The stored skill's info with how it was trained (what ``--json`` prints)."""
+        return {**self.info.model_dump(), "train_examples": len(self.plan.train), "val_examples": len(self.plan.val),
+                "val_exact_match": self.val_exact_match, "init_from": self.plan.init_from}
+
+
+def train_skill(registry: Registry, base_dir: str | Path, plan: TrainingPlan, name: str, *, spec: BaseModelSpec,
+                max_rank: int, base_model_id: str | None = None, description: str | None = None, rank: int = 8,
+                alpha: int = 16, targets: Sequence[str] = DEFAULT_TARGETS, steps: int = 40, lr: float = 2e-3,
+                batch: int = 8, seed: int = 0, on_step: Callable[[int, float], None] | None = None) -> TrainedSkill:
+    """Train on ``plan.train``, check the adapter as an upload is checked, measure greedy exact match on
+    ``plan.val``, and register it as the next version of ``name`` (tagged ``trained``)."""
+    import tempfile
+
+    from adapter_store.validation import validate_adapter
+
+    adapter = train_lora(base_dir, [(e.messages, e.answer) for e in plan.train], rank=rank, alpha=alpha,
+                         targets=targets, steps=steps, lr=lr, batch=batch, seed=seed, base_model_id=base_model_id,
+                         init=plan.init, on_step=on_step)
+    validate_adapter(adapter, spec, max_rank=max_rank, name=name)
+    score = None
+    if plan.val:
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter.save_dir(tmp)
+            answers = greedy_answers(base_dir, tmp, [e.messages for e in plan.val], max_new_tokens=64)
+        score = sum(a.strip() == e.answer.strip() for a, e in zip(answers, plan.val)) / len(plan.val)
+    prompts = [e.prompt for e in plan.examples]
+    description = description or f"Trained on {plan.source.name}: e.g. {prompts[0][:80]}"
+    info = registry.add(name, adapter, description=description, examples=prompts[:8], tags=["trained"])
+    return TrainedSkill(info, plan, score)
