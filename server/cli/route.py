@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from server.cli.common import out, print_json, registry, settings
+from server.cli.common import fail, out, print_json, registry, settings
 
 router_app = typer.Typer(help="The router behind model=\"auto\".", no_args_is_help=True)
 
@@ -36,9 +36,14 @@ def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
 @router_app.command("train")
 def router_train() -> None:
     """Retrain the router on the current library now (it also retrains by itself when the library changes)."""
-    from router.psec import PsecRouter
+    from router.policy import routable
+    from server.state import make_policy
 
     reg = registry()
-    model = PsecRouter(reg).train(reg.list())
+    policy = make_policy(settings(), reg)
+    if not hasattr(policy, "train"):
+        fail(f"the {policy.name} router (MOSAIC_ROUTER) has no model to train")
+    # the skills the server routes among, so that it finds this model under the same key
+    model = policy.train(routable(reg.list()))
     out.print(f"trained on {len(model.names)} skills ({len(model.y)} profile texts) in {model.trained_seconds:.2f} s; "
               f"stored as {model.key}")
