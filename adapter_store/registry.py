@@ -12,6 +12,7 @@ that fails before EXEC leaves nothing behind.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from adapter_store.layout import KeyLayout, announce
 from adapter_store.shard_store import Current, ShardStore, Stored
 from adapter_store.side_state import AuxStore, EngineIds
 from adapter_store.skill_info import SkillInfo, parse_ref, read_meta
+from adapter_store.validation import in_namespace
 
 log = logging.getLogger("mosaic.registry")
 
@@ -227,27 +229,42 @@ class Registry:
         with self._guard("names"):
             return sorted(n.decode() for n in self.r.smembers(self.keys.names))
 
-    def list(self) -> list[SkillInfo]:
-        """The latest version of every skill, by name."""
-        out = []
-        for name in self.names():
-            try:
-                out.append(self.info(name))
-            except NotFoundError:  # deleted while listing
-                pass
-        return out
+    def list(self, after: str | None = None, limit: int | None = None,
+             namespace: str | None = None) -> list[SkillInfo]:
+        """The latest version of every skill, by name; a page of them with ``after`` (names after this one)
+        and ``limit``, only ``namespace``'s with ``namespace``. Three round trips, whatever the library's size."""
+        with self._guard("list"):
+            names = sorted(n.decode() for n in self.r.smembers(self.keys.names))
+            if after is not None:
+                names = names[bisect.bisect_right(names, after):]
+            if namespace is not None:
+                names = [n for n in names if in_namespace(n, namespace)]
+            names = names[:limit] if limit is not None else names
+            latest = self._pipelined([("get", self.keys.skill(n, "latest")) for n in names])
+            found = [(n, int(v)) for n, v in zip(names, latest) if v is not None]  # None: deleted meanwhile
+            raws = self._pipelined([("hget", self.keys.version(n, v), "meta") for n, v in found])
+        return [read_meta(raw) for raw in raws if raw is not None]
 
     def versions(self, name: str) -> list[SkillInfo]:
         with self._guard("versions"):
             have = [int(v) for v in self.r.zrange(self.keys.skill(name, "versions"), 0, -1)]
             if not have:
                 raise NotFoundError(f"skill {name!r} does not exist", param="name")
-            raws = [self.r.hget(self.keys.version(name, v), "meta") for v in have]
+            raws = self._pipelined([("hget", self.keys.version(name, v), "meta") for v in have])
         return [read_meta(raw) for raw in raws if raw is not None]
 
     def all_versions(self) -> list[tuple[str, int]]:
         with self._guard("all_versions"):
-            return [(n, int(v)) for n in self.names() for v in self.r.zrange(self.keys.skill(n, "versions"), 0, -1)]
+            names = sorted(n.decode() for n in self.r.smembers(self.keys.names))
+            ranges = self._pipelined([("zrange", self.keys.skill(n, "versions"), 0, -1) for n in names])
+        return [(n, int(v)) for n, versions in zip(names, ranges) for v in versions]
+
+    def _pipelined(self, commands: list[tuple]) -> list:
+        """The replies to ``commands`` (method name, args…), sent in one round trip (not a transaction)."""
+        pipe = self.r.pipeline(transaction=False)
+        for method, *args in commands:
+            getattr(pipe, method)(*args)
+        return pipe.execute() if commands else []
 
     def generation(self) -> int:
         with self._guard("generation"):

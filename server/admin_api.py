@@ -13,13 +13,13 @@ from pydantic import BaseModel, Field
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.skill_info import SkillInfo
-from adapter_store.validation import check_name, in_namespace, validate_files
+from adapter_store.validation import check_name, validate_files
 from composer.spec import Composition
 from server import limits, optimize_api
 from server import auth
 from server.auth import require_scope
 from server.learned_weights import OptimizeOptions
-from server.library import create_and_store
+from server.library import PageAfter, PageLimit, create_and_store, page
 from server.optimize_api import OptimizeJob
 from server.quality import engine_answerer
 from server.state import Mosaic
@@ -50,6 +50,9 @@ def _json_list(raw: str | None, field: str) -> list[str]:
 class SkillList(BaseModel):
     object: str = "list"
     data: list[SkillInfo]
+    has_more: bool = False  # more skills after ``last_id`` (ask again with ``after=last_id``)
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class SkillDetail(SkillInfo):
@@ -82,11 +85,11 @@ async def upload_adapter(
 
 
 @router.get("/v1/adapters", response_model=SkillList, dependencies=read)
-async def list_adapters(request: Request) -> SkillList:
-    skills = await asyncio.to_thread(_state(request).registry.list)
-    if (ns := auth.namespace(request)) is not None:
-        skills = [s for s in skills if in_namespace(s.name, ns)]
-    return SkillList(data=skills)
+async def list_adapters(request: Request, limit: PageLimit = None, after: PageAfter = None) -> SkillList:
+    """The latest version of every skill, by name; ``limit`` and ``after`` page through them."""
+    skills, more = await page(_state(request).registry, auth.namespace(request), after, limit)
+    return SkillList(data=skills, has_more=more, first_id=skills[0].name if skills else None,
+                     last_id=skills[-1].name if skills else None)
 
 
 @router.get("/v1/adapters/{name:path}/download", response_class=Response, dependencies=read,

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Query
 
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import BaseModelSpec, validate_adapter
 from composer import Composition, compose
 from server.quality import Answer, Weigh, check_min_agreement, quality_report
+
+MAX_PAGE = 1000
+PageLimit = Annotated[int | None, Query(ge=1, le=MAX_PAGE, description="at most this many skills (default: all)")]
+PageAfter = Annotated[str | None, Query(max_length=200, description="the skills after this name, by name")]
+
+
+async def page(registry: Registry, namespace: str | None, after: str | None,
+               limit: int | None) -> tuple[list[SkillInfo], bool]:
+    """One page of the latest skills by name (``namespace``'s only, when given), and whether more follow."""
+    skills = await asyncio.to_thread(registry.list, after, None if limit is None else limit + 1, namespace)
+    return skills[:limit], limit is not None and len(skills) > limit
 
 
 def store_composition(

@@ -29,6 +29,7 @@ from router.plan import Plan
 from server import auth, limits
 from server.auth import require_scope
 from server.openai_endpoints import last_user
+from server.library import PageAfter, PageLimit
 from server.openai_models import model_list
 from server.openai_plan import plan_for
 from server.openai_response import stored_response
@@ -85,10 +86,11 @@ async def detokenize(request: Request) -> Response:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request) -> JSONResponse:
+async def list_models(request: Request, limit: PageLimit = None, after: PageAfter = None) -> JSONResponse:
     """vLLM's model cards: the base model, every skill (``parent`` = the base id, as vLLM's LoRA cards),
-    and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for callers with ``read``)."""
-    return JSONResponse(await model_list(state(request), request))
+    and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for callers with ``read``).
+    ``limit`` and ``after`` page through the skills."""
+    return JSONResponse(await model_list(state(request), request, after, limit))
 
 
 @router.post("/v1/route", response_model=Plan, tags=["router"])

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 
 from adapter_store.errors import MosaicError
 from adapter_store.validation import in_namespace
 from server import auth
+from server.library import page
 from server.state import Mosaic
 
 
-async def model_list(m: Mosaic, request: Request) -> dict:
+async def model_list(m: Mosaic, request: Request, after: str | None = None, limit: int | None = None) -> dict:
     """vLLM's ``ModelList`` of the base model, the skills the caller's key reaches (``parent`` = the base id,
     as vLLM's LoRA cards) and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for
-    callers with ``read``)."""
+    callers with ``read``). ``after`` and ``limit`` page through the skills (the base and ``auto`` cards come
+    with the first page); ``has_more`` says whether more follow."""
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, ModelPermission
 
-    skills = await asyncio.to_thread(m.registry.list)
-    if (ns := auth.namespace(request)) is not None:
-        skills = [s for s in skills if in_namespace(s.name, ns)]
+    ns = auth.namespace(request)
+    skills, more = await page(m.registry, ns, after, limit)
     context = m.settings.max_model_len
 
     def card(id_: str, created: float, root: str, parent: str | None, mosaic: dict) -> ModelCard:
@@ -33,12 +32,13 @@ async def model_list(m: Mosaic, request: Request) -> dict:
         read_ns, detail = auth.check(m, "read", request.headers, request.client.host if request.client else None), True
     except MosaicError:
         read_ns, detail = None, False
-    cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})]
+    first = after is None
+    cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})] if first else []
     cards += [card(s.name, s.created, s.ref, m.base_id,
                    {"kind": "skill", "version": s.version,
                     **({"content_id": s.content_id, "rank": s.rank, "description": s.description}
                        if detail and (read_ns is None or in_namespace(s.name, read_ns)) else {})})
               for s in skills]
-    if ns is None:  # a key limited to a namespace cannot route over the whole library
+    if ns is None and first:  # a key limited to a namespace cannot route over the whole library
         cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
-    return ModelList(data=cards).model_dump()
+    return ModelList(data=cards).model_dump() | {"has_more": more}

@@ -74,9 +74,11 @@ def add(
         out.print(message)
 
 
-def list_(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """List the latest version of every skill."""
-    infos = registry().list()
+def list_(as_json: Annotated[bool, typer.Option("--json")] = False,
+          limit: Annotated[int | None, typer.Option(min=1, help="at most this many skills")] = None,
+          after: Annotated[str | None, typer.Option(help="the skills after this name, by name")] = None) -> None:
+    """List the latest version of every skill, by name (a page of them with --limit and --after)."""
+    infos = registry().list(after=after, limit=limit)
     if as_json:
         print_json([i.model_dump() for i in infos])
         return

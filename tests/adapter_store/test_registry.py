@@ -142,3 +142,62 @@ def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(r
     second = asyncio.run(cache.engine_id("content-b"))
     assert second != first and asyncio.run(cache.engine_id("content-a")) == first
     assert registry.engine_id("content-c") > second  # the counter moved past every id this engine holds
+
+
+def _round_trips(registry, monkeypatch) -> list[str]:
+    """Record every command sent on its own and every pipeline sent (one round trip each)."""
+    sent: list[str] = []
+    plain, pipeline = registry.r.execute_command, registry.r.pipeline
+
+    def execute_command(*args, **kw):
+        sent.append(str(args[0]))
+        return plain(*args, **kw)
+
+    def counted_pipeline(*args, **kw):
+        pipe = pipeline(*args, **kw)
+        execute = pipe.execute
+
+        def execute_counted(*a, **k):
+            sent.append("pipeline")
+            return execute(*a, **k)
+
+        pipe.execute = execute_counted
+        return pipe
+
+    monkeypatch.setattr(registry.r, "execute_command", execute_command)
+    monkeypatch.setattr(registry.r, "pipeline", counted_pipeline)
+    return sent
+
+
+def test_listing_takes_the_same_round_trips_for_any_library_size(registry, monkeypatch):
+    adapter = random_adapter({"m.q_proj": (8, 8)}, r=1)
+    counts = []
+    for size in (3, 30):
+        while len(registry.names()) < size:
+            registry.add(f"s{len(registry.names()):03d}", adapter)
+        expected = sorted(registry.names())
+        sent = _round_trips(registry, monkeypatch)
+        listed = [s.name for s in registry.list()]
+        counts.append(len(sent))
+        assert listed == expected
+        monkeypatch.undo()
+    assert counts[0] == counts[1] <= 3, counts
+
+
+def test_pages_cover_the_library_once_in_name_order(registry):
+    adapter = random_adapter({"m.q_proj": (8, 8)}, r=1)
+    names = [f"team/s{i:02d}" for i in range(7)] + ["alone", "zeta"]
+    for name in names:
+        registry.add(name, adapter)
+    registry.add("alone", random_adapter({"m.q_proj": (8, 8)}, r=1, seed=1))  # version 2 is the one listed
+    seen, after = [], None
+    while page := registry.list(after=after, limit=4):
+        seen += page
+        after = page[-1].name
+    assert [s.name for s in seen] == sorted(names)
+    assert {s.name: s.version for s in seen}["alone"] == 2
+    assert registry.list(after="team/s03", limit=2) == registry.list()[5:7]
+    registry.delete("team/s04")  # a page may start after a name that no longer exists
+    assert [s.name for s in registry.list(after="team/s04", limit=2)] == ["team/s05", "team/s06"]
+    assert [s.name for s in registry.list(namespace="team", limit=3)] == ["team/s00", "team/s01", "team/s02"]
+    assert [s.name for s in registry.list(namespace="team", after="team/s05")] == ["team/s06"]

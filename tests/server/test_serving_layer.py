@@ -314,3 +314,28 @@ def test_an_engine_failing_before_a_response_is_a_5xx_in_openai_shape(client, en
     assert r.status_code >= 500, r.text
     assert set(r.json()["error"]) == ERROR_KEYS and r.json()["error"]["type"] == "server_error"
     assert "mosaic" not in r.json() and json.loads(r.headers["x-mosaic-plan"])["plan"] == "base"
+
+
+def test_listings_page_through_the_library_in_name_order(client):
+    every = [s["name"] for s in client.get("/v1/adapters").json()["data"]]
+    assert every == sorted(every) and len(every) >= 8
+    seen, after = [], None
+    while True:
+        r = client.get("/v1/adapters", params={"limit": 3, **({"after": after} if after else {})})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        seen += [s["name"] for s in body["data"]]
+        assert body["last_id"] == body["data"][-1]["name"] and body["first_id"] == body["data"][0]["name"]
+        if not body["has_more"]:
+            break
+        after = body["last_id"]
+    assert seen == every
+    # /v1/models: the base card and auto on the first page, then skills only
+    first = client.get("/v1/models", params={"limit": 2}).json()
+    ids = [c["id"] for c in first["data"]]
+    assert ids[1:3] == every[:2] and ids[-1] == "auto" and first["has_more"]
+    rest = client.get("/v1/models", params={"after": every[1]}).json()
+    assert [c["id"] for c in rest["data"]] == every[2:] and not rest["has_more"]
+    for bad in ({"limit": 0}, {"limit": 1001}, {"limit": "x"}):
+        r = client.get("/v1/adapters", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "query.limit", (bad, r.text)
