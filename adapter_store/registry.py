@@ -363,6 +363,10 @@ class Registry:
         with self._guard("compression_running"):
             return self.shards.running()
 
+    def lock(self, name: str, seconds: float) -> redis.lock.Lock:
+        """A Redis lock named ``name`` beside the aux state, shared by replicas (expires after ``seconds``)."""
+        return self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds)
+
     def compression_lock(self, seconds: float = 600):
         """A Redis lock (redis-py's) that one compression holds; extend it while working."""
         return self.shards.lock(seconds)

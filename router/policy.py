@@ -27,6 +27,9 @@ class RouterConfig:
     mix_min: float  # ... and its α is at least this
     lexical_min: float  # the lexical policy's TF-IDF cosine below which it serves the base model
     rule: AlphaRule  # α -> weights: the grid and the most skills with a nonzero weight
+    # how long a request waits for the router retrained after a library change before it routes with the
+    # model it has (None: until the new one is ready)
+    train_wait_seconds: float | None = None
 
 
 class RouterPolicy(Protocol):

@@ -26,6 +26,7 @@ cached by text. Any change to the library changes the key and retrains (seconds 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from redis.exceptions import LockNotOwnedError
 from sklearn.linear_model import LogisticRegression
 
 from adapter_store.registry import Registry
@@ -47,6 +49,8 @@ from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
 EMB_KEY = "router-embeddings"
+TRAIN_LOCK = "router-training"  # one replica trains at a time; the others wait for its model
+TRAIN_LOCK_SECONDS = 600  # a trainer that died frees the lock after this
 
 
 def _profile_texts(s: SkillInfo) -> list[str]:
@@ -118,7 +122,10 @@ class PsecRouter:
         self.C = C
         self._model: RouterModel | None = None
         self._key: tuple[Sequence[SkillInfo], str] | None = None
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards the four below; notified when a model (or an error) arrives
+        self._wanted: tuple[str, Sequence[SkillInfo]] | None = None
+        self._trainer: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # ---- training -----------------------------------------------------------------
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -154,19 +161,70 @@ class PsecRouter:
         return model
 
     def model_for(self, skills: Sequence[SkillInfo]) -> RouterModel:
+        """The model for ``skills``: this process's, the one in Redis (another replica trained it), or a new
+        one. Training runs in one background thread here, and on one replica at a time (a Redis lock); a
+        request waits for it at most ``config.train_wait_seconds`` (None: until it is done), then routes with
+        the model it has (:meth:`route` leaves out skills that model knows and the library no longer has).
+        With no model yet, it waits."""
         # the same list object (the server re-reads the library only when it changes) has the same key
         cached = self._key
         key = cached[1] if cached is not None and cached[0] is skills else profile_key(skills, self.encoder.name)
         self._key = (skills, key)
-        with self._lock:
+        with self._changed:
             if self._model is not None and self._model.key == key:
                 return self._model
-            stored = self.registry.get_aux(MODEL_KEY) if self.registry else {}
-            if stored.get("key", b"").decode() == key:
-                self._model = RouterModel.from_redis(stored)
-            else:
-                self._model = self.train(skills)
+            self._wanted = (key, skills)
+            if self._trainer is None or not self._trainer.is_alive():
+                self._error = None
+                self._trainer = threading.Thread(target=self._train_wanted, name="router-train", daemon=True)
+                self._trainer.start()
+            wait = self.config.train_wait_seconds if self._model is not None else None
+            self._changed.wait_for(lambda: self._model is not None and self._model.key == key or self._error is not None,
+                                   timeout=wait)
+            if self._model is None:
+                raise self._error
             return self._model
+
+    def _train_wanted(self) -> None:
+        """The trainer thread: until this process has the model of the library last asked for."""
+        while True:
+            with self._changed:
+                key, skills = self._wanted
+                if self._model is not None and self._model.key == key:
+                    return
+            try:
+                model = self._obtain(key, skills)
+            except BaseException as e:  # the waiters raise it (the thread reports it too)
+                with self._changed:
+                    self._error = e
+                    self._changed.notify_all()
+                raise
+            with self._changed:
+                self._model = model
+                self._changed.notify_all()
+
+    def _obtain(self, key: str, skills: Sequence[SkillInfo]) -> RouterModel:
+        """The model with ``key``: from Redis if a replica stored it, else trained here under the training lock
+        (a replica that finds the lock taken waits for the holder's model)."""
+        if self.registry is None:
+            return self.train(skills)
+        lock = self.registry.lock(TRAIN_LOCK, seconds=TRAIN_LOCK_SECONDS)
+        while True:
+            if (stored := self._stored(key)) is not None:
+                return stored
+            if lock.acquire(blocking=True, blocking_timeout=1.0):
+                break
+        try:
+            return self._stored(key) or self.train(skills)
+        finally:
+            with contextlib.suppress(LockNotOwnedError):  # it expired (or Redis lost it): the model stands
+                lock.release()
+
+    def _stored(self, key: str) -> RouterModel | None:
+        if self.registry.get_aux(MODEL_KEY, ["key"]).get("key", b"").decode() != key:
+            return None
+        stored = self.registry.get_aux(MODEL_KEY)
+        return RouterModel.from_redis(stored) if stored.get("key", b"").decode() == key else None
 
     # ---- deciding -----------------------------------------------------------------
     def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
@@ -175,7 +233,7 @@ class PsecRouter:
         c = self.config
         model = self.model_for(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
-        alpha, sims = model.alpha(e), model.similarity(e)
+        alpha, sims = self._live(model, skills, model.alpha(e), model.similarity(e))
         order = np.argsort(-alpha)
         scores = {n: round(float(a), 4) for n, a in zip(model.names, alpha)}
         similarity = {n: round(float(s), 4) for n, s in zip(model.names, sims)}
@@ -195,6 +253,16 @@ class PsecRouter:
                         scores=scores, similarity=similarity)
         return Plan(kind="skill", skill=model.names[top], reason=f"{model.names[top]} (α={alpha[top]:.2f}, similarity {sims[top]:.2f})", scores=scores,
                     similarity=similarity)
+
+    @staticmethod
+    def _live(model: RouterModel, skills: Sequence[SkillInfo], alpha: np.ndarray,
+              sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """α and similarities with the skills the library no longer has left out (a model trained before the
+        library changed, while the new one trains)."""
+        have = {s.name for s in skills}
+        live = np.array([n in have for n in model.names])
+        alpha = np.where(live, alpha, 0.0)
+        return (alpha / alpha.sum() if alpha.sum() > 0 else alpha), np.where(live, sims, -1.0)
 
     def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int) -> Plan:
         """A context-aware composition's plan for ``text``: α over the composition's own skills (the

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     router_mix_similarity: float = 0.34  # another skill joins the top one when the prompt is this close to it ...
     router_mix_min: float = 0.18  # ... and its α is at least this
     router_lexical_min: float = 0.2  # the lexical policy: TF-IDF cosine below this, the base model serves
+    # after a library change the router retrains in the background: a request waits for it at most this
+    # long, then routes with the model it has (a new skill is routable once training is done)
+    router_train_wait_seconds: float = Field(default=1.0, ge=0.0)
     # α -> composition weights (model="auto" and "weights": "auto"): the strongest skill at 1, the others
     # α_i/α_max rounded to this grid (below half a step: dropped), at most router_max_skills nonzero
     alpha_grid: float = Field(default=0.25, gt=0.0, le=1.0)
@@ -78,7 +81,7 @@ class Settings(BaseSettings):
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(ood=self.router_ood, mix_similarity=self.router_mix_similarity, mix_min=self.router_mix_min,
-                            lexical_min=self.router_lexical_min,
+                            lexical_min=self.router_lexical_min, train_wait_seconds=self.router_train_wait_seconds,
                             rule=AlphaRule(grid=self.alpha_grid, max_skills=self.router_max_skills))
 
     def model_post_init(self, _ctx: object) -> None:

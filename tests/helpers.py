@@ -4,6 +4,7 @@ owns, and the router's default thresholds."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -24,8 +25,9 @@ LOCAL, LOCAL_URL = ("127.0.0.1", 50000), "http://127.0.0.1"
 DEMO = ROOT / "bench" / "skills"  # the 8 demo skills (PEFT folders with mosaic.json)
 BASE = "SmolLM2-135M-Instruct"  # the bundled base model's id
 JSON_PROMPT = "Extract the person as JSON: Ada is 36 years old and lives in London."
-# the router thresholds the server uses by default (not read from the environment)
-ROUTER_CONFIG = Settings.model_construct().router_config()
+# the router thresholds the server uses by default (not read from the environment); a test that changes the
+# library waits for the router's retraining (tests/router/test_background_training.py covers the bounded wait)
+ROUTER_CONFIG = dataclasses.replace(Settings.model_construct().router_config(), train_wait_seconds=None)
 
 
 def new_prefix(kind: str = "mosaic-test") -> str:
