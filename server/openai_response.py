@@ -34,11 +34,16 @@ def error_json(err, headers: dict | None = None) -> JSONResponse:
     """vLLM's error response (its status, message and param) in Mosaic's vocabulary of OpenAI error
     types and codes, so that a client sees one error shape whichever layer refused the request."""
     status = err.error.code
-    type_, code = {400: ("invalid_request_error", "invalid_request"), 404: ("invalid_request_error", "not_found"),
-                   501: ("server_error", "not_implemented"), 503: ("server_error", "service_unavailable")}.get(
-        status, ("invalid_request_error", str(status)) if status < 500 else ("server_error", "internal_error"))
+    type_, code = error_terms(status)
     body = {"error": {"message": err.error.message, "type": type_, "param": err.error.param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_terms(status: int) -> tuple[str, str]:
+    """The OpenAI error type and Mosaic's code for an HTTP status vLLM reported."""
+    return {400: ("invalid_request_error", "invalid_request"), 404: ("invalid_request_error", "not_found"),
+            501: ("server_error", "not_implemented"), 503: ("server_error", "service_unavailable")}.get(
+        status, ("invalid_request_error", str(status)) if status < 500 else ("server_error", "internal_error"))
 
 
 class Observation:
@@ -108,24 +113,28 @@ async def stream_events(events: AsyncIterator[str], rename: tuple[str, str] | No
 
     The rename is a plain replacement of ``"model":"<served name>"``: inside a JSON string a quote is
     escaped, so that byte sequence can only be the response's own ``model`` key."""
-    outcome, usage, first = "error", None, True
+    outcome, usage, first = "", None, True
     try:
         async for event in events:
             if rename is not None:
                 event = event.replace(*rename)
             if '"usage":{' in event:
                 usage = _usage_of(event) or usage
+            if '"error"' in event:
+                event, failed = _in_mosaic_terms(event)
+                outcome = "error" if failed else outcome
             if first and "data: {" in event:
                 event, first = _with_mosaic(event, mosaic), False
             yield event
-        outcome = "ok"
+        outcome = outcome or "ok"
     except Exception as exc:  # the response has started: the error goes on the stream, and the stream ends as usual
+        outcome = "error"
         log.error("a stream failed after it started", exc_info=exc)
         err = exc if isinstance(exc, MosaicError) else MosaicError("the stream failed inside the server; see its log")
         yield f"data: {json.dumps(error_payload(err), separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        observed.done(outcome, usage)
+        observed.done(outcome or "error", usage)  # no outcome: the stream was cancelled midway
 
 
 def _data(event: str) -> tuple[str, str, str]:
@@ -143,6 +152,22 @@ def _with_mosaic(event: str, mosaic: dict) -> str:
     if isinstance(body, dict) and "error" not in body:
         body["mosaic"] = mosaic
     return head + "data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + tail
+
+
+def _in_mosaic_terms(event: str) -> tuple[str, bool]:
+    """vLLM's error event (it catches an engine failure mid-stream itself: its type is the exception's class
+    name and its code the HTTP status) in the error vocabulary of Mosaic's responses; and whether it was one."""
+    head, data, tail = _data(event)
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return event, False
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("code"), int):
+        return event, False
+    log.error("the engine failed during a stream: %s", error.get("message"))
+    error["type"], error["code"] = error_terms(error["code"])
+    return head + "data: " + json.dumps(body, separators=(",", ":"), ensure_ascii=False) + tail, True
 
 
 def _usage_of(event: str) -> dict | None:

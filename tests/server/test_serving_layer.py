@@ -305,6 +305,8 @@ def test_an_engine_failing_mid_stream_ends_the_stream_with_an_error_then_done(cl
     *chunks, error = [json.loads(e) for e in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "".join(REPLY[:2])
     assert set(error) == {"error"} and set(error["error"]) == ERROR_KEYS and error["error"]["message"], error
+    # the same terms as a failure before the response started
+    assert (error["error"]["type"], error["error"]["code"]) == ("server_error", "internal_error"), error
     assert len(engine.calls) == 1
 
 
