@@ -53,6 +53,8 @@ class AuxStore:
         """Every field (``fields`` None), or those of ``fields`` that are set."""
         if fields is None:
             return {k.decode(): v for k, v in self.r.hgetall(self.keys.aux(key)).items()}
+        if not fields:  # HMGET needs at least one field
+            return {}
         return {f: v for f, v in zip(fields, self.r.hmget(self.keys.aux(key), fields)) if v is not None}
 
     def add_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:

@@ -142,7 +142,7 @@ class Bench:
                 plan = self.router.route_within(p, template, self.profiles, 0)
                 self.route_ms.append((time.perf_counter() - t0) * 1000)
                 w = tuple(plan.composition.weights) if rule is not None else tuple(sum_to_one(plan.alpha))
-                if rule is not None and rule != self.router.rule:
+                if rule is not None and rule != self.router.config.rule:
                     from router.weights import weights_from_alpha
 
                     w = tuple(weights_from_alpha(plan.alpha, rule))

@@ -22,7 +22,7 @@ PageAfter = Annotated[str | None, Query(max_length=200, description="the skills 
 async def page(registry: Registry, namespace: str | None, after: str | None,
                limit: int | None) -> tuple[list[SkillInfo], bool]:
     """One page of the latest skills by name (``namespace``'s only, when given), and whether more follow."""
-    skills = await asyncio.to_thread(registry.list, after, None if limit is None else limit + 1, namespace)
+    skills = await asyncio.to_thread(registry.list, after or None, None if limit is None else limit + 1, namespace)
     return skills[:limit], limit is not None and len(skills) > limit
 
 

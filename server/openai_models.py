@@ -32,7 +32,7 @@ async def model_list(m: Mosaic, request: Request, after: str | None = None, limi
         read_ns, detail = auth.check(m, "read", request.headers, request.client.host if request.client else None), True
     except MosaicError:
         read_ns, detail = None, False
-    first = after is None
+    first = not after  # the base and auto cards lead the first page
     cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})] if first else []
     cards += [card(s.name, s.created, s.ref, m.base_id,
                    {"kind": "skill", "version": s.version,

@@ -4,7 +4,6 @@ context-aware weights over exactly the composition's own skills."""
 
 import inspect
 import json
-import os
 import typing
 
 import pytest
@@ -13,11 +12,8 @@ from bench.demo_data import examples
 from composer.spec import Composition
 from router.policies import POLICIES, make_policy
 from router.policy import RouterPolicy
-from server.launch import mosaic_cli
 from server.settings import Settings
-from tests.helpers import TEST_REDIS_URL
-from tests.helpers import ROUTER_CONFIG, random_adapter
-from tests.helpers import ROUTER_SHAPES, add_demo_profiles
+from tests.helpers import ROUTER_CONFIG, ROUTER_SHAPES, TEST_REDIS_URL, add_demo_profiles, random_adapter, run_cli
 
 NAMES = sorted(POLICIES)
 
@@ -91,8 +87,16 @@ def test_context_weights_cover_exactly_the_compositions_skills(policy, registry)
 @pytest.mark.parametrize("name", NAMES)
 def test_mosaic_route_uses_the_policy_the_settings_name(name, registry):
     add_demo_profiles(registry)
-    env = dict(os.environ, MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p, MOSAIC_ROUTER=name)
-    done = mosaic_cli(env, "route", examples("sentiment", "test", 1, seed=2)[0][0], "--json", timeout=120)
+    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p, MOSAIC_ROUTER=name)
+    done = run_cli(env, "route", examples("sentiment", "test", 1, seed=2)[0][0], "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
     assert plan["kind"] == "skill" and plan["skill"] == "sentiment", plan
+
+
+def test_mosaic_router_train_on_an_empty_library_and_under_lexical(registry):
+    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p)
+    done = run_cli(env, "router", "train")
+    assert done.returncode == 0 and "trained on 0 skills" in done.stdout, done.stderr
+    done = run_cli({**env, "MOSAIC_ROUTER": "lexical"}, "router", "train")
+    assert done.returncode == 1 and "has no model to train" in done.stderr
