@@ -82,10 +82,10 @@ def compose(
         raise ValueError(f"weighting must be 'none' or 'varm', got {weighting!r}")
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
-    spec = get_method(method)
-    spec.check_inputs(len(adapters))
-    params = spec.check_params(params or {})
-    weights = spec.weights_fn(list(weights), params)
+    merge = get_method(method)
+    merge.check_inputs(len(adapters))
+    params = merge.check_params(params or {})
+    weights = merge.weights_fn(list(weights), params)
     per_adapter = [a.modules() for a in adapters]
     cap = max_rank or AUTO_RANK_CAP
     names = sorted(set().union(*per_adapter))
@@ -105,7 +105,7 @@ def compose(
         factors = [(m.A, (w * m.scaling) * m.B) for (m, _), w in zip(present, ws)]
         exact_rank = max(exact_rank, sum(a.shape[0] for a, _ in factors))
         ctx = MethodContext(module=name, cap=cap, layer=layer_index(name), inputs=inputs)
-        A, B = spec.fn(factors, rank=rank, ctx=ctx, **params)
+        A, B = merge.fn(factors, rank=rank, ctx=ctx, **params)
         if lines is not None:
             B = B * lines_scale(layer_index(name), num_layers, *lines)
         if max_rank is not None:

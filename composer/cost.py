@@ -28,11 +28,11 @@ class Cost:
 
 def compose_cost(method: str, params: dict, shapes: list[tuple[int, int]], ranks: list[int]) -> Cost:
     """``shapes``: (d_out, d_in) of every module the composition may touch; ``ranks``: each input's rank."""
-    spec = get_method(method)
+    merge = get_method(method)
     n, R = len(ranks), sum(ranks)
     work = peak = 0.0
     for d_out, d_in in shapes:
-        if spec.space == "dense":
+        if merge.space == "dense":
             module_work = n * d_out * d_in + d_out * d_in * min(d_out, d_in)
             module_peak = (n + 1) * d_out * d_in * BYTES_PER_VALUE
         elif method == "lego":

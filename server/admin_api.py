@@ -22,7 +22,7 @@ from server.learned_weights import OptimizeOptions
 from server.library import PageAfter, PageLimit, create_and_store, page
 from server.optimize_api import OptimizeJob
 from server.quality import engine_answerer
-from server.state import Mosaic
+from server.state import Service
 from server.uploads import pack_tar_gz, unpack
 
 
@@ -31,7 +31,7 @@ admin = [Depends(require_scope("admin"))]
 read = [Depends(require_scope("read"))]
 
 
-def _state(request: Request) -> Mosaic:
+def _state(request: Request) -> Service:
     return request.app.state.mosaic
 
 
@@ -72,15 +72,15 @@ async def upload_adapter(
     examples: Annotated[str | None, Form(description="JSON list of example prompts")] = None,
     tags: Annotated[str | None, Form(description="JSON list of tags")] = None,
 ) -> SkillInfo:
-    m = _state(request)
+    service = _state(request)
     auth.check_names(request, [name])
-    limit = m.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
+    limit = service.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
     raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
     payload = await asyncio.to_thread(unpack, raw, limit)
-    adapter = await asyncio.to_thread(validate_files, payload, m.spec, max_rank=m.settings.max_adapter_rank, name=name)
+    adapter = await asyncio.to_thread(validate_files, payload, service.base_spec, max_rank=service.settings.max_adapter_rank, name=name)
     return await asyncio.to_thread(
-        m.registry.add, name, adapter, description=description, examples=example_list, tags=tag_list
+        service.registry.add, name, adapter, description=description, examples=example_list, tags=tag_list
     )
 
 
@@ -117,9 +117,9 @@ async def show_adapter(name: str, request: Request) -> SkillDetail:
 @router.delete("/v1/adapters/{name:path}", response_model=Deleted, dependencies=admin)
 async def delete_adapter(name: str, request: Request) -> Deleted:
     auth.check_names(request, [name])
-    m = _state(request)
-    gone = await asyncio.to_thread(m.registry.delete, name)
-    await m.cache.forget(gone)
+    service = _state(request)
+    gone = await asyncio.to_thread(service.registry.delete, name)
+    await service.cache.forget(gone)
     return Deleted(deleted=[g.ref for g in gone])
 
 
@@ -141,28 +141,28 @@ async def create_composition(body: CompositionRequest, request: Request):
     """Compose and store as a new skill, with a quality report (agreement with each input skill's own
     answers on its example prompts); ``weights: "auto"`` stores a context-aware template; ``optimize``
     learns the weights from examples in a background job (202)."""
-    m = _state(request)
-    if problems := check_name(body.name, reserved=(m.base_id,)):
+    service = _state(request)
+    if problems := check_name(body.name, reserved=(service.base_id,)):
         raise InvalidRequestError("; ".join(problems), param="name")
     auth.check_names(request, [body.name])
     auth.check_names(request, body.skills, param="skills")
     comp = Composition(**body.model_dump(include=set(Composition.model_fields)))
-    limits.check_composition(m.settings, comp, param="skills")
-    if (body.quality_prompts or body.min_agreement is not None) and not m.engine.ready():
+    limits.check_composition(service.settings, comp, param="skills")
+    if (body.quality_prompts or body.min_agreement is not None) and not service.engine.ready():
         raise UnavailableError("the engine is not ready yet: the quality report needs it (or send quality_prompts 0)")
     if body.optimize is not None:
         if comp.context_aware:
             raise InvalidRequestError("optimize learns fixed weights and 'auto' chooses them per prompt: send one of "
                                       "the two", param="optimize")
         for ref in comp.skills:  # a missing skill is a 404 now, not a failed job later
-            await m.cache.resolve(ref)
-        job = optimize_api.start(request, m, comp, body.optimize, name=body.name, description=body.description,
+            await service.cache.resolve(ref)
+        job = optimize_api.start(request, service, comp, body.optimize, name=body.name, description=body.description,
                                  examples=body.examples, quality_prompts=body.quality_prompts,
                                  min_agreement=body.min_agreement)
         return JSONResponse(job.model_dump(mode="json"), status_code=202)
     return await create_and_store(
-        m.registry, m.spec, comp, body.name, body.description, body.examples, max_rank=m.settings.max_adapter_rank,
-        answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
+        service.registry, service.base_spec, comp, body.name, body.description, body.examples, max_rank=service.settings.max_adapter_rank,
+        answer=engine_answerer(service), weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
         quality_prompts=body.quality_prompts, min_agreement=body.min_agreement,
     )
 

@@ -17,54 +17,54 @@ from adapter_store.errors import MosaicError
 from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api
 from server.openai_endpoints import endpoint, publish_request_schemas
 from server.settings import Settings, get_settings
-from server.state import Mosaic, build
+from server.state import Service, build
 
 log = logging.getLogger("mosaic.server")
 
 
-async def _start_engine(m: Mosaic) -> bool:
+async def _start_engine(service: Service) -> bool:
     t0 = time.monotonic()
     try:
-        await m.engine.start()
+        await service.engine.start()
     except Exception:
         log.exception("the engine failed to start")
-        m.engine_error = "the engine failed to start; see the server log"
+        service.engine_error = "the engine failed to start; see the server log"
         return False
-    m.engine_start_seconds = time.monotonic() - t0
-    m.engine_error = None
-    log.info("engine %s ready in %.1f s", m.settings.engine, m.engine_start_seconds)
+    service.engine_start_seconds = time.monotonic() - t0
+    service.engine_error = None
+    log.info("engine %s ready in %.1f s", service.settings.engine, service.engine_start_seconds)
     return True
 
 
-async def _supervise_engine(m: Mosaic) -> None:
+async def _supervise_engine(service: Service) -> None:
     """Start the engine; if it fails to start or dies later, stop it and start it again after a
     back-off (doubling from MOSAIC_ENGINE_RESTART_SECONDS), at most MOSAIC_ENGINE_MAX_RESTARTS times
     in a row. Meanwhile /health and inference answer 503, the library API keeps working."""
-    s = m.settings
+    s = service.settings
     failures = 0
     while True:
-        if await _start_engine(m):
+        if await _start_engine(service):
             failures = 0
-            while m.engine.ready():
+            while service.engine.ready():
                 await asyncio.sleep(s.engine_check_seconds)
-            m.engine_error = "the engine stopped; restarting it"
+            service.engine_error = "the engine stopped; restarting it"
             log.error("the engine is no longer ready: restarting it")
-            await m.engine.stop()
+            await service.engine.stop()
         failures += 1
         if failures > s.engine_max_restarts:
-            m.engine_error = f"the engine failed {failures} times in a row; see the server log (not retrying)"
-            log.error(m.engine_error)
+            service.engine_error = f"the engine failed {failures} times in a row; see the server log (not retrying)"
+            log.error(service.engine_error)
             return
         delay = s.engine_restart_seconds * 2 ** (failures - 1)
         log.warning("restarting the engine in %.1f s (attempt %d of %d)", delay, failures, s.engine_max_restarts)
         await asyncio.sleep(delay)
-        m.engine_restarts += 1
+        service.engine_restarts += 1
 
 
-def _warm_router(m: Mosaic) -> None:
+def _warm_router(service: Service) -> None:
     """Load the encoder and the router model before the first ``auto`` request needs them."""
     try:
-        m.decide("warm up")
+        service.decide("warm up")
     except (MosaicError, OSError) as e:  # Redis or the encoder's files unavailable: auto requests retry
         log.warning("router warm-up failed (auto requests will retry): %s", e)
 
@@ -79,23 +79,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        m = await asyncio.to_thread(build, settings)
+        service = await asyncio.to_thread(build, settings)
         # vLLM's protocol modules import transformers: import them before the engine's thread does the same,
         # as two threads importing one package's circular imports can meet a half-initialised module
         await asyncio.to_thread(endpoint, "chat")
-        m.started = time.time()
-        app.state.mosaic = m
-        if settings.open_admin and not auth.locked(m):
+        service.started = time.time()
+        app.state.mosaic = service
+        if settings.open_admin and not auth.locked(service):
             log.warning("MOSAIC_OPEN_ADMIN=true and no API key: anyone who can reach this server can change and read the library")
-        task = asyncio.create_task(_supervise_engine(m))
-        warm = asyncio.create_task(asyncio.to_thread(_warm_router, m))
+        task = asyncio.create_task(_supervise_engine(service))
+        warm = asyncio.create_task(asyncio.to_thread(_warm_router, service))
         warm.add_done_callback(_report_failure)
         try:
             yield
         finally:
             task.cancel()
             warm.cancel()
-            await m.engine.stop()
+            await service.engine.stop()
 
     app = FastAPI(title="Mosaic", version="0.1.0", lifespan=lifespan,
                   description="LoRA adapter composition server with an OpenAI-compatible API.")
@@ -120,15 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/health", tags=["ops"])
     async def health(request: Request) -> JSONResponse:
-        m: Mosaic = request.app.state.mosaic
-        ready = m.engine.ready()
+        service: Service = request.app.state.mosaic
+        ready = service.engine.ready()
         body = {
-            "status": "ok" if ready else ("error" if m.engine_error else "starting"),
-            "engine": m.settings.engine, "base_model": m.base_id, "engine_start_seconds": m.engine_start_seconds,
-            "engine_restarts": m.engine_restarts,
+            "status": "ok" if ready else ("error" if service.engine_error else "starting"),
+            "engine": service.settings.engine, "base_model": service.base_id, "engine_start_seconds": service.engine_start_seconds,
+            "engine_restarts": service.engine_restarts,
         }
-        if m.engine_error:
-            body["error"] = m.engine_error
+        if service.engine_error:
+            body["error"] = service.engine_error
         return JSONResponse(body, status_code=200 if ready else 503)
 
     return app

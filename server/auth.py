@@ -59,8 +59,8 @@ def _presented_key(headers) -> str:
     return given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
 
 
-def locked(m) -> bool:
-    return bool(m.settings.api_key) or m.settings.require_inference_key or m.keys.locked()
+def locked(service) -> bool:
+    return bool(service.settings.api_key) or service.settings.require_inference_key or service.keys.locked()
 
 
 def _same_machine(headers, client_host: str | None) -> bool:
@@ -79,23 +79,23 @@ def _same_machine(headers, client_host: str | None) -> bool:
     return headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
 
 
-def check(m, scope: str, headers, client_host: str | None) -> str | None:
+def check(service, scope: str, headers, client_host: str | None) -> str | None:
     """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``; returns the
     namespace the request is limited to (None: not limited)."""
-    if scope == "inference" and not m.settings.require_inference_key:
+    if scope == "inference" and not service.settings.require_inference_key:
         return None
-    if not locked(m):
-        if m.settings.open_admin or _same_machine(headers, client_host):
+    if not locked(service):
+        if service.settings.open_admin or _same_machine(headers, client_host):
             return None
         raise AuthError(f"this server has no API keys yet, and '{scope}' is open only to clients on this machine "
                         "(MOSAIC_OPEN_ADMIN=true opens it to everyone): create a key with `mosaic keys create`")
     token = _presented_key(headers)
     if not token:
         raise AuthError(f"this endpoint needs an API key with the '{scope}' scope: send 'Authorization: Bearer <key>'")
-    root = m.settings.api_key
+    root = service.settings.api_key
     if root and secrets.compare_digest(token.encode(), root.encode()):
         return None
-    key = m.keys.lookup(token)
+    key = service.keys.lookup(token)
     if key is None:
         raise AuthError("the API key is unknown or revoked")
     if scope not in key.scopes and "admin" not in key.scopes:
@@ -174,10 +174,10 @@ class AuthGate:
             from starlette.datastructures import Headers
             from starlette.responses import JSONResponse
 
-            m = self.fastapi_app.state.mosaic
+            service = self.fastapi_app.state.mosaic
             client = scope.get("client")
             try:
-                ns = check(m, wanted, Headers(scope=scope), client[0] if client else None)
+                ns = check(service, wanted, Headers(scope=scope), client[0] if client else None)
                 if ns is not None and is_mount:
                     raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {scope['path']} spans "
                                          "the whole library")

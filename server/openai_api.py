@@ -99,9 +99,9 @@ async def route(req: RouteRequest, request: Request) -> Plan:
     or the name of a stored one, the weights it would be served with)."""
     if req.prompt is None and not req.messages:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
-    m = state(request)
+    service = state(request)
     text = req.prompt if req.prompt is not None else last_user(req.messages)
-    limits.check_prompt_chars(m.settings, [text], "prompt" if req.prompt is not None else "messages")
+    limits.check_prompt_chars(service.settings, [text], "prompt" if req.prompt is not None else "messages")
     if req.composition is not None or req.model not in (None, "auto") or auth.namespace(request) is not None:
-        return await plan_for(m, req.model or "auto", req.composition, text, auth.namespace(request))
-    return await m.route(text)
+        return await plan_for(service, req.model or "auto", req.composition, text, auth.namespace(request))
+    return await service.route(text)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from server.protocol import content_text
-from server.state import Mosaic
+from server.state import Service
 
 
 # --- what each endpoint reads ----------------------------------------------------------------------
@@ -32,7 +32,7 @@ def _all_messages(items: Any) -> list[str]:
     return [content_text(x.get("content")) for x in message_dicts(items)]
 
 
-def _prompts(m: Mosaic, prompt: Any) -> list[str]:
+def _prompts(service: Service, prompt: Any) -> list[str]:
     """The text of a completions prompt: a string, several strings, token ids, or several lists of them."""
     if prompt is None:
         return []
@@ -40,7 +40,7 @@ def _prompts(m: Mosaic, prompt: Any) -> list[str]:
         return [prompt]
     if prompt and all(isinstance(t, int) for t in prompt):
         prompt = [prompt]
-    tok = m.engine.tokenizer()
+    tok = service.engine.tokenizer()
     vocab = len(tok) if tok is not None else 0
     out = []
     for p in prompt:
@@ -62,8 +62,8 @@ class Endpoint:
     serving: str  # the attribute of vLLM's serving state
     method: str
     protocol: Callable[[dict], type[BaseModel]]  # the request model for a body
-    texts: Callable[[Mosaic, Any], list[str]]  # all prompt text (the character limit)
-    routed: Callable[[Mosaic, Any], str]  # what the router and context-aware weights read
+    texts: Callable[[Service, Any], list[str]]  # all prompt text (the character limit)
+    routed: Callable[[Service, Any], str]  # what the router and context-aware weights read
     dump: dict = field(default_factory=dict)  # vLLM's model_dump arguments for the response
     events: Callable | None = None  # turns a stream of event objects into SSE text (Responses API)
 
@@ -77,19 +77,19 @@ def _protocols():
 
     return {
         "chat": Endpoint("openai_serving_chat", "create_chat_completion", lambda b: ChatCompletionRequest,
-                         lambda m, r: _all_messages(r.messages), lambda m, r: last_user(r.messages)),
+                         lambda service, r: _all_messages(r.messages), lambda service, r: last_user(r.messages)),
         "completion": Endpoint("openai_serving_completion", "create_completion", lambda b: CompletionRequest,
-                               lambda m, r: _prompts(m, r.prompt), lambda m, r: "\n".join(_prompts(m, r.prompt))),
+                               lambda service, r: _prompts(service, r.prompt), lambda service, r: "\n".join(_prompts(service, r.prompt))),
         "responses": Endpoint("openai_serving_responses", "create_responses", lambda b: ResponsesRequest,
-                              lambda m, r: _input_texts(r.input),
-                              lambda m, r: r.input if isinstance(r.input, str) else last_user(r.input),
+                              lambda service, r: _input_texts(r.input),
+                              lambda service, r: r.input if isinstance(r.input, str) else last_user(r.input),
                               dump={"mode": "json", "by_alias": True}, events=_convert_stream_to_sse_events),
         "tokenize": Endpoint("serving_tokenization", "create_tokenize",
                              lambda b: TokenizeChatRequest if "messages" in b else TokenizeCompletionRequest,
-                             lambda m, r: _all_messages(r.messages) if hasattr(r, "messages") else [r.prompt],
-                             lambda m, r: last_user(r.messages) if hasattr(r, "messages") else r.prompt),
+                             lambda service, r: _all_messages(r.messages) if hasattr(r, "messages") else [r.prompt],
+                             lambda service, r: last_user(r.messages) if hasattr(r, "messages") else r.prompt),
         "detokenize": Endpoint("serving_tokenization", "create_detokenize", lambda b: DetokenizeRequest,
-                               lambda m, r: [], lambda m, r: ""),
+                               lambda service, r: [], lambda service, r: ""),
     }
 
 

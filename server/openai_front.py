@@ -18,7 +18,7 @@ from server import limits
 from server.openai_endpoints import Endpoint, message_dicts
 from server.openai_response import vllm_error
 from server.protocol import content_text
-from server.state import Mosaic
+from server.state import Service
 
 MOSAIC_FIELDS = {"composition"}
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
@@ -73,27 +73,27 @@ class Refused(Exception):
         self.error = error
 
 
-def check_limits(m: Mosaic, ep: Endpoint, req: Any, composition: Composition | None,
+def check_limits(service: Service, ep: Endpoint, req: Any, composition: Composition | None,
                  sent: frozenset[str] | None = None) -> None:
     """Mosaic's limits on a parsed request; ``sent``: the fields the client sent (None: all of them)."""
     if composition is not None:
-        limits.check_composition(m.settings, composition)
-    limits.check_prompt_chars(m.settings, ep.texts(m, req), "prompt" if hasattr(req, "prompt") else "messages")
-    if m.engine.serving is not None and m.settings.max_prompt_tokens < m.settings.max_model_len - 1:
+        limits.check_composition(service.settings, composition)
+    limits.check_prompt_chars(service.settings, ep.texts(service, req), "prompt" if hasattr(req, "prompt") else "messages")
+    if service.engine.serving is not None and service.settings.max_prompt_tokens < service.settings.max_model_len - 1:
         # tighter than the context that vLLM checks itself: count the prompt here
-        for n in prompt_token_counts(m, req):
-            limits.check_prompt_tokens(m.settings, n, "prompt" if hasattr(req, "prompt") else "messages")
+        for n in prompt_token_counts(service, req):
+            limits.check_prompt_tokens(service.settings, n, "prompt" if hasattr(req, "prompt") else "messages")
     for name in MAX_TOKENS_FIELDS:  # as sent: a default (completions: 16) is capped by the engine, not refused
         value = vars(req).get(name) if sent is None or name in sent else None
-        if isinstance(value, int) and value > m.settings.max_tokens_limit:
+        if isinstance(value, int) and value > service.settings.max_tokens_limit:
             raise InvalidRequestError(
-                f"{name}={value} is more than the server allows ({m.settings.max_tokens_limit}, setting "
+                f"{name}={value} is more than the server allows ({service.settings.max_tokens_limit}, setting "
                 "MOSAIC_MAX_TOKENS_LIMIT)", param=name)
 
 
-def prompt_token_counts(m: Mosaic, req: Any) -> list[int]:
+def prompt_token_counts(service: Service, req: Any) -> list[int]:
     """Prompt lengths in tokens, by the model's tokenizer (chat: through its chat template)."""
-    tok = m.engine.tokenizer()
+    tok = service.engine.tokenizer()
     if hasattr(req, "messages"):
         messages = [{"role": x.get("role"), "content": content_text(x.get("content"))} for x in message_dicts(req.messages)]
         try:

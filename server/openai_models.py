@@ -8,10 +8,10 @@ from adapter_store.errors import MosaicError
 from adapter_store.validation import in_namespace
 from server import auth
 from server.library import page
-from server.state import Mosaic
+from server.state import Service
 
 
-async def model_list(m: Mosaic, request: Request, after: str | None = None, limit: int | None = None) -> dict:
+async def model_list(service: Service, request: Request, after: str | None = None, limit: int | None = None) -> dict:
     """vLLM's ``ModelList`` of the base model, the skills the caller's key reaches (``parent`` = the base id,
     as vLLM's LoRA cards) and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for
     callers with ``read``). ``after`` and ``limit`` page through the skills (the base and ``auto`` cards come
@@ -19,8 +19,8 @@ async def model_list(m: Mosaic, request: Request, after: str | None = None, limi
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList, ModelPermission
 
     ns = auth.namespace(request)
-    skills, more = await page(m.registry, ns, after, limit)
-    context = m.settings.max_model_len
+    skills, more = await page(service.registry, ns, after, limit)
+    context = service.settings.max_model_len
 
     def card(id_: str, created: float, root: str, parent: str | None, mosaic: dict) -> ModelCard:
         return ModelCard(id=id_, created=int(created), owned_by="mosaic", root=root, parent=parent,
@@ -29,16 +29,16 @@ async def model_list(m: Mosaic, request: Request, after: str | None = None, limi
     # a skill's details (content, rank, description) are the library's: shown to callers who may read it
     # (a key limited to a namespace: that namespace's)
     try:
-        read_ns, detail = auth.check(m, "read", request.headers, request.client.host if request.client else None), True
+        read_ns, detail = auth.check(service, "read", request.headers, request.client.host if request.client else None), True
     except MosaicError:
         read_ns, detail = None, False
     first = not after  # the base and auto cards lead the first page
-    cards = [card(m.base_id, m.started, m.base_id, None, {"kind": "base"})] if first else []
-    cards += [card(s.name, s.created, s.ref, m.base_id,
+    cards = [card(service.base_id, service.started, service.base_id, None, {"kind": "base"})] if first else []
+    cards += [card(s.name, s.created, s.ref, service.base_id,
                    {"kind": "skill", "version": s.version,
                     **({"content_id": s.content_id, "rank": s.rank, "description": s.description}
                        if detail and (read_ns is None or in_namespace(s.name, read_ns)) else {})})
               for s in skills]
     if ns is None and first:  # a key limited to a namespace cannot route over the whole library
-        cards.append(card("auto", m.started, "auto", m.base_id, {"kind": "router"}))
+        cards.append(card("auto", service.started, "auto", service.base_id, {"kind": "router"}))
     return ModelList(data=cards).model_dump() | {"has_more": more}

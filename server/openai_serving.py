@@ -23,12 +23,12 @@ from server.openai_front import Refused, check_limits, parse
 from server.openai_plan import plan_for, serve_plan
 from server.openai_response import Observation, error_json, respond, vllm_error
 from server.protocol import MosaicInfo
-from server.state import Mosaic
+from server.state import Service
 
 PLAN_HEADER = "x-mosaic-plan"
 
 
-def state(request: Request) -> Mosaic:
+def state(request: Request) -> Service:
     return request.app.state.mosaic
 
 
@@ -63,36 +63,36 @@ LORA_NAMES = LoraNames()
 
 async def serve(request: Request, kind: str) -> Response:
     """Serve one request to the endpoint ``kind`` (see server/openai_endpoints.py)."""
-    m = state(request)
+    service = state(request)
     ep = endpoint(kind)
     try:
         req, composition = await parse(request, ep)
     except Refused as exc:
         return error_json(exc.error)
-    if not m.engine.ready():
+    if not service.engine.ready():
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
-    check_limits(m, ep, req, composition, request.state.sent_fields)
-    client_model = req.model or m.base_id  # the name the response reports
-    plan = await plan_for(m, client_model, composition, ep.routed(m, req), auth.namespace(request))
+    check_limits(service, ep, req, composition, request.state.sent_fields)
+    client_model = req.model or service.base_id  # the name the response reports
+    plan = await plan_for(service, client_model, composition, ep.routed(service, req), auth.namespace(request))
     try:  # a composition may take a while: if the client leaves first, its work is abandoned
-        adapter, info = await unless_disconnected(request, serve_plan(m, plan))
+        adapter, info = await unless_disconnected(request, serve_plan(service, plan))
     except ClientGone:
         return Response(status_code=499)
     mosaic = info.model_dump(mode="json", exclude_none=True)
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
-    observed = Observation(info.plan, _target(m, info))
-    if m.engine.serving is None:
+    observed = Observation(info.plan, _target(service, info))
+    if service.engine.serving is None:
         try:
-            result = await hf_openai.handle(m, kind, req, adapter, client_model)
+            result = await hf_openai.handle(service, kind, req, adapter, client_model)
         except Exception:
             observed.done("error")
             raise
         return respond(result, ep, client_model, client_model, mosaic, headers, observed)
-    serving = m.engine.serving
+    serving = service.engine.serving
     from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
     handler = getattr(getattr(serving, ep.serving), ep.method)
-    with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(m)) as served_name:
+    with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(service)) as served_name:
         if req.model is not None or adapter is not None:
             req.model = served_name
         try:
@@ -131,13 +131,13 @@ async def unless_disconnected(request: Request, work: Awaitable):
 
 
 @contextmanager
-def _no_lora(m: Mosaic):
-    yield m.base_id
+def _no_lora(service: Service):
+    yield service.base_id
 
 
-def _target(m: Mosaic, info: MosaicInfo) -> str:
+def _target(service: Service, info: MosaicInfo) -> str:
     if info.plan == "base":
-        return m.base_id
+        return service.base_id
     if info.plan == "composition":
         return "composition"
     return info.skills[0].split("@")[0]
@@ -145,9 +145,9 @@ def _target(m: Mosaic, info: MosaicInfo) -> str:
 
 def responses_serving(request: Request):
     """vLLM's Responses serving object, for its stored responses (refused on the reference engine)."""
-    m = state(request)
-    if m.engine.serving is None:
+    service = state(request)
+    if service.engine.serving is None:
         raise InvalidRequestError("the reference engine (MOSAIC_ENGINE=hf) keeps no responses: use the vLLM engine")
-    if not m.engine.ready():
+    if not service.engine.ready():
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
-    return m.engine.serving.openai_serving_responses
+    return service.engine.serving.openai_serving_responses

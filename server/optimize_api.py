@@ -28,7 +28,7 @@ from server.auth import require_scope
 from server.learned_weights import OptimizeOptions, Trial, optimize_composition, optimize_record
 from server.library import create_and_store
 from server.quality import engine_answerer
-from server.state import Mosaic
+from server.state import Service
 
 log = logging.getLogger("mosaic.optimize")
 router = APIRouter(tags=["skills"])
@@ -57,7 +57,7 @@ def _jobs(request: Request) -> dict[str, OptimizeJob]:
     return state.optimize_jobs
 
 
-def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptions, *, name: str, description: str,
+def start(request: Request, service: Service, comp: Composition, options: OptimizeOptions, *, name: str, description: str,
           examples: list[str], quality_prompts: int, min_agreement: float | None) -> OptimizeJob:
     """Start a search (claimed before any await, so two requests cannot both run one)."""
     jobs = _jobs(request)
@@ -78,21 +78,21 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
 
     async def run() -> None:
         try:
-            model = await asyncio.to_thread(m.reference_model)
+            model = await asyncio.to_thread(service.reference_model)
 
             def pick_for(template: Composition):
-                skills = m.skills()
-                return lambda prompt: int(np.argmax(m.policy.route_within(prompt, template, skills, 0).alpha))
+                skills = service.skills()
+                return lambda prompt: int(np.argmax(service.policy.route_within(prompt, template, skills, 0).alpha))
 
             learned, result = await asyncio.to_thread(
-                optimize_composition, m.registry, comp, options, model, pick_for, max_rank=m.settings.max_adapter_rank,
+                optimize_composition, service.registry, comp, options, model, pick_for, max_rank=service.settings.max_adapter_rank,
                 progress=progress, cancelled=lambda: cancel["asked"])
             if result.cancelled:
                 job.state = "cancelled"
                 return
             job.result = await create_and_store(
-                m.registry, m.spec, learned, name, description, examples, max_rank=m.settings.max_adapter_rank,
-                answer=engine_answerer(m), weigh=lambda c: (lambda text: m.route_within(text, c)), engine=m.settings.engine,
+                service.registry, service.base_spec, learned, name, description, examples, max_rank=service.settings.max_adapter_rank,
+                answer=engine_answerer(service), weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
                 quality_prompts=quality_prompts, min_agreement=min_agreement, extra={"optimize": optimize_record(options, result)})
             job.state = "done"
         except MosaicError as exc:
@@ -103,7 +103,7 @@ def start(request: Request, m: Mosaic, comp: Composition, options: OptimizeOptio
         finally:
             job.finished = time.time()
 
-    m.tasks.append(asyncio.get_running_loop().create_task(run()))
+    service.tasks.append(asyncio.get_running_loop().create_task(run()))
     return job
 
 

@@ -119,21 +119,21 @@ def reference_answerer(registry: Registry, base_dir, max_rank: int) -> Answer:
     return answer
 
 
-def engine_answerer(m) -> Answer:
-    """Answers with the running server's engine, each plan served as a request would be (``m``: server.state.Mosaic)."""
+def engine_answerer(service) -> Answer:
+    """Answers with the running server's engine, each plan served as a request would be (``service``: server.state.Service)."""
     from server.engine import GenerationParams
     from server.openai_plan import serve_plan
 
     params = GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)
 
     async def one(prompt: str, adapter) -> str:
-        tok = m.engine.tokenizer()
+        tok = service.engine.tokenizer()
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        ids = tok(text, add_special_tokens=False)["input_ids"][-(m.settings.max_prompt_tokens - MAX_TOKENS):]  # long: its end
-        return "".join([c.text async for c in m.engine.generate(ids, params, adapter)])
+        ids = tok(text, add_special_tokens=False)["input_ids"][-(service.settings.max_prompt_tokens - MAX_TOKENS):]  # long: its end
+        return "".join([c.text async for c in service.engine.generate(ids, params, adapter)])
 
     async def answer(plan: Plan, prompts: Sequence[str]) -> list[str]:
-        adapter, _ = await serve_plan(m, plan)
+        adapter, _ = await serve_plan(service, plan)
         return list(await asyncio.gather(*(one(p, adapter) for p in prompts)))
 
     return answer

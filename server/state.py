@@ -28,10 +28,13 @@ log = logging.getLogger("mosaic.server")
 
 
 @dataclass
-class Mosaic:
+class Service:
+    """The running server's parts, built once by :func:`build` at start (``app.state.mosaic``): its settings,
+    the registry, the base model's shapes, the engine, the adapter cache, the router policy and the keys."""
+
     settings: Settings
     registry: Registry
-    spec: BaseModelSpec
+    base_spec: BaseModelSpec
     engine: Engine
     cache: AdapterCache
     policy: RouterPolicy
@@ -56,7 +59,7 @@ class Mosaic:
 
     @property
     def base_id(self) -> str:
-        return self.spec.model_id
+        return self.base_spec.model_id
 
     _skills: tuple[int, list] = (-1, [])
 
@@ -102,7 +105,7 @@ def open_registry(settings: Settings) -> Registry:
                     composition_cache_bytes=settings.composition_cache_mb << 20)
 
 
-def build(settings: Settings) -> Mosaic:
+def build(settings: Settings) -> Service:
     model_dir = prepare(settings, quiet=True)
     model_id = base_model_id(settings)
     spec = BaseModelSpec.from_dir(model_dir, model_id=model_id)
@@ -117,7 +120,7 @@ def build(settings: Settings) -> Mosaic:
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
                          workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20)
     keys = KeyStore(registry.r, prefix=settings.redis_prefix)
-    return Mosaic(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
+    return Service(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 
 
 def make_policy(settings: Settings, registry: Registry) -> RouterPolicy:

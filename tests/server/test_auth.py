@@ -75,9 +75,9 @@ def test_model_cards_show_a_skills_details_only_to_readers(app_factory, redis_cl
     with client:
         from tests.helpers import random_adapter
 
-        m = client.app.state.mosaic
+        service = client.app.state.mosaic
         q = "model.layers.0.self_attn.q_proj"
-        m.registry.add("tiny", random_adapter({q: m.spec.shapes[q]}, r=1), description="secret sauce")
+        service.registry.add("tiny", random_adapter({q: service.base_spec.shapes[q]}, r=1), description="secret sauce")
         card = next(c for c in client.get("/v1/models").json()["data"] if c["id"] == "tiny")
         assert card["mosaic"]["description"] == "secret sauce"  # on this machine, without keys: readable
         keys.create("ops", ["admin"])
@@ -185,9 +185,9 @@ def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_p
 
     client, keys = app_factory(require_inference_key=True)
     with client:
-        m = client.app.state.mosaic
+        service = client.app.state.mosaic
         q = "model.layers.0.self_attn.q_proj"
-        folder = random_adapter({q: m.spec.shapes[q]}, r=1).save_dir(tmp_path / "skill")
+        folder = random_adapter({q: service.base_spec.shapes[q]}, r=1).save_dir(tmp_path / "skill")
         files = [("files", (f.name, f.read_bytes())) for f in sorted(folder.iterdir())]
         admin, _ = keys.create("ops", ["admin"])
         team_a, _ = keys.create("team-a", ["admin"], namespace="a")
@@ -234,7 +234,7 @@ def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_p
             return client.post("/v1/route", json={"prompt": "hello", **body}, headers=_bearer(key))
 
         assert route(app_b, model="b/two").json()["skill"] == "b/two"
-        assert route(app_b, model=m.base_id).json()["kind"] == "base"
+        assert route(app_b, model=service.base_id).json()["kind"] == "base"
         for r in (route(app_b, model="a/one"), route(app_b, model="plain"), route(app_b),
                   route(app_b, model="auto"), route(app_b, composition={"skills": ["b/two", "a/one"], "weights": "auto"})):
             assert r.status_code == 403, r.text
@@ -243,8 +243,8 @@ def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_p
         assert client.post("/v1/compositions", json=ctx, headers=_bearer(admin)).status_code == 201
         r = route(app_b, model="b/ctx")
         assert r.status_code == 403 and "plain" not in r.text, r.text
-        assert upload(m.base_id, admin).status_code == 400  # the base model's id is not a skill name
+        assert upload(service.base_id, admin).status_code == 400  # the base model's id is not a skill name
         models = {c["id"] for c in client.get("/v1/models", headers=_bearer(app_b)).json()["data"]}
-        assert models == {m.base_id, "b/two", "b/ctx"}
+        assert models == {service.base_id, "b/two", "b/ctx"}
         assert client.delete("/v1/adapters/a/one", headers=_bearer(team_a)).status_code == 200
         assert names(admin) == ["b/ctx", "b/two", "plain"]

@@ -86,24 +86,24 @@ def tokenizer(base_model_dir):
 
 def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(tokenizer):
     settings = Settings(max_prompt_tokens=8, max_tokens_limit=50)
-    m = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
+    service = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
     short, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
-    openai_front.check_limits(m, openai_endpoints.endpoint("completion"), short, None)
+    openai_front.check_limits(service, openai_endpoints.endpoint("completion"), short, None)
     for kind, body in [("completion", {"model": "m", "prompt": "word " * 20}),
                        ("completion", {"model": "m", "prompt": [[1] * 9]}),
                        ("chat", CHAT)]:  # the chat template alone is longer than 8 tokens
         req, _ = _parse_now(kind, body)
         with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
-            openai_front.check_limits(m, openai_endpoints.endpoint(kind), req, None)
+            openai_front.check_limits(service, openai_endpoints.endpoint(kind), req, None)
     # a default the client did not send (completions: max_tokens 16) is capped by the engine, not refused
-    few = SimpleNamespace(settings=Settings(max_tokens_limit=4), engine=m.engine)
+    few = SimpleNamespace(settings=Settings(max_tokens_limit=4), engine=service.engine)
     req, _ = _parse_now("completion", {"model": "m", "prompt": "hi"})
     openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"model", "prompt"}))
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
         openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"max_tokens"}))
     req, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
-        openai_front.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=m.engine),
+        openai_front.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=service.engine),
                                 openai_endpoints.endpoint("chat"), req, None)
 
 
