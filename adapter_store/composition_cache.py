@@ -108,7 +108,7 @@ class CompositionCache:
     def __init__(self, client: redis.Redis, prefix: str, budget_bytes: int,
                  clock: Callable[[], float] = time.time) -> None:
         self.r = client
-        self.p = prefix
+        self.prefix = prefix
         self.budget = budget_bytes
         self.clock = clock
         self._drop = client.register_script(_DROP)
@@ -117,13 +117,13 @@ class CompositionCache:
         self._drop_made_from = client.register_script(_DROP_MADE_FROM)
 
     def _k(self, *parts: object) -> str:
-        return ":".join([self.p, *map(str, parts)])
+        return ":".join([self.prefix, *map(str, parts)])
 
     def put(self, key: str, adapter: LoraAdapter, meta: dict, inputs: list[str]) -> list[str]:
         """Store one result, made from the skill contents ``inputs``; returns the keys evicted to stay
         within the budget (``key`` itself when it alone is larger than the budget)."""
         return [k.decode() for k in self._put(args=[
-            f"{self.p}:", self.budget, key, self.clock(), json.dumps(meta), adapter.config_bytes(),
+            f"{self.prefix}:", self.budget, key, self.clock(), json.dumps(meta), adapter.config_bytes(),
             adapter.weights_bytes(), json.dumps(sorted(set(inputs))),
         ])]
 
@@ -144,11 +144,11 @@ class CompositionCache:
         """Drop every result made from any of ``contents``; returns their keys."""
         if not contents:
             return []
-        return sorted({k.decode() for k in self._drop_made_from(args=[f"{self.p}:", *contents])})
+        return sorted({k.decode() for k in self._drop_made_from(args=[f"{self.prefix}:", *contents])})
 
     def evict(self) -> list[str]:
         """Evict down to the budget now (it is also done on every put); returns the keys evicted."""
-        return [k.decode() for k in self._drop(args=[f"{self.p}:", self.budget])]
+        return [k.decode() for k in self._drop(args=[f"{self.prefix}:", self.budget])]
 
     def stored_bytes(self) -> int:
         return int(self.r.get(self._k("cache", "bytes")) or 0)
@@ -160,5 +160,5 @@ class CompositionCache:
     def adopt_untracked(self) -> int:
         """Count results stored before the cache had a budget (as least recently used); returns how many."""
         prefix = self._k("c", "")
-        return sum(int(self._adopt(args=[f"{self.p}:", raw.decode().removeprefix(prefix)]))
+        return sum(int(self._adopt(args=[f"{self.prefix}:", raw.decode().removeprefix(prefix)]))
                    for raw in self.r.scan_iter(match=prefix + "*", count=1000))

@@ -39,7 +39,7 @@ class Registry:
                  observer: Observer | None = None,
                  composition_cache_bytes: int = 1 << 30) -> None:
         self.r = client
-        self.p = prefix
+        self.prefix = prefix
         self.keys = KeyLayout(prefix)
         self.compositions = CompositionCache(client, prefix, composition_cache_bytes)
         self.shards = ShardStore(client, self.keys)

@@ -87,7 +87,7 @@ def score(evaluator: Evaluator, adapters: dict[str, LoraAdapter], tasks: dict[st
 
 
 def redis_memory(registry: Registry) -> int:
-    return sum(registry.r.memory_usage(k) or 0 for k in registry.r.scan_iter(match=f"{registry.p}:*"))
+    return sum(registry.r.memory_usage(k) or 0 for k in registry.r.scan_iter(match=f"{registry.prefix}:*"))
 
 
 def run_config(client, skills: dict[str, tuple[str, Path]], originals: dict[str, LoraAdapter],
@@ -121,7 +121,7 @@ def run_config(client, skills: dict[str, tuple[str, Path]], originals: dict[str,
             "exact_match": em, "exact_match_mean": statistics.fmean(em.values()),
         }
     finally:
-        keys = list(client.scan_iter(match=f"{registry.p}:*"))
+        keys = list(client.scan_iter(match=f"{registry.prefix}:*"))
         if keys:
             client.delete(*keys)
 
@@ -214,7 +214,7 @@ def run(quick: bool = False, n: int = 20) -> dict:
             load_s.append(time.perf_counter() - t)
         baseline["load_ms_median"] = 1000 * statistics.median(load_s)
     finally:
-        client.delete(*client.scan_iter(match=f"{registry.p}:*"))
+        client.delete(*client.scan_iter(match=f"{registry.prefix}:*"))
     print(f"exact storage: mean exact match {baseline['exact_match_mean']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     configs = []
     for width, pool, budget in QUICK_GRID if quick else GRID:

@@ -33,7 +33,7 @@ def size_of(adapter, meta: dict) -> int:
 
 def fresh(registry: Registry, budget: int) -> CompositionCache:
     tick = itertools.count(1)
-    return CompositionCache(registry.r, registry.p, budget, clock=lambda: float(next(tick)))
+    return CompositionCache(registry.r, registry.prefix, budget, clock=lambda: float(next(tick)))
 
 
 def test_least_recently_used_goes_first_and_a_touch_counts_as_use(registry):
@@ -101,7 +101,7 @@ def test_versions_stored_before_the_content_index_are_indexed_once(registry):
 def test_replicas_putting_at_once_keep_the_count_exact(registry):
     """Two registries (two replicas) on one Redis, eight threads: the count is what Redis stores."""
     budget = 3 * size_of(RESULTS[2], {"rank": 4})
-    caches = [fresh(registry, budget), fresh(Registry(registry.r, prefix=registry.p), budget)]
+    caches = [fresh(registry, budget), fresh(Registry(registry.r, prefix=registry.prefix), budget)]
 
     def work(i: int) -> None:
         for j in range(20):
@@ -129,7 +129,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @initialize(budget=st.integers(0, 4000))
     def start(self, budget: int) -> None:
-        for key in self.registry.r.scan_iter(match=f"{self.registry.p}:*"):  # each example starts empty
+        for key in self.registry.r.scan_iter(match=f"{self.registry.prefix}:*"):  # each example starts empty
             self.registry.r.delete(key)
         self.cache = fresh(self.registry, budget)
         # key -> (bytes, inputs, which result), least recently used first
@@ -188,5 +188,5 @@ def test_the_cache_behaves_as_an_lru_of_its_budget(registry):
     try:
         machine().runTest()
     finally:
-        for key in registry.r.scan_iter(match=f"{registry.p}:*"):
+        for key in registry.r.scan_iter(match=f"{registry.prefix}:*"):
             registry.r.delete(key)

@@ -203,4 +203,4 @@ def test_empty_library_is_refused_and_changes_nothing(registry):
 
     with pytest.raises(InvalidRequestError, match="empty"):
         compress_library(registry, OPTIONS)
-    assert registry.compression() is None and not list(registry.r.scan_iter(match=f"{registry.p}:*"))
+    assert registry.compression() is None and not list(registry.r.scan_iter(match=f"{registry.prefix}:*"))

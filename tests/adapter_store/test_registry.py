@@ -46,7 +46,7 @@ def test_version_numbers_are_never_reused(registry):
 @pytest.mark.parametrize("step", ["version-written", "pointers-written"])
 def test_interrupted_write_leaves_nothing(registry, monkeypatch, step):
     registry.add("keep", random_adapter(SHAPES, r=2, seed=1))
-    before = sorted(registry.r.scan_iter(match=f"{registry.p}:*"))
+    before = sorted(registry.r.scan_iter(match=f"{registry.prefix}:*"))
     gen = registry.generation()
 
     def boom(label):
@@ -58,7 +58,7 @@ def test_interrupted_write_leaves_nothing(registry, monkeypatch, step):
         registry.add("half", random_adapter(SHAPES, r=2, seed=2))
     with pytest.raises(RuntimeError, match="injected"):
         registry.add("keep", random_adapter(SHAPES, r=2, seed=3))
-    assert sorted(registry.r.scan_iter(match=f"{registry.p}:*")) == before
+    assert sorted(registry.r.scan_iter(match=f"{registry.prefix}:*")) == before
     assert registry.names() == ["keep"] and registry.info("keep").version == 1
     assert registry.generation() == gen
 
@@ -70,7 +70,7 @@ def test_delete_all_versions(registry):
     assert [g.ref for g in gone] == ["s@1", "s@2"]
     assert registry.names() == [] and not registry.exists("s")
     # only the version counter stays, so that the name's numbers are never handed out again
-    assert list(registry.r.scan_iter(match=f"{registry.p}:s:*")) == [f"{registry.p}:s:s:next".encode()]
+    assert list(registry.r.scan_iter(match=f"{registry.prefix}:s:*")) == [f"{registry.prefix}:s:s:next".encode()]
     with pytest.raises(NotFoundError):
         registry.delete("s")
 
@@ -122,7 +122,7 @@ def test_the_content_id_covers_the_config_that_changes_the_delta(registry):
 def test_engine_ids_come_from_a_counter_shared_by_replicas(registry, redis_client):
     from adapter_store.registry import Registry
 
-    other_replica = Registry(redis_client, prefix=registry.p)
+    other_replica = Registry(redis_client, prefix=registry.prefix)
     # two content ids with one 31-bit prefix: the truncated hash that was the engine id gave both one id
     one, two = "aaaaaaaa" + "1" * 56, "aaaaaaaa" + "2" * 56
     ids = {registry.engine_id(one), registry.engine_id(two)}
@@ -138,7 +138,7 @@ def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(r
 
     cache = AdapterCache(registry, tmp_path, max_rank=64)
     first = asyncio.run(cache.engine_id("content-a"))
-    registry.r.delete(f"{registry.p}:engine-ids", f"{registry.p}:engine-ids:next")  # Redis restarted empty
+    registry.r.delete(f"{registry.prefix}:engine-ids", f"{registry.prefix}:engine-ids:next")  # Redis restarted empty
     second = asyncio.run(cache.engine_id("content-b"))
     assert second != first and asyncio.run(cache.engine_id("content-a")) == first
     assert registry.engine_id("content-c") > second  # the counter moved past every id this engine holds

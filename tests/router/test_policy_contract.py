@@ -87,7 +87,7 @@ def test_context_weights_cover_exactly_the_compositions_skills(policy, registry)
 @pytest.mark.parametrize("name", NAMES)
 def test_mosaic_route_uses_the_policy_the_settings_name(name, registry):
     add_demo_profiles(registry)
-    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p, MOSAIC_ROUTER=name)
+    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.prefix, MOSAIC_ROUTER=name)
     done = run_cli(env, "route", examples("sentiment", "test", 1, seed=2)[0][0], "--json")
     assert done.returncode == 0, done.stderr
     plan = json.loads(done.stdout)
@@ -95,7 +95,7 @@ def test_mosaic_route_uses_the_policy_the_settings_name(name, registry):
 
 
 def test_mosaic_router_train_on_an_empty_library_and_under_lexical(registry):
-    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.p)
+    env = dict(MOSAIC_REDIS_URL=TEST_REDIS_URL, MOSAIC_REDIS_PREFIX=registry.prefix)
     done = run_cli(env, "router", "train")
     assert done.returncode == 0 and "trained on 0 skills" in done.stdout, done.stderr
     done = run_cli({**env, "MOSAIC_ROUTER": "lexical"}, "router", "train")
