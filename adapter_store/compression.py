@@ -61,7 +61,7 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 @contextmanager
 def _exclusive(registry: Registry) -> Iterator:
     """The registry's compression lock, or a ConflictError when another run holds it."""
-    lock = registry.compression_lock()
+    lock = registry.shards.lock()
     if not lock.acquire():
         raise ConflictError("a compression is already running")
     try:
@@ -102,7 +102,7 @@ def compress_library(registry: Registry, options: CompressOptions, progress: Pro
         pools = mos.build_pools(adapters, shard_width=options.shard_width, pool_size=options.pool_size,
                                 seed=options.seed, shards_per_vector=options.shards_per_vector)
         del adapters
-        version = registry.put_pools(pools, options.model_dump())
+        version = registry.shards.put_pools(pools, options.model_dump())
         progress("learning pools", 1, 1)
         rows = []
         refs = registry.all_versions()  # uploads that came meanwhile are on the new pools already
@@ -137,7 +137,7 @@ def decompress_library(registry: Registry, progress: Progress | None = None) -> 
     encoding uploads; returns how many versions changed form."""
     progress = progress or (lambda *_: None)
     with _exclusive(registry) as lock:
-        registry.stop_compression()
+        registry.shards.stop()
         refs, changed = registry.all_versions(), 0
         for i, (name, version) in enumerate(refs):
             before = registry.storage_bytes_of(name, version)

@@ -39,4 +39,29 @@ def redis_guard(op: str, observer: Observer | None = None) -> Iterator[None]:
     report("ok")
 
 
-__all__ = ["Observer", "redis_guard"]
+class Guarded:
+    """One of the registry's parts (composition cache, engine ids, aux state) as other rooms use it: each
+    method call runs under :func:`redis_guard`, named ``PART.METHOD`` for the observer."""
+
+    def __init__(self, part: object, name: str, observer: Observer | None) -> None:
+        self._part, self._name, self._observer = part, name, observer
+
+    def __setattr__(self, attr: str, value) -> None:
+        if attr.startswith("_"):
+            object.__setattr__(self, attr, value)
+        else:  # a setting of the part (e.g. the cache's budget)
+            setattr(self._part, attr, value)
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._part, attr)
+        if not callable(value):
+            return value
+
+        def guarded(*args, **kwargs):
+            with redis_guard(f"{self._name}.{attr}", self._observer):
+                return value(*args, **kwargs)
+
+        return guarded
+
+
+__all__ = ["Guarded", "Observer", "redis_guard"]

@@ -24,7 +24,7 @@ from adapter_store import mos
 from adapter_store.adapter import LoraAdapter
 from adapter_store.composition_cache import CompositionCache
 from adapter_store.errors import NotFoundError, UnavailableError
-from adapter_store.guard import Observer, redis_guard
+from adapter_store.guard import Guarded, Observer, redis_guard
 from adapter_store.layout import KeyLayout, announce
 from adapter_store.shard_store import Current, ShardStore, Stored
 from adapter_store.side_state import AuxStore, EngineIds
@@ -41,11 +41,18 @@ class Registry:
         self.r = client
         self.prefix = prefix
         self.keys = KeyLayout(prefix)
-        self.compositions = CompositionCache(client, prefix, composition_cache_bytes)
-        self.shards = ShardStore(client, self.keys)
-        self.engine_ids = EngineIds(client, self.keys)
-        self.aux = AuxStore(client, self.keys)
         self.observer: Observer | None = observer  # told (operation, outcome) after each one
+        self._compositions = CompositionCache(client, prefix, composition_cache_bytes)
+        self._shards = ShardStore(client, self.keys)
+        # the parts other rooms reach directly, each call under the guard: cached compositions (put, get,
+        # drop_made_from), the engine's integer ids (get) and other rooms' state beside the library (put,
+        # get, add_fields, lock)
+        self.compositions = Guarded(self._compositions, "compositions", observer)
+        self.engine_ids = Guarded(EngineIds(client, self.keys), "engine_ids", observer)
+        self.aux = Guarded(AuxStore(client, self.keys), "aux", observer)
+        # compression's side of the shard store: compression() (the current pools' options), put_pools,
+        # stop, running, lock
+        self.shards = Guarded(self._shards, "shards", observer)
 
     # ---- seams ----------------------------------------------------------------------
     def _k(self, *parts: object) -> str:
@@ -59,12 +66,12 @@ class Registry:
 
     def _storage(self, current: Current, adapter: LoraAdapter, weights: bytes) -> Stored:
         """How an upload is stored under ``current`` pools (tests replace it to race a pool switch)."""
-        return self.shards.storage(current, adapter, weights)
+        return self._shards.storage(current, adapter, weights)
 
     @property
     def _pool_cache(self) -> cachetools.LRUCache:
         """The pools read so far (clear it to read them from Redis again, as a fresh replica would)."""
-        return self.shards.cache
+        return self._shards.cache
 
     # ---- writes -------------------------------------------------------------------
     def add(
@@ -87,7 +94,7 @@ class Registry:
             if int(pipe.get(k.pools_current) or 0) != stored.against:
                 # the pools changed since it was encoded: encode again (WATCH retries if they change once more;
                 # each pass follows a real pool change, and a compression is seconds apart)
-                stored = self._storage(self.shards.current(), adapter, weights)
+                stored = self._storage(self._shards.current(), adapter, weights)
             version = int(pipe.get(k.skill(name, "next")) or 0) + 1
             info = SkillInfo(
                 name=name, version=version, sha256=adapter.sha256(), config_sha256=adapter.config_sha256(),
@@ -109,7 +116,7 @@ class Registry:
             return info
 
         with self._guard("add"):
-            stored = self._storage(self.shards.current(), adapter, weights)
+            stored = self._storage(self._shards.current(), adapter, weights)
             return self.r.transaction(write, k.skill(name, "next"), k.pools_current, value_from_callable=True)
 
     def delete(self, ref: str) -> list[SkillInfo]:
@@ -153,7 +160,7 @@ class Registry:
         """Drop the cached compositions of contents no version serves any more; a cache left as it was
         (Redis lost after the write) is only a cache: its LRU removes those results in time."""
         try:
-            self.forget_compositions(self.unused(contents))
+            self.compositions.drop_made_from(self.unused(contents))
         except UnavailableError as exc:
             log.warning("cached compositions of %d deleted contents left to the LRU: %s", len(contents), exc)
 
@@ -198,7 +205,7 @@ class Registry:
                 if weights is not None:
                     return read_meta(meta), LoraAdapter.from_bytes(config, weights)
                 encoded = mos.Encoded.from_bytes(shards)
-                pools = self.shards.pools(encoded.pool_version)
+                pools = self._shards.pools(encoded.pool_version)
             if pools is not None:
                 return read_meta(meta), mos.decode(encoded, pools[0])
             # re-encoded by a compression since it was read, and its old pools collected: read again
@@ -282,64 +289,15 @@ class Registry:
                         info = read_meta(raw)
                         indexed += self.r.sadd(self.keys.content(info.content_id), info.ref)
                 self.r.set(self.keys.content_index, 1)
-            return {"versions_indexed": indexed, "compositions_adopted": self.compositions.adopt_untracked()}
-
-    # ---- composition cache (composition_cache.py) ---------------------------------------
-    def put_composition(self, key: str, adapter: LoraAdapter, meta: dict, inputs: list[str]) -> list[str]:
-        """Cache a composition made from the contents ``inputs``; returns the keys evicted to fit the budget."""
-        with self._guard("put_composition"):
-            return self.compositions.put(key, adapter, meta, inputs)
-
-    def get_composition(self, key: str) -> tuple[dict, LoraAdapter] | None:
-        with self._guard("get_composition"):
-            return self.compositions.get(key)
-
-    def forget_compositions(self, contents: list[str]) -> list[str]:
-        """Drop the cached compositions made from any of ``contents``; returns their keys."""
-        with self._guard("forget_compositions"):
-            return self.compositions.drop_made_from(contents)
-
-    # ---- engine ids and other rooms' state (side_state.py) ------------------------------
-    def engine_id(self, key: str, above: int = 0) -> int:
-        """The engine's integer id for the served content ``key`` (:meth:`EngineIds.get` says how)."""
-        with self._guard("engine_id"):
-            return self.engine_ids.get(key, above)
-
-    def put_aux(self, key: str, mapping: dict[str, bytes | str]) -> None:
-        """Replace the hash ``P:aux:KEY`` atomically."""
-        with self._guard("put_aux"):
-            self.aux.put(key, mapping)
-
-    def get_aux(self, key: str, fields: list[str] | None = None) -> dict[str, bytes]:
-        with self._guard("get_aux"):
-            return self.aux.get(key, fields)
-
-    def add_aux_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
-        with self._guard("add_aux_fields"):
-            self.aux.add_fields(key, mapping)
+            return {"versions_indexed": indexed, "compositions_adopted": self._compositions.adopt_untracked()}
 
     # ---- MoS shard storage (shard_store.py) ---------------------------------------------
-    def compression(self) -> dict | None:
-        """The current pool version and the options it was built with; None when storage is exact."""
-        return self.shards.compression()
-
-    def put_pools(self, pools: mos.Pools, options: dict) -> int:
-        """Store ``pools`` as a new version and make it current (uploads are encoded against it from now on);
-        versions encoded against older pools stay readable until :meth:`recode` moves them."""
-        with self._guard("put_pools"):
-            return self.shards.put_pools(pools, options)
-
-    def stop_compression(self) -> None:
-        """Uploads are stored exact from now on (versions already in shard form stay so until recoded)."""
-        with self._guard("stop_compression"):
-            self.shards.stop()
-
     def recode(self, name: str, version: int) -> SkillInfo | None:
         """Store one version against the current pools (shards, or exact when over budget or when no pools
         are current), in its own transaction: readers see the old form or the new, never a mix.
         None when the version was deleted meanwhile."""
         with self._guard("recode"):
-            info, was = self.shards.recode(name, version)
+            info, was = self._shards.recode(name, version)
             if was is not None and info is not None and was != info.content_id:
                 self._forget_unused({was})
             return info
@@ -347,29 +305,17 @@ class Registry:
     def gc_pools(self) -> list[int]:
         """Delete pool versions that neither the current pointer nor any stored version names."""
         with self._guard("gc_pools"):
-            return self.shards.gc(self.all_versions)
+            return self._shards.gc(self.all_versions)
 
     def storage_bytes_of(self, name: str, version: int) -> dict[str, int]:
         with self._guard("storage_bytes"):
-            return self.shards.version_bytes(name, version)
+            return self._shards.version_bytes(name, version)
 
     def storage_bytes(self) -> dict:
         """Bytes of weights as stored: per version {weights, shards, original}, and the pools'."""
         with self._guard("storage_bytes"):
             versions = {f"{n}@{v}": self.storage_bytes_of(n, v) for n, v in self.all_versions()}
-            return {"versions": versions, "pools": self.shards.pool_bytes()}
-
-    def compression_running(self) -> bool:
-        with self._guard("compression_running"):
-            return self.shards.running()
-
-    def lock(self, name: str, seconds: float) -> redis.lock.Lock:
-        """A Redis lock named ``name`` beside the aux state, shared by replicas (expires after ``seconds``)."""
-        return self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds)
-
-    def compression_lock(self, seconds: float = 600):
-        """A Redis lock (redis-py's) that one compression holds; extend it while working."""
-        return self.shards.lock(seconds)
+            return {"versions": versions, "pools": self._shards.pool_bytes()}
 
 
 __all__ = ["Registry"]

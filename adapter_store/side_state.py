@@ -60,5 +60,9 @@ class AuxStore:
     def add_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
         self.r.hset(self.keys.aux(key), mapping=mapping)
 
+    def lock(self, name: str, seconds: float) -> redis.lock.Lock:
+        """A Redis lock named ``name`` beside this state, shared by replicas (it expires after ``seconds``)."""
+        return self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds)
+
 
 __all__ = ["AuxStore", "EngineIds"]

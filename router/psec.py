@@ -131,7 +131,7 @@ class PsecRouter:
     def _embed(self, texts: list[str]) -> np.ndarray:
         """Embeddings with a Redis cache keyed by (encoder, text)."""
         keys = [hashlib.sha1(f"{self.encoder.name}\0{t}".encode()).hexdigest() for t in texts]
-        cached = self.registry.get_aux(EMB_KEY, keys) if self.registry else {}
+        cached = self.registry.aux.get(EMB_KEY, keys) if self.registry else {}
         missing = [i for i, k in enumerate(keys) if k not in cached]
         out = {k: np.frombuffer(v, dtype=np.float32) for k, v in cached.items()}
         if missing:
@@ -139,7 +139,7 @@ class PsecRouter:
             for i, row in zip(missing, fresh):
                 out[keys[i]] = row
             if self.registry:
-                self.registry.add_aux_fields(EMB_KEY, {keys[i]: out[keys[i]].tobytes() for i in missing})
+                self.registry.aux.add_fields(EMB_KEY, {keys[i]: out[keys[i]].tobytes() for i in missing})
         return np.stack([out[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
 
     def train(self, skills: Sequence[SkillInfo]) -> RouterModel:
@@ -157,7 +157,7 @@ class PsecRouter:
             model.coef, model.intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
         model.trained_seconds = time.perf_counter() - t0
         if self.registry:
-            self.registry.put_aux(MODEL_KEY, model.to_redis())
+            self.registry.aux.put(MODEL_KEY, model.to_redis())
         return model
 
     def model_for(self, skills: Sequence[SkillInfo]) -> RouterModel:
@@ -208,7 +208,7 @@ class PsecRouter:
         (a replica that finds the lock taken waits for the holder's model)."""
         if self.registry is None:
             return self.train(skills)
-        lock = self.registry.lock(TRAIN_LOCK, seconds=TRAIN_LOCK_SECONDS)
+        lock = self.registry.aux.lock(TRAIN_LOCK, seconds=TRAIN_LOCK_SECONDS)
         while True:
             if (stored := self._stored(key)) is not None:
                 return stored
@@ -221,9 +221,9 @@ class PsecRouter:
                 lock.release()
 
     def _stored(self, key: str) -> RouterModel | None:
-        if self.registry.get_aux(MODEL_KEY, ["key"]).get("key", b"").decode() != key:
+        if self.registry.aux.get(MODEL_KEY, ["key"]).get("key", b"").decode() != key:
             return None
-        stored = self.registry.get_aux(MODEL_KEY)
+        stored = self.registry.aux.get(MODEL_KEY)
         return RouterModel.from_redis(stored) if stored.get("key", b"").decode() == key else None
 
     # ---- deciding -----------------------------------------------------------------

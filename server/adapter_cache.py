@@ -2,7 +2,7 @@
 
 Everything here is named by content, so a name that gets a new version can never serve a
 stale folder, and every replica computes the same folder name; the engine's ``lora_int_id`` for a
-folder comes from a Redis counter (``Registry.engine_id``), the same on every replica.
+folder comes from a Redis counter (``Registry.engine_ids``), the same on every replica.
 A composition is computed once: the result goes to Redis (for other replicas) and to local
 disk (for the engine); concurrent first requests for the same key wait for one computation.
 Both are bounded: Redis by MOSAIC_COMPOSITION_CACHE_MB (adapter_store/composition_cache.py), the
@@ -120,9 +120,9 @@ class AdapterCache:
     async def engine_id(self, key: str) -> int:
         """The registry's id for ``key``, never one this process's engine already uses for other content."""
         if key not in self._ids:
-            id_ = await asyncio.to_thread(self.registry.engine_id, key)
+            id_ = await asyncio.to_thread(self.registry.engine_ids.get, key)
             if self._keys_by_id.get(id_, key) != key:  # Redis lost its ids since this engine got them
-                id_ = await asyncio.to_thread(self.registry.engine_id, key, max(self._keys_by_id))
+                id_ = await asyncio.to_thread(self.registry.engine_ids.get, key, max(self._keys_by_id))
             self._ids[key], self._keys_by_id[id_] = id_, key
         id_ = self._ids[key]
         self._keys_by_id[id_] = key  # both maps keep what was used last (the ids the engine may still hold)
@@ -200,7 +200,7 @@ class AdapterCache:
             if await asyncio.to_thread(self.folders.claim, folder) and (folder / "mosaic.json").exists():
                 cache, meta = "hit", _read_meta(folder)
             else:
-                stored = await asyncio.to_thread(self.registry.get_composition, key)
+                stored = await asyncio.to_thread(self.registry.compositions.get, key)
                 if stored is not None:
                     cache, (meta, adapter) = "hit", stored
                 else:
@@ -223,7 +223,7 @@ class AdapterCache:
                         "relative_error": report.relative_error, "weights": list(report.weights),
                         "inputs": inputs,
                     }
-                    await asyncio.to_thread(self.registry.put_composition, key, adapter, meta, inputs)
+                    await asyncio.to_thread(self.registry.compositions.put, key, adapter, meta, inputs)
                 meta = {**meta, "inputs": inputs}  # (results cached before inputs were recorded lack them)
                 await asyncio.to_thread(self._write, folder, adapter, meta)
                 await asyncio.to_thread(self.folders.added, folder, inputs)

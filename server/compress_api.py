@@ -53,7 +53,7 @@ async def start_compress(body: CompressRequest, request: Request) -> CompressJob
         raise ConflictError("a compression is already running")
     # claimed before the first await, so two requests to this server cannot both start one
     job = request.app.state.compress_job = CompressJob(state="running", request=body, started=time.time())
-    if await asyncio.to_thread(registry.compression_running):  # another replica's (or the CLI's) run
+    if await asyncio.to_thread(registry.shards.running):  # another replica's (or the CLI's) run
         request.app.state.compress_job = previous
         raise ConflictError("a compression is already running")
 

@@ -78,12 +78,12 @@ def test_deleting_a_skill_drops_compositions_made_from_content_nobody_else_has(r
     x, y = random_adapter(SHAPES, 2, seed=10), random_adapter(SHAPES, 2, seed=11)
     ix, iy = registry.add("x", x), registry.add("y", y)
     registry.add("x-copy", x)  # the same content under another name
-    registry.put_composition("xy", RESULTS[0], {}, [ix.content_id, iy.content_id])
-    registry.put_composition("yy", RESULTS[0], {}, [iy.content_id])
+    registry.compositions.put("xy", RESULTS[0], {}, [ix.content_id, iy.content_id])
+    registry.compositions.put("yy", RESULTS[0], {}, [iy.content_id])
     registry.delete("x")
-    assert registry.get_composition("xy") is not None  # x's content is still served by x-copy
+    assert registry.compositions.get("xy") is not None  # x's content is still served by x-copy
     registry.delete("x-copy")
-    assert registry.get_composition("xy") is None and registry.get_composition("yy") is not None
+    assert registry.compositions.get("xy") is None and registry.compositions.get("yy") is not None
     assert registry.compositions.keys() == ["yy"]
     assert registry.compositions.stored_bytes() == stored_bytes(registry.compositions, "yy")
     assert registry.unused([ix.content_id, iy.content_id]) == [ix.content_id]

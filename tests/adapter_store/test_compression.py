@@ -72,7 +72,7 @@ def test_uploads_after_compression_are_encoded_against_the_pools(registry):
     assert registry.storage_bytes()["versions"]["late@1"]["shards"] > 0
     _, served = registry.load("late")
     assert dense_rel_error(new, served) <= OPTIONS.error_budget + 0.005
-    registry.stop_compression()
+    registry.shards.stop()
     exact = registry.add("later", new)
     assert exact.mos is None and registry.load("later")[1].weights_bytes() == new.weights_bytes()
 
@@ -153,7 +153,7 @@ def test_concurrent_uploads_during_a_refresh_lose_nothing(registry):
 
 def test_one_compression_at_a_time(registry):
     _fill(registry, n=2)
-    lock = registry.compression_lock()
+    lock = registry.shards.lock()
     assert lock.acquire()
     try:
         with pytest.raises(ConflictError):
@@ -189,7 +189,7 @@ def test_upload_racing_a_pool_switch_is_encoded_against_the_new_pools(registry, 
     def storage_then_switch(*args, **kwargs):
         stored = storage(*args, **kwargs)
         if not switched:  # a refresh makes new pools current between this encoding and the write
-            switched.append(registry.put_pools(mos.build_pools(library, 4, 24, seed=9), OPTIONS.model_dump()))
+            switched.append(registry.shards.put_pools(mos.build_pools(library, 4, 24, seed=9), OPTIONS.model_dump()))
         return stored
 
     monkeypatch.setattr(registry, "_storage", storage_then_switch)
@@ -203,4 +203,4 @@ def test_empty_library_is_refused_and_changes_nothing(registry):
 
     with pytest.raises(InvalidRequestError, match="empty"):
         compress_library(registry, OPTIONS)
-    assert registry.compression() is None and not list(registry.r.scan_iter(match=f"{registry.prefix}:*"))
+    assert registry.shards.compression() is None and not list(registry.r.scan_iter(match=f"{registry.prefix}:*"))

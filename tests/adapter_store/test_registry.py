@@ -125,10 +125,10 @@ def test_engine_ids_come_from_a_counter_shared_by_replicas(registry, redis_clien
     other_replica = Registry(redis_client, prefix=registry.prefix)
     # two content ids with one 31-bit prefix: the truncated hash that was the engine id gave both one id
     one, two = "aaaaaaaa" + "1" * 56, "aaaaaaaa" + "2" * 56
-    ids = {registry.engine_id(one), registry.engine_id(two)}
+    ids = {registry.engine_ids.get(one), registry.engine_ids.get(two)}
     assert len(ids) == 2 and all(isinstance(i, int) and i > 0 for i in ids)
-    assert other_replica.engine_id(one) == registry.engine_id(one)
-    assert other_replica.engine_id(two) == registry.engine_id(two)
+    assert other_replica.engine_ids.get(one) == registry.engine_ids.get(one)
+    assert other_replica.engine_ids.get(two) == registry.engine_ids.get(two)
 
 
 def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(registry, tmp_path):
@@ -141,7 +141,7 @@ def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(r
     registry.r.delete(f"{registry.prefix}:engine-ids", f"{registry.prefix}:engine-ids:next")  # Redis restarted empty
     second = asyncio.run(cache.engine_id("content-b"))
     assert second != first and asyncio.run(cache.engine_id("content-a")) == first
-    assert registry.engine_id("content-c") > second  # the counter moved past every id this engine holds
+    assert registry.engine_ids.get("content-c") > second  # the counter moved past every id this engine holds
 
 
 def _round_trips(registry, monkeypatch) -> list[str]:

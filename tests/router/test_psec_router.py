@@ -62,7 +62,7 @@ def test_library_changes_reach_every_replica(router, registry, encoder):
     plan = router.route(prompt, registry.list(), registry.generation())
     assert plan.kind == "skill" and plan.skill == "piglatin"
     # the model trained by `router` is stored in Redis: `other` loads it rather than retraining
-    assert registry.get_aux(MODEL_KEY)["key"].decode() == router.model_for(registry.list()).key
+    assert registry.aux.get(MODEL_KEY)["key"].decode() == router.model_for(registry.list()).key
     assert other.route(prompt, registry.list(), registry.generation()).skill == "piglatin"
     assert other.model_for(registry.list()).trained_seconds == router.model_for(registry.list()).trained_seconds
     registry.delete("piglatin")

@@ -80,12 +80,12 @@ def test_deleting_a_skill_removes_what_only_it_used(registry, tmp_path):
 
     gone = registry.delete("x")
     assert asyncio.run(cache.forget(gone)) == []  # x-copy still serves that content
-    assert x_dir.exists() and registry.get_composition(both_key) is not None
+    assert x_dir.exists() and registry.compositions.get(both_key) is not None
 
     gone = registry.delete("x-copy")
     assert sorted(asyncio.run(cache.forget(gone))) == sorted([x_dir, both_dir])
     assert not x_dir.exists() and not both_dir.exists() and y_dir.exists() and y_comp_dir.exists()
-    assert registry.get_composition(both_key) is None and registry.get_composition(y_key) is not None
+    assert registry.compositions.get(both_key) is None and registry.compositions.get(y_key) is not None
     assert not cache.knows("x")
 
 
