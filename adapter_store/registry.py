@@ -2,8 +2,9 @@
 
 It stores skill versions (add, delete, resolve, load, list) and hands the rest to its parts: the key
 names (adapter_store/layout.py), shard pools (shard_store.py), cached compositions
-(composition_cache.py), engine ids and other rooms' state (side_state.py); every operation runs
-under the error guard (guard.py).
+(composition_cache.py), engine ids and other rooms' state (side_state.py). Other rooms reach those
+parts as ``registry.compositions``, ``.engine_ids``, ``.aux`` and ``.shards``; every operation, the
+parts' included, runs under the error guard (guard.py).
 
 Every write is one MULTI/EXEC transaction guarded by WATCH (redis-py's ``Redis.transaction``, which
 retries when a watched key changed), so a reader sees a version completely or not at all, and a write

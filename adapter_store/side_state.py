@@ -1,5 +1,6 @@
 """State the registry keeps for others: the engine's integer ids per served content, and other rooms'
-auxiliary hashes (e.g. the router's trained model). Callers wrap these in the registry's guard."""
+auxiliary hashes (e.g. the router's trained model). The registry
+exposes them under its guard (``registry.engine_ids``, ``registry.aux``)."""
 
 from __future__ import annotations
 
