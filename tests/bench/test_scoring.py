@@ -51,3 +51,15 @@ def test_report_renders_from_real_registry_and_routing_measurements():
     md, section = render(res, quick=True)
     assert "## 5. Registry" in md and "## 2. Routing" in md and "Confusion" in md
     assert section.startswith("| measure | result |") and "registry throughput" in section
+
+
+def test_scale_benchmark_measures_a_small_library_and_leaves_nothing(redis_client):
+    from bench.scale import keyword, measure, report_md
+
+    assert len({keyword(i) for i in range(5000)}) == 5000  # one made-up word per skill
+    row = measure(redis_client, 6, prompts=3)
+    assert row["skills"] == 6 and row["prompts"] == 3 and 0 <= row["held_out_accuracy"] <= 1
+    assert row["list_page_100_ms"] > 0 and row["redis_bytes_per_skill"] > 0
+    assert row["new_skill_routable_s"] is not None  # six distinct keywords: the new skill is found
+    assert not list(redis_client.scan_iter(match="bench-scale-6-*"))
+    assert "| 6 |" in report_md([row])
