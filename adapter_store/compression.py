@@ -14,12 +14,15 @@ finishes the job. One run at a time (a Redis lock).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import redis
 from pydantic import BaseModel, Field
+from redis.exceptions import LockError
 
 from adapter_store import mos
 from adapter_store.errors import ConflictError, InvalidRequestError, NotFoundError
@@ -67,10 +70,9 @@ def _exclusive(registry: Registry) -> Iterator:
     try:
         yield lock
     finally:
-        try:
+        # expired (LockNotOwnedError), or lost with the connection: nothing to release
+        with contextlib.suppress(LockError, redis.ConnectionError, redis.TimeoutError):
             lock.release()
-        except Exception:  # expired or lost with the connection: nothing to release
-            pass
 
 
 def _weights_bytes(sizes: dict) -> int:
