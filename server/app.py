@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI API + skill library API + health and metrics."""
+"""The FastAPI application: OpenAI API + skill library API + health and metrics + the console at /ui."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from prometheus_client import make_asgi_app
 
 from adapter_store.errors import MosaicError
 
-from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api
+from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api, ui
 from server.openai_endpoints import endpoint, publish_request_schemas
 from server.settings import Settings, get_settings
 from server.state import Service, build
@@ -107,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compress_api.router)
     app.include_router(optimize_api.router)
     app.mount("/metrics", make_asgi_app())
+    ui.install(app)  # the console at /ui (static files; its API calls carry the user's key)
 
     def openapi() -> dict:
         if app.openapi_schema is None:

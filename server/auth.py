@@ -139,7 +139,9 @@ class require_scope:  # noqa: N801 - used as a FastAPI dependency: Depends(requi
                 request.scope[NAMESPACE] = ns
 
 
-MOUNT_SCOPES = {"/metrics": "read"}  # mounted apps have no dependencies to declare a scope with
+# mounted apps have no dependencies to declare a scope with; None: open (the console's static files hold no
+# data: what the page shows comes from API calls, each checked here with the key the user gives it)
+MOUNT_SCOPES = {"/metrics": "read", "/ui/static": None}
 
 
 def route_scope(app, scope) -> tuple[str | None, bool]:

@@ -1,0 +1,49 @@
+"""The skill-library console at ``/ui``: static HTML, CSS and plain JavaScript shipped in the package and
+served by the same server (no Node toolchain, no CDN: the page works offline). The page holds no data of
+its own: it calls the HTTP API from the browser with the key the user gives it (kept in the tab's session
+storage), so every action needs the scope its API call needs; the files themselves are open.
+
+``install(app)`` adds ``/ui`` (the page), ``/ui/methods.json`` (the merge methods the compose forms offer:
+code, not library data) and the static files under ``/ui/static``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+from composer.registry import METHODS
+
+STATIC = Path(__file__).parent / "static"
+STATIC_PATH = "/ui/static"  # open in server/auth.py's MOUNT_SCOPES: the files hold no data
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/ui")
+async def console() -> FileResponse:
+    return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+
+
+@router.get("/ui/")
+async def console_slash() -> RedirectResponse:
+    return RedirectResponse("/ui")
+
+
+@router.get("/ui/methods.json")
+async def methods() -> JSONResponse:
+    """The registered merge methods: name, space, reference, description and parameters (with defaults)."""
+    return JSONResponse([
+        {"name": m.name, "space": m.space, "reference": m.reference, "description": m.description,
+         "max_inputs": m.max_inputs,
+         "params": {k: {"default": p.default, "help": p.help} for k, p in m.params.items()}}
+        for m in sorted(METHODS.values(), key=lambda m: m.name)
+    ])
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)
+    app.mount(STATIC_PATH, StaticFiles(directory=STATIC), name="ui-static")
