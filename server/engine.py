@@ -142,7 +142,10 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from server import lora_loads
+
         args = vllm_serve_args(self.settings, self.model_dir, self.model_id)
+        args.worker_extension_cls = lora_loads.EXTENSION  # counts the engine's adapter loads (adapter_loads)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
 
@@ -156,6 +159,7 @@ class VllmEngine:
         # building the engine blocks for tens of seconds (it starts and profiles the engine core):
         # off the event loop, so the admin API and /health answer meanwhile
         llm = await asyncio.to_thread(build)
+        await llm.collective_rpc("mosaic_watch_lora_loads")
         serving = State()
         await init_app_state(llm, serving, args, await llm.get_supported_tasks())
         self._llm, self.serving = llm, serving
@@ -167,6 +171,13 @@ class VllmEngine:
 
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
+
+    async def adapter_loads(self) -> int:
+        """Adapters the engine has read from disk since it started (server/lora_loads.py): a request for an
+        adapter outside its cache of MOSAIC_MAX_CPU_LORAS loads it (and evicts the least recently used)."""
+        if not self.ready():
+            return 0
+        return sum(await self._llm.collective_rpc("mosaic_lora_loads"))
 
     def tokenizer(self):
         return self._tokenizer
