@@ -79,9 +79,10 @@ export function bars(values, { cls = "alpha", sort = true } = {}) {
 export function planView(m) {
   const skills = m.skills || (m.skill ? [m.skill] : m.composition ? m.composition.skills : []);
   const weights = m.weights && m.weights.length ? m.weights : m.composition && Array.isArray(m.composition.weights) ? m.composition.weights : [];
+  const composed = (m.plan || m.kind) === "composition";
   const kv = [
     ["plan", m.plan || m.kind],
-    ["skills", skills.map((s, i) => weights[i] !== undefined ? `${s} × ${Number(weights[i]).toFixed(3)}` : s).join(", ") || "–"],
+    ["skills", skills.map((s, i) => composed && weights[i] !== undefined ? `${s} × ${Number(weights[i]).toFixed(3)}` : s).join(", ") || "–"],
     m.method || (m.composition && m.composition.method) ? ["method", m.method || m.composition.method] : null,
     m.cache ? ["cache", m.cache] : null,
     m.rank !== undefined && m.rank !== null ? ["rank", m.rank] : null,
