@@ -13,6 +13,7 @@ HOST="${HOST:-127.0.0.1}"; PORT="${PORT:-8000}"
 cat <<MSG
 
 ==> Mosaic is starting on http://$HOST:$PORT (the engine needs about a minute; GET /health says when).
+    The console (library, playground, compose, upload, ops): http://$HOST:$PORT/ui
     Try it from another terminal, with the stock openai client:
 
     .venv/bin/python - <<'PY'
