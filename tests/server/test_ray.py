@@ -1,0 +1,182 @@
+"""Mosaic on Ray Serve (server/ray_app.py).
+
+Fast: the ingress's choice of multiplexed model id (base, skill, pinned version, composition, context-aware
+composition, auto, refused requests) on the real registry and router, without Ray actors.
+Slow: a local Ray cluster with two replicas, each with the real vLLM engine (about 3 GB each; both
+engines start in 1-3 minutes on 2 cores, so the module runs in the slow tier): requests for a skill after
+the first land on the replica that loaded it; an upload through the ingress is served on the next request;
+killing a replica's process answers its requests with a 503 (never a hang), the other replica keeps
+serving, Ray replaces the dead one, and the library in Redis is whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from adapter_store.adapter import LoraAdapter
+from composer.spec import Composition
+from tests.helpers import BASE, DEMO, JSON_PROMPT, TEST_REDIS_URL, drop_prefix, mosaic_env, new_prefix
+
+SKILLS = ["sentiment", "json_extract", "uppercase"]
+
+
+def _add_demo(registry, names=SKILLS) -> None:
+    for name in names:
+        meta = json.loads((DEMO / name / "mosaic.json").read_text())
+        registry.add(name, LoraAdapter.from_dir(DEMO / name), description=meta["description"], examples=meta["examples"])
+
+
+@pytest.fixture
+def planner(redis_client, base_model_dir, tmp_path, monkeypatch):
+    """The ingress's planning service on the real registry (the lexical router: no training needed)."""
+    from server.settings import Settings
+    from server.state import build
+
+    prefix = new_prefix()
+    for k, v in mosaic_env(base_model_dir, BASE, tmp_path, prefix, router="lexical").items():
+        if k.startswith("MOSAIC_"):
+            monkeypatch.setenv(k, v)
+    service = build(Settings())
+    _add_demo(service.registry)
+    yield service
+    drop_prefix(redis_client, prefix)
+
+
+def _key(service, path: str, body) -> str:
+    from server.ray_app import adapter_key
+
+    return asyncio.run(adapter_key(service, path, json.dumps(body).encode() if not isinstance(body, bytes) else body))
+
+
+def test_adapter_key_names_what_serves_the_request(planner):
+    reg = planner.registry
+    chat = "/v1/chat/completions"
+    msg = [{"role": "user", "content": JSON_PROMPT}]
+    sentiment = reg.info("sentiment").content_id
+    # base model, anything that does not generate, bodies a replica will refuse: no id (any replica)
+    assert _key(planner, chat, {"model": BASE, "messages": msg}) == ""
+    assert _key(planner, "/v1/adapters", {"model": "sentiment"}) == ""
+    assert _key(planner, chat, {"model": "no-such-skill", "messages": msg}) == ""
+    assert _key(planner, chat, b"{not json") == ""
+    # a skill: its content id, by name, pinned version, on every OpenAI endpoint
+    assert _key(planner, chat, {"model": "sentiment", "messages": msg}) == sentiment
+    assert _key(planner, chat, {"model": "sentiment@1", "messages": msg}) == sentiment
+    assert _key(planner, "/v1/completions", {"model": "sentiment", "prompt": "hi"}) == sentiment
+    assert _key(planner, "/v1/responses", {"model": "sentiment", "input": "hi"}) == sentiment
+    # a composition: its content key (the adapter folder's name on every replica)
+    comp = {"skills": ["sentiment", "json_extract"], "weights": [1.0, 0.5]}
+    want = Composition.model_validate(comp).content_key(
+        [sentiment, reg.info("json_extract").content_id], planner.settings.max_lora_rank)
+    assert _key(planner, chat, {"model": BASE, "messages": msg, "composition": comp}) == want
+    assert want not in ("", sentiment)
+    # auto: the router decides before dispatch; a JSON prompt goes to json_extract's replica
+    assert _key(planner, chat, {"model": "auto", "messages": msg}) == reg.info("json_extract").content_id
+    # a new version is new content: a new id, so no replica serves the old folder for it
+    reg.add("sentiment", LoraAdapter.from_dir(DEMO / "uppercase"), description="now shouting")
+    assert _key(planner, chat, {"model": "sentiment", "messages": msg}) not in ("", sentiment)
+    assert _key(planner, chat, {"model": "sentiment@1", "messages": msg}) == sentiment
+
+
+# ---- a local Ray cluster, two replicas, the real engine --------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster(base_model_dir, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from server.launch import free_port
+    from server.ray_app import app
+
+    prefix = new_prefix()
+    env = {k: v for k, v in mosaic_env(base_model_dir, BASE, tmp_path_factory.mktemp("ray"), prefix,
+                                       max_cpu_loras="4", max_loras="4", max_model_len="512", kv_cache_gib="1",
+                                       tool_call_parser="", router="lexical", preload="false").items()
+           if k.startswith("MOSAIC_")}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    port = free_port()
+    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.monotonic()
+        serve.run(app({"replicas": 2, "replica_cpus": 0.5, "ingress_cpus": 0.25, "request_timeout_s": 120,
+                       "env": env}), name="mosaic", route_prefix="/")
+        print(f"two replicas ready in {time.monotonic() - t0:.0f} s")
+        yield f"http://127.0.0.1:{port}", env
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        import redis
+
+        drop_prefix(redis.Redis.from_url(TEST_REDIS_URL), prefix)
+
+
+def _chat(url: str, model: str, prompt: str = JSON_PROMPT, timeout: float = 180) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=timeout, json={
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "temperature": 0})
+
+
+def _upload(url: str, name: str, folder) -> httpx.Response:
+    files = [("files", (f, (folder / f).read_bytes())) for f in ("adapter_config.json", "adapter_model.safetensors")]
+    return httpx.post(f"{url}/v1/adapters", data={"name": name}, files=files, timeout=120)
+
+
+@pytest.mark.slow
+def test_ray_affinity_upload_and_replica_failure(ray_cluster):
+    url, _ = ray_cluster
+    # an upload through the ingress is served on the next request
+    for name in SKILLS:
+        assert _upload(url, name, DEMO / name).status_code in (200, 201)
+    # requests for a skill after the first land on the replica that loaded it
+    served: dict[str, str] = {}
+    for name in SKILLS:
+        first = _chat(url, name)
+        assert first.status_code == 200, first.text
+        served[name] = first.headers["x-mosaic-replica"]
+        assert first.headers["x-mosaic-adapter"], "a skill is routed by its content id"
+        assert json.loads(first.content)["model"] == name
+    time.sleep(1)  # Ray's routers learn what each replica holds within a fraction of a second
+    for _ in range(3):
+        for name in SKILLS:
+            r = _chat(url, name)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-mosaic-replica"] == served[name], (name, served)
+    # the base model goes to any replica; the replica's own answer names its process
+    victim = served["sentiment"]
+    info = httpx.get(f"{url}/v1/ray/replica", params={"model": "sentiment"}, timeout=60).json()
+    assert info["replica"] == victim and info["engine_ready"] and info["adapter_loads"] >= 1
+    assert any(h for h in info["adapters"]), info
+    # killing that replica's process: what was in flight, and what is sent to it right away, gets a 503
+    # in OpenAI's error shape (or is served by the other replica), never a hang
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        flying = [pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=150, json={
+            "model": "sentiment", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 200, "temperature": 0}) for _ in range(2)]
+        time.sleep(1.0)
+        os.kill(info["pid"], signal.SIGKILL)
+        t0 = time.monotonic()
+        answers = [f.result() for f in flying]
+    assert time.monotonic() - t0 < 120
+    for r in answers:
+        assert r.status_code in (200, 503), r.text
+        if r.status_code == 503:
+            err = r.json()["error"]
+            assert err["type"] == "server_error" and err["code"] == "service_unavailable" and err["message"]
+        else:
+            assert r.headers["x-mosaic-replica"] != victim
+    assert any(r.status_code == 503 for r in answers), "the requests in flight to the killed replica failed"
+    # the other replica keeps serving every skill; the library is whole
+    for name in SKILLS:
+        r = _chat(url, name)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-mosaic-replica"] != victim
+    listed = httpx.get(f"{url}/v1/adapters", timeout=60).json()
+    assert {a["id"] if "id" in a else a["name"] for a in listed["data"]} >= set(SKILLS)
