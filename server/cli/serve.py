@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    ray: Annotated[bool, typer.Option("--ray", help="serve on Ray Serve: an ingress and Mosaic replicas, each request "
+                                       "sent to a replica that holds its adapter (server/ray_app.py); joins the "
+                                       "cluster at RAY_ADDRESS, else starts a local one")] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="with --ray: Mosaic replicas (each its own engine)")] = 2,
 ) -> None:
     """Run the OpenAI-compatible server (the engine starts in the background; /health says when ready)."""
     import logging
@@ -33,6 +37,12 @@ def serve(
         # the loader reads LD_PRELOAD when a process starts: start again, the same command, with it
         # (MOSAIC_PRELOAD=false: don't)
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "LD_PRELOAD": preload})
+    if ray:
+        from server.ray_app import run
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run(host, port, replicas)
+        return
     import uvicorn
 
     from server.app import create_app
