@@ -15,11 +15,14 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian'
 PROMPT = "Is this review positive or negative? The soup was cold and bland."
 
 
-def chromium(width: int = 1360, height: int = 900):
+def chromium(width: int = 1360, height: int = 1000):
     """A headless Chromium driven by selenium (the system's browser and driver: nothing downloaded)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    if missing := [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).is_file()]:
+        raise RuntimeError(f"{', '.join(missing)} missing: `bash scripts/ensure-chromium.sh` installs Debian's "
+                           "chromium and chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

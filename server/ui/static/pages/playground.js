@@ -69,7 +69,7 @@ export async function render(root, _arg, query) {
       onText: (t) => { answer.textContent += t; pieces++; },
     }));
     if (!status.childElementCount) status.replaceChildren(h("span", { class: "muted", id: "done" },
-      `${pieces} pieces in ${((performance.now() - t0) / 1000).toFixed(2)} s`));
+      `streamed in ${((performance.now() - t0) / 1000).toFixed(2)} s (${pieces} event${pieces === 1 ? "" : "s"} with text)`));
     else plan.replaceChildren();
     send.disabled = false;
   } },
