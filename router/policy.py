@@ -30,6 +30,12 @@ class RouterConfig:
     # how long a request waits for the router retrained after a library change before it routes with the
     # model it has (None: until the new one is ready)
     train_wait_seconds: float | None = None
+    # retrieve-then-compose (router/retrieval.py): α among the top_k skills nearest the prompt; a library of
+    # at most lr_max_skills gets the trained network's α (restricted to them), a larger one a softmax of the
+    # candidates' similarities at this temperature (no fit that grows with the library)
+    top_k: int = 16
+    lr_max_skills: int = 200
+    temperature: float = 0.01
 
 
 class RouterPolicy(Protocol):

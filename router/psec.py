@@ -1,13 +1,17 @@
-"""The context-aware router: MiniLM embeddings + a PSEC-style compositional network.
+"""The context-aware router: MiniLM embeddings, retrieve-then-compose, and a PSEC-style compositional network.
 
-PSEC composes skills in parameter space with weights α(x) from a small network over the input.
-Here the input is the prompt's embedding, and the network is a multinomial logistic regression
-(scikit-learn) trained on every skill's example prompts and description. Its probabilities are
-the α over skills. The decision rule turns (α, similarities) into a plan (the names are :class:`router.policy.RouterConfig`'s):
+PSEC composes skills in parameter space with weights α(x) from a small network over the input. Here the
+input is the prompt's embedding. The router first retrieves the ``top_k`` skills nearest the prompt
+(router/retrieval.py: cosine to each skill's nearest profile text, LoraRetriever's retrieve-then-compose),
+then computes α among only those candidates: from a multinomial logistic regression (scikit-learn) trained
+on every skill's example prompts and description while the library has at most ``lr_max_skills`` skills
+(cheap and calibrated there), else from a softmax of the candidates' similarities at ``temperature``
+(nothing to fit, so nothing grows with the library). The decision rule turns (α, similarities) into a
+plan (the names are :class:`router.policy.RouterConfig`'s):
 
 * no skills, or an empty prompt                          -> base model (with the reason)
 * the prompt is far from every skill (max similarity < ``ood``) -> base model
-* the top skill by α, joined by every other skill the prompt is
+* the top skill by α, joined by every other candidate the prompt is
   also close to (similarity ≥ ``mix_similarity``, α ≥ ``mix_min``) -> one skill, or a `psec`
   composition of up to ``rule.max_skills`` weighted by :func:`router.weights.weights_from_alpha`
   (the strongest at full strength, the others α_i / α_max on a grid)
@@ -15,13 +19,16 @@ the α over skills. The decision rule turns (α, similarities) into a plan (the 
 A context-aware composition (``"weights": "auto"``) asks :meth:`PsecRouter.route_within`: the same
 α, restricted to the composition's own skills, through the same weight rule.
 
-Similarity is the cosine of the prompt to a skill's nearest profile text. The thresholds
-(:class:`router.policy.RouterConfig`) come from the server's settings; bench/route.py measures where
-they sit between held-out, two-skill and out-of-distribution prompts (bench/reports/REPORT.md).
+The thresholds (:class:`router.policy.RouterConfig`) come from the server's settings; bench/route.py
+measures where they sit between held-out, two-skill and out-of-distribution prompts, bench/scale.py what
+the router costs up to 10,000 skills (bench/reports/REPORT.md).
 
-The trained model is stored in Redis next to the library, keyed by a hash of every skill's
-profile, so restarts and other replicas load it instead of retraining; example embeddings are
-cached by text. Any change to the library changes the key and retrains (seconds at most).
+Example embeddings are cached in Redis by text, so a text is encoded once for all replicas and restarts.
+The trained network is stored in Redis next to the library, keyed by a hash of every skill's profile, so
+other replicas load it instead of retraining. A library change is taken up in a background thread: the
+profile index is rebuilt from the previous one (only new texts are encoded) and the network refitted; a
+request meanwhile routes with the model it has. Before the first model exists a request waits only for
+the index (no fit) and routes by nearest example similarity.
 """
 
 from __future__ import annotations
@@ -45,19 +52,13 @@ from composer.spec import Composition
 from router.encoder import Encoder, MiniLMEncoder
 from router.plan import Plan
 from router.policy import RouterConfig, nothing_to_route
+from router.retrieval import DIM, ProfileIndex, softmax
 from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
 EMB_KEY = "router-embeddings"
 TRAIN_LOCK = "router-training"  # one replica trains at a time; the others wait for its model
 TRAIN_LOCK_SECONDS = 600  # a trainer that died frees the lock after this
-
-
-def _profile_texts(s: SkillInfo) -> list[str]:
-    texts = [e for e in s.examples if e.strip()]
-    if s.description.strip():
-        texts.append(s.description)
-    return texts or [s.name.replace("_", " ").replace("-", " ")]
 
 
 def profile_key(skills: Sequence[SkillInfo], encoder: str) -> str:
@@ -67,45 +68,53 @@ def profile_key(skills: Sequence[SkillInfo], encoder: str) -> str:
 
 @dataclass
 class RouterModel:
+    """The router for one library: its profile index, and the network's weights when the library is small
+    enough to have one (``coef`` None: α is the softmax of the candidates' similarities). ``complete`` is
+    False for the index alone that serves before the first network is trained."""
+
     key: str
-    names: list[str]
-    X: np.ndarray  # profile embeddings (n × d), unit norm
-    y: np.ndarray  # skill index of each row
-    coef: np.ndarray | None = None  # (classes × d); None with a single skill
+    index: ProfileIndex
+    coef: np.ndarray | None = None  # (classes × d), classes in index.names order
     intercept: np.ndarray | None = None
     trained_seconds: float = 0.0
+    complete: bool = True
 
-    def alpha(self, e: np.ndarray) -> np.ndarray:
+    @property
+    def names(self) -> list[str]:
+        return self.index.names
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.index.y
+
+    def alpha(self, e: np.ndarray, among: np.ndarray, sims: np.ndarray, temperature: float) -> np.ndarray:
+        """α over the skills ``among`` (indices; ``sims`` their similarities), summing to 1."""
+        if len(among) == 0:
+            return np.zeros(0)
         if self.coef is None:
-            return np.ones(len(self.names))
+            return softmax(sims, temperature)
         logits = self.coef @ e + self.intercept
-        if logits.ndim == 0 or len(self.names) == 2 and self.coef.shape[0] == 1:  # binary LR: one logit
-            p1 = 1 / (1 + np.exp(-float(np.atleast_1d(logits)[0])))
-            return np.array([1 - p1, p1])
-        z = np.exp(logits - logits.max())
-        return z / z.sum()
-
-    def similarity(self, e: np.ndarray) -> np.ndarray:
-        """Per skill, the cosine to its nearest profile text."""
-        sims = self.X @ e
-        out = np.full(len(self.names), -1.0)
-        np.maximum.at(out, self.y, sims)
-        return out
+        if self.coef.shape[0] == 1:  # binary LR: one logit
+            p1 = 1 / (1 + np.exp(-float(logits[0])))
+            full = np.array([1 - p1, p1])
+        else:
+            full = np.exp(logits - logits.max())
+        sub = full[among]
+        return sub / sub.sum() if sub.sum() > 0 else np.full(len(among), 1.0 / len(among))
 
     def to_redis(self) -> dict[str, bytes | str]:
         buf = io.BytesIO()
-        arrays = {"X": self.X, "y": self.y}
-        if self.coef is not None:
-            arrays |= {"coef": self.coef, "intercept": self.intercept}
-        np.savez(buf, **arrays)
+        np.savez(buf, **({"coef": self.coef, "intercept": self.intercept} if self.coef is not None else {}))
         return {"key": self.key, "names": json.dumps(self.names), "arrays": buf.getvalue(),
                 "trained_seconds": str(self.trained_seconds)}
 
     @classmethod
-    def from_redis(cls, raw: dict[str, bytes]) -> "RouterModel":
+    def from_redis(cls, raw: dict[str, bytes], index: ProfileIndex) -> "RouterModel":
+        """The stored network over this replica's own index of the same library (the key says it is)."""
         z = np.load(io.BytesIO(raw["arrays"]))
-        return cls(key=raw["key"].decode(), names=json.loads(raw["names"]), X=z["X"], y=z["y"],
-                   coef=z["coef"] if "coef" in z else None, intercept=z["intercept"] if "intercept" in z else None,
+        assert json.loads(raw["names"]) == index.names, "the stored router model is for another library"
+        return cls(key=raw["key"].decode(), index=index, coef=z["coef"] if "coef" in z else None,
+                   intercept=z["intercept"] if "intercept" in z else None,
                    trained_seconds=float(raw.get("trained_seconds", b"0")))
 
 
@@ -121,7 +130,8 @@ class PsecRouter:
         self.encoder = encoder or MiniLMEncoder()
         self.C = C
         self._model: RouterModel | None = None
-        self._key: tuple[Sequence[SkillInfo], str] | None = None
+        self._index: ProfileIndex | None = None  # the last index built: the next one reuses its rows
+        self._seen: tuple[Sequence[SkillInfo], str, frozenset[str]] | None = None  # a library list, its key and names
         self._changed = threading.Condition()  # guards the four below; notified when a model (or an error) arrives
         self._wanted: tuple[str, Sequence[SkillInfo]] | None = None
         self._trainer: threading.Thread | None = None
@@ -140,59 +150,91 @@ class PsecRouter:
                 out[keys[i]] = row
             if self.registry:
                 self.registry.aux.add_fields(EMB_KEY, {keys[i]: out[keys[i]].tobytes() for i in missing})
-        return np.stack([out[k] for k in keys]) if keys else np.zeros((0, 384), np.float32)
+        return np.stack([out[k] for k in keys]) if keys else np.zeros((0, DIM), np.float32)
+
+    def index(self, skills: Sequence[SkillInfo]) -> ProfileIndex:
+        """The profile index of ``skills``, reusing the last one's rows (only changed profiles are embedded)."""
+        self._index = ProfileIndex.build(skills, self._embed, previous=self._index)
+        return self._index
 
     def train(self, skills: Sequence[SkillInfo]) -> RouterModel:
+        """The model of ``skills``, stored in Redis: the index, and the network when the library is small."""
         t0 = time.perf_counter()
-        skills = sorted(skills, key=lambda s: s.name)
-        texts, labels = [], []
-        for i, s in enumerate(skills):
-            for t in _profile_texts(s):
-                texts.append(t)
-                labels.append(i)
-        X, y = self._embed(texts), np.array(labels)
-        model = RouterModel(key=profile_key(skills, self.encoder.name), names=[s.name for s in skills], X=X, y=y)
-        if len(skills) >= 2:
-            clf = LogisticRegression(C=self.C, max_iter=2000).fit(X, y)
+        index = self.index(skills)
+        model = RouterModel(key=profile_key(skills, self.encoder.name), index=index)
+        if 2 <= len(index.names) <= self.config.lr_max_skills:
+            clf = LogisticRegression(C=self.C, max_iter=2000).fit(index.X, index.y)
             model.coef, model.intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
         model.trained_seconds = time.perf_counter() - t0
         if self.registry:
             self.registry.aux.put(MODEL_KEY, model.to_redis())
         return model
 
+    def _library(self, skills: Sequence[SkillInfo]) -> tuple[str, frozenset[str]]:
+        """The library's key and names, computed once per list (the server re-reads it only when it changes)."""
+        seen = self._seen
+        if seen is None or seen[0] is not skills:
+            seen = self._seen = (skills, profile_key(skills, self.encoder.name), frozenset(s.name for s in skills))
+        return seen[1], seen[2]
+
     def model_for(self, skills: Sequence[SkillInfo]) -> RouterModel:
         """The model for ``skills``: this process's, the one in Redis (another replica trained it), or a new
         one. Training runs in one background thread here, and on one replica at a time (a Redis lock); a
         request waits for it at most ``config.train_wait_seconds`` (None: until it is done), then routes with
         the model it has (:meth:`route` leaves out skills that model knows and the library no longer has).
-        With no model yet, it waits."""
-        # the same list object (the server re-reads the library only when it changes) has the same key
-        cached = self._key
-        key = cached[1] if cached is not None and cached[0] is skills else profile_key(skills, self.encoder.name)
-        self._key = (skills, key)
+        With no model yet, a request waits for the profile index only (not the fit; None: for the fit too)
+        and routes by nearest example similarity."""
+        key, _ = self._library(skills)
         with self._changed:
-            if self._model is not None and self._model.key == key:
-                return self._model
+            model = self._model
+            if model is not None and model.key == key and model.complete:
+                return model
             self._wanted = (key, skills)
             if self._trainer is None or not self._trainer.is_alive():
                 self._error = None
                 self._trainer = threading.Thread(target=self._train_wanted, name="router-train", daemon=True)
                 self._trainer.start()
-            wait = self.config.train_wait_seconds if self._model is not None else None
-            self._changed.wait_for(lambda: self._model is not None and self._model.key == key or self._error is not None,
-                                   timeout=wait)
-            if self._model is None:
+            wait = self.config.train_wait_seconds
+            if wait is None:
+                self._changed.wait_for(lambda: self._current(key) or self._error is not None)
+            elif model is None or not model.complete:  # cold start: the index is enough, the fit is not awaited
+                self._changed.wait_for(lambda: self._model is not None or self._error is not None)
+            else:
+                self._changed.wait_for(lambda: self._current(key) or self._error is not None, timeout=wait)
+            if self._model is None or wait is None and not self._current(key):
                 raise self._error
             return self._model
+
+    def trained(self, skills: Sequence[SkillInfo], timeout: float | None = None) -> RouterModel:
+        """The complete model for ``skills`` (index and network), waiting for the background training
+        however the wait is configured (the CLI, benchmarks and tests that need the trained network)."""
+        key, _ = self._library(skills)
+        self.model_for(skills)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._current(key) or self._error is not None, timeout=timeout):
+                raise TimeoutError(f"the router was not trained within {timeout} s")
+            if not self._current(key):
+                raise self._error
+            return self._model
+
+    def _current(self, key: str) -> bool:
+        return self._model is not None and self._model.key == key and self._model.complete
 
     def _train_wanted(self) -> None:
         """The trainer thread: until this process has the model of the library last asked for."""
         while True:
             with self._changed:
                 key, skills = self._wanted
-                if self._model is not None and self._model.key == key:
+                if self._current(key):
                     return
+                cold = self._model is None
             try:
+                if cold:  # before the first model: the index alone answers while the network is fitted
+                    index = self.index(skills)
+                    with self._changed:
+                        if self._model is None:
+                            self._model = RouterModel(key=key, index=index, complete=False)
+                            self._changed.notify_all()
                 model = self._obtain(key, skills)
             except BaseException as e:  # the waiters raise it (the thread reports it too)
                 with self._changed:
@@ -210,33 +252,46 @@ class PsecRouter:
             return self.train(skills)
         lock = self.registry.aux.lock(TRAIN_LOCK, seconds=TRAIN_LOCK_SECONDS)
         while True:
-            if (stored := self._stored(key)) is not None:
+            if (stored := self._stored(key, skills)) is not None:
                 return stored
             if lock.acquire(blocking=True, blocking_timeout=1.0):
                 break
         try:
-            return self._stored(key) or self.train(skills)
+            return self._stored(key, skills) or self.train(skills)
         finally:
             with contextlib.suppress(LockNotOwnedError):  # it expired (or Redis lost it): the model stands
                 lock.release()
 
-    def _stored(self, key: str) -> RouterModel | None:
+    def _stored(self, key: str, skills: Sequence[SkillInfo]) -> RouterModel | None:
         if self.registry.aux.get(MODEL_KEY, ["key"]).get("key", b"").decode() != key:
             return None
         stored = self.registry.aux.get(MODEL_KEY)
-        return RouterModel.from_redis(stored) if stored.get("key", b"").decode() == key else None
+        return RouterModel.from_redis(stored, self.index(skills)) if stored.get("key", b"").decode() == key else None
 
     # ---- deciding -----------------------------------------------------------------
+    def candidates(self, model: RouterModel, e: np.ndarray, have: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` skills nearest the prompt that the library still has (indices into the model's
+        names, most similar first) and their similarities."""
+        k = self.config.top_k
+        idx, sims = model.index.nearest(e, k, coarse=max(64, 4 * k))
+        live = np.array([model.names[i] in have for i in idx], dtype=bool)
+        return idx[live], sims[live]
+
     def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
         if plan := nothing_to_route(text, skills):
             return plan
         c = self.config
         model = self.model_for(skills)
+        _, have = self._library(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
-        alpha, sims = self._live(model, skills, model.alpha(e), model.similarity(e))
-        order = np.argsort(-alpha)
-        scores = {n: round(float(a), 4) for n, a in zip(model.names, alpha)}
-        similarity = {n: round(float(s), 4) for n, s in zip(model.names, sims)}
+        cand, sims = self.candidates(model, e, have)
+        if len(cand) == 0:
+            return Plan(kind="base", reason="the router's model knows none of the library's skills yet")
+        alpha = model.alpha(e, cand, sims, c.temperature)
+        names = [model.names[i] for i in cand]
+        order = np.argsort(-alpha, kind="stable")
+        scores = {n: round(float(a), 4) for n, a in zip(names, alpha)}
+        similarity = {n: round(float(s), 4) for n, s in zip(names, sims)}
         top = int(order[0])
         if sims.max() < c.ood:
             return Plan(kind="base", reason=f"out of distribution: similarity {sims.max():.2f} to the nearest skill "
@@ -246,27 +301,17 @@ class PsecRouter:
         w = weights_from_alpha(alpha[chosen], c.rule)
         chosen, w = [i for i, x in zip(chosen, w) if x], [x for x in w if x]
         if len(chosen) >= 2:
-            comp = Composition(skills=tuple(model.names[i] for i in chosen), weights=tuple(w), method="psec")
+            comp = Composition(skills=tuple(names[i] for i in chosen), weights=tuple(w), method="psec")
             return Plan(kind="composition", composition=comp, reason="the prompt asks for several skills: "
-                        + ", ".join(f"{model.names[i]} (α={alpha[i]:.2f}, similarity {sims[i]:.2f}, w={x:g})"
+                        + ", ".join(f"{names[i]} (α={alpha[i]:.2f}, similarity {sims[i]:.2f}, w={x:g})"
                                     for i, x in zip(chosen, w)),
                         scores=scores, similarity=similarity)
-        return Plan(kind="skill", skill=model.names[top], reason=f"{model.names[top]} (α={alpha[top]:.2f}, similarity {sims[top]:.2f})", scores=scores,
-                    similarity=similarity)
-
-    @staticmethod
-    def _live(model: RouterModel, skills: Sequence[SkillInfo], alpha: np.ndarray,
-              sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """α and similarities with the skills the library no longer has left out (a model trained before the
-        library changed, while the new one trains)."""
-        have = {s.name for s in skills}
-        live = np.array([n in have for n in model.names])
-        alpha = np.where(live, alpha, 0.0)
-        return (alpha / alpha.sum() if alpha.sum() > 0 else alpha), np.where(live, sims, -1.0)
+        return Plan(kind="skill", skill=names[top], reason=f"{names[top]} (α={alpha[top]:.2f}, similarity {sims[top]:.2f})",
+                    scores=scores, similarity=similarity)
 
     def route_within(self, text: str, comp: Composition, skills: Sequence[SkillInfo], generation: int) -> Plan:
         """A context-aware composition's plan for ``text``: α over the composition's own skills (the
-        library's α restricted to them and renormalised), turned into weights by the shared rule."""
+        router's α restricted to them and renormalised), turned into weights by the shared rule."""
         names = [parse_ref(ref)[0] for ref in comp.skills]
         if not text or not text.strip():
             return contextual_plan(comp, [1.0 / len(names)] * len(names), None, self.config.rule,
@@ -276,6 +321,9 @@ class PsecRouter:
                                    "the router has no skills: every skill at full strength")
         model = self.model_for(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
-        alpha = dict(zip(model.names, model.alpha(e).tolist()))
-        sims = dict(zip(model.names, model.similarity(e).tolist()))
-        return contextual_plan(comp, restrict(alpha, names), [sims.get(n, float("nan")) for n in names], self.config.rule)
+        known = [n for n in dict.fromkeys(names) if n in model.index.position]
+        idx = np.array([model.index.position[n] for n in known], dtype=np.int64)
+        sims = model.index.similarity_of(e, idx)
+        alpha = dict(zip(known, model.alpha(e, idx, sims, self.config.temperature).tolist()))
+        sim = dict(zip(known, sims.tolist()))
+        return contextual_plan(comp, restrict(alpha, names), [sim.get(n, float("nan")) for n in names], self.config.rule)

@@ -49,7 +49,7 @@ def _routes_to(router, registry, skill: str, within: float) -> bool:
 def bounded(registry, encoder):
     add_demo_profiles(registry)
     router = PsecRouter(dataclasses.replace(ROUTER_CONFIG, train_wait_seconds=WAIT), registry, encoder=encoder)
-    router.route("warm up", registry.list(), registry.generation())  # the first model: trained while we wait
+    router.trained(registry.list())  # the first model (a request before it routes by nearest example)
     return router
 
 
