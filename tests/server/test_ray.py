@@ -180,3 +180,27 @@ def test_ray_affinity_upload_and_replica_failure(ray_cluster):
         assert r.headers["x-mosaic-replica"] != victim
     listed = httpx.get(f"{url}/v1/adapters", timeout=60).json()
     assert {a["id"] if "id" in a else a["name"] for a in listed["data"]} >= set(SKILLS)
+
+
+def test_serve_config_and_rayservice_name_the_application():
+    """deploy/ray-serve.yaml and the RayService's inline copy are valid Ray Serve configs whose args are
+    RayOptions (a typo in a setting would fail here, not on a cluster)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.launch import ROOT
+    from server.ray_app import RayOptions
+
+    serve_cfg = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "kuberay-rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    for cfg in (serve_cfg, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        schema = ServeDeploySchema.parse_obj(cfg)
+        (application,) = schema.applications
+        assert application.import_path == "server.ray_app:app"
+        options = RayOptions.model_validate(application.args)
+        assert set(application.args) <= set(RayOptions.model_fields)
+        assert options.env["MOSAIC_MAX_CPU_LORAS"]
+    import ray
+
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
