@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # after a library change the router retrains in the background: a request waits for it at most this
     # long, then routes with the model it has (a new skill is routable once training is done)
     router_train_wait_seconds: float = Field(default=1.0, ge=0.0)
+    # retrieve-then-compose (router/retrieval.py): α among the top_k skills nearest the prompt; up to
+    # router_lr_max_skills skills α comes from the trained network, above from a softmax of the candidates'
+    # similarities at router_temperature (calibrated on held-out synthetic prompts, bench/scale.py)
+    router_top_k: int = Field(default=16, ge=1)
+    router_lr_max_skills: int = Field(default=200, ge=0)
+    router_temperature: float = Field(default=0.01, gt=0.0)
     # α -> composition weights (model="auto" and "weights": "auto"): the strongest skill at 1, the others
     # α_i/α_max rounded to this grid (below half a step: dropped), at most router_max_skills nonzero
     alpha_grid: float = Field(default=0.25, gt=0.0, le=1.0)
@@ -82,6 +88,8 @@ class Settings(BaseSettings):
     def router_config(self) -> RouterConfig:
         return RouterConfig(ood=self.router_ood, mix_similarity=self.router_mix_similarity, mix_min=self.router_mix_min,
                             lexical_min=self.router_lexical_min, train_wait_seconds=self.router_train_wait_seconds,
+                            top_k=self.router_top_k, lr_max_skills=self.router_lr_max_skills,
+                            temperature=self.router_temperature,
                             rule=AlphaRule(grid=self.alpha_grid, max_skills=self.router_max_skills))
 
     def model_post_init(self, _ctx: object) -> None:
