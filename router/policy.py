@@ -35,7 +35,7 @@ class RouterConfig:
     # candidates' similarities at this temperature (no fit that grows with the library)
     top_k: int = 16
     lr_max_skills: int = 200
-    temperature: float = 0.01
+    temperature: float = 0.1
 
 
 class RouterPolicy(Protocol):

@@ -131,9 +131,10 @@ class PsecRouter:
         self.C = C
         self._model: RouterModel | None = None
         self._index: ProfileIndex | None = None  # the last index built: the next one reuses its rows
-        self._seen: tuple[Sequence[SkillInfo], str, frozenset[str]] | None = None  # a library list, its key and names
-        self._changed = threading.Condition()  # guards the four below; notified when a model (or an error) arrives
-        self._wanted: tuple[str, Sequence[SkillInfo]] | None = None
+        self._seen: tuple[Sequence[SkillInfo], frozenset[str]] | None = None  # a library list and its names
+        self._changed = threading.Condition()  # guards the five below; notified when a model (or an error) arrives
+        self._served: Sequence[SkillInfo] | None = None  # the library list the complete model answers for
+        self._wanted: Sequence[SkillInfo] | None = None
         self._trainer: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -170,71 +171,77 @@ class PsecRouter:
             self.registry.aux.put(MODEL_KEY, model.to_redis())
         return model
 
-    def _library(self, skills: Sequence[SkillInfo]) -> tuple[str, frozenset[str]]:
-        """The library's key and names, computed once per list (the server re-reads it only when it changes)."""
+    def _names(self, skills: Sequence[SkillInfo]) -> frozenset[str]:
+        """The library's names, once per list (the server re-reads it only when it changes)."""
         seen = self._seen
         if seen is None or seen[0] is not skills:
-            seen = self._seen = (skills, profile_key(skills, self.encoder.name), frozenset(s.name for s in skills))
-        return seen[1], seen[2]
+            seen = self._seen = (skills, frozenset(s.name for s in skills))
+        return seen[1]
 
     def model_for(self, skills: Sequence[SkillInfo]) -> RouterModel:
         """The model for ``skills``: this process's, the one in Redis (another replica trained it), or a new
-        one. Training runs in one background thread here, and on one replica at a time (a Redis lock); a
-        request waits for it at most ``config.train_wait_seconds`` (None: until it is done), then routes with
-        the model it has (:meth:`route` leaves out skills that model knows and the library no longer has).
-        With no model yet, a request waits for the profile index only (not the fit; None: for the fit too)
-        and routes by nearest example similarity."""
-        key, _ = self._library(skills)
+        one. The library's key and model are worked out in one background thread here (the network is
+        trained on one replica at a time, under a Redis lock); a request waits for it at most
+        ``config.train_wait_seconds`` (None: until it is done), then routes with the model it has
+        (:meth:`route` leaves out skills that model knows and the library no longer has). With no model yet,
+        a request waits for the profile index only (not the fit; None: for the fit too) and routes by nearest
+        example similarity."""
         with self._changed:
             model = self._model
-            if model is not None and model.key == key and model.complete:
+            if self._current(skills):
                 return model
-            self._wanted = (key, skills)
+            self._wanted = skills
             if self._trainer is None or not self._trainer.is_alive():
                 self._error = None
                 self._trainer = threading.Thread(target=self._train_wanted, name="router-train", daemon=True)
                 self._trainer.start()
             wait = self.config.train_wait_seconds
             if wait is None:
-                self._changed.wait_for(lambda: self._current(key) or self._error is not None)
+                self._changed.wait_for(lambda: self._current(skills) or self._error is not None)
             elif model is None or not model.complete:  # cold start: the index is enough, the fit is not awaited
                 self._changed.wait_for(lambda: self._model is not None or self._error is not None)
             else:
-                self._changed.wait_for(lambda: self._current(key) or self._error is not None, timeout=wait)
-            if self._model is None or wait is None and not self._current(key):
+                self._changed.wait_for(lambda: self._current(skills) or self._error is not None, timeout=wait)
+            if self._model is None or wait is None and not self._current(skills):
                 raise self._error
             return self._model
 
     def trained(self, skills: Sequence[SkillInfo], timeout: float | None = None) -> RouterModel:
         """The complete model for ``skills`` (index and network), waiting for the background training
         however the wait is configured (the CLI, benchmarks and tests that need the trained network)."""
-        key, _ = self._library(skills)
         self.model_for(skills)
         with self._changed:
-            if not self._changed.wait_for(lambda: self._current(key) or self._error is not None, timeout=timeout):
+            if not self._changed.wait_for(lambda: self._current(skills) or self._error is not None, timeout=timeout):
                 raise TimeoutError(f"the router was not trained within {timeout} s")
-            if not self._current(key):
+            if not self._current(skills):
                 raise self._error
             return self._model
 
-    def _current(self, key: str) -> bool:
-        return self._model is not None and self._model.key == key and self._model.complete
+    def _current(self, skills: Sequence[SkillInfo]) -> bool:
+        """Whether the complete model answers for this very list (the caller holds ``_changed``)."""
+        return self._model is not None and self._model.complete and self._served is skills
 
     def _train_wanted(self) -> None:
         """The trainer thread: until this process has the model of the library last asked for."""
         while True:
             with self._changed:
-                key, skills = self._wanted
-                if self._current(key):
+                skills = self._wanted
+                if self._current(skills):
                     return
-                cold = self._model is None
+                model = self._model
             try:
-                if cold:  # before the first model: the index alone answers while the network is fitted
+                key = profile_key(skills, self.encoder.name)  # O(library): here, not in a request
+                if model is None:  # before the first model: the index alone answers while the network is fitted
                     index = self.index(skills)
                     with self._changed:
                         if self._model is None:
                             self._model = RouterModel(key=key, index=index, complete=False)
                             self._changed.notify_all()
+                elif model.complete and model.key == key:  # the same library in another list
+                    with self._changed:
+                        self._served = skills
+                        self._changed.notify_all()
+                    continue
                 model = self._obtain(key, skills)
             except BaseException as e:  # the waiters raise it (the thread reports it too)
                 with self._changed:
@@ -242,7 +249,7 @@ class PsecRouter:
                     self._changed.notify_all()
                 raise
             with self._changed:
-                self._model = model
+                self._model, self._served = model, skills
                 self._changed.notify_all()
 
     def _obtain(self, key: str, skills: Sequence[SkillInfo]) -> RouterModel:
@@ -282,7 +289,7 @@ class PsecRouter:
             return plan
         c = self.config
         model = self.model_for(skills)
-        _, have = self._library(skills)
+        have = self._names(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
         cand, sims = self.candidates(model, e, have)
         if len(cand) == 0:

@@ -70,6 +70,9 @@ def plot(res: dict, path: Path) -> None:
         axes[0].plot(n, [r["route_p50_ms"] for r in rs], marker=marker, color=color, label=f"{label} p50")
         axes[0].plot(n, [r["route_p95_ms"] for r in rs], marker=marker, color=color, ls="--", label=f"{label} p95")
         axes[1].plot(n, [100 * r["held_out_accuracy"] for r in rs], marker=marker, color=color, label=label)
+        if all("held_out_nearest" in r for r in rs):
+            axes[1].plot(n, [100 * r["held_out_nearest"] for r in rs], marker=marker, color=color, ls="--",
+                         label=f"{label}: its skill nearest")
         ok = [(x, r["new_skill_routable_s"]) for x, r in zip(n, rs) if r["new_skill_routable_s"] is not None]
         axes[2].plot([x for x, _ in ok], [s for _, s in ok], marker=marker, color=color, label=label)
         for x, r in zip(n, rs):
@@ -84,6 +87,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xlabel("skills in the library")
         ax.set_ylabel(unit)
         ax.set_title(title)
+    axes[0].set_yscale("log")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
