@@ -356,7 +356,8 @@ def run(host: str, port: int, replicas: int) -> None:
         cpus = 1.0
     else:  # one machine: the replicas share its cores (Ray's count is for placement; the engines use them all)
         total = float(os.cpu_count() or 2)
-        ray.init(num_cpus=total, include_dashboard=False)
+        # an upload travels through Ray's object store on its way to a replica: room for a few at the upload limit
+        ray.init(num_cpus=total, include_dashboard=False, object_store_memory=1 << 30)
         cpus = min(1.0, (total - 0.25) / replicas)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app({"replicas": replicas, "replica_cpus": cpus, "env": env}), name="mosaic", route_prefix="/")
