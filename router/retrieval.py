@@ -44,16 +44,13 @@ class ProfileIndex:
     digests: list[str]  # per skill, :func:`profile_digest` (rows are reused while it holds)
     X: np.ndarray  # (rows × d) float32, unit norm; skill i's rows are starts[i]:starts[i + 1]
     starts: np.ndarray  # (n + 1,) int64
-    centroids: np.ndarray = field(init=False)  # (n × d) float32, unit norm
+    centroids: np.ndarray | None = None  # (n × d) float32, unit norm (computed when not given)
     position: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
-        n = len(self.names)
-        if n:
-            sums = np.add.reduceat(self.X, self.starts[:-1], axis=0)
-            self.centroids = (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-        else:
-            self.centroids = np.zeros((0, self.X.shape[1] if self.X.ndim == 2 else DIM), np.float32)
+        if self.centroids is None:
+            blocks = [self.X[a:b] for a, b in zip(self.starts[:-1], self.starts[1:])]
+            self.centroids = np.stack([_centroid(b) for b in blocks]) if blocks else np.zeros((0, DIM), np.float32)
         self.position = {name: i for i, name in enumerate(self.names)}
 
     @property
@@ -69,25 +66,31 @@ class ProfileIndex:
         digests = [profile_digest(s) for s in skills]
         old = previous.position if previous is not None else {}
         blocks: list[np.ndarray | None] = []
+        centroids: list[np.ndarray | None] = []
         missing: list[str] = []
         for s, d in zip(skills, digests):
             i = old.get(s.name)
             if i is not None and previous.digests[i] == d:
                 blocks.append(previous.X[previous.starts[i]:previous.starts[i + 1]])
+                centroids.append(previous.centroids[i])
             else:
                 blocks.append(None)
+                centroids.append(None)
                 missing += profile_texts(s)
-        fresh = embed(missing) if missing else np.zeros((0, DIM), np.float32)
+        fresh = np.asarray(embed(missing), dtype=np.float32) if missing else np.zeros((0, DIM), np.float32)
         at = 0
         for j, s in enumerate(skills):
             if blocks[j] is None:
                 n = len(profile_texts(s))
                 blocks[j] = fresh[at:at + n]
+                centroids[j] = _centroid(blocks[j])
                 at += n
         counts = np.array([len(b) for b in blocks], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        X = np.concatenate(blocks).astype(np.float32, copy=False) if blocks else np.zeros((0, DIM), np.float32)
-        return cls(names=[s.name for s in skills], digests=digests, X=np.ascontiguousarray(X), starts=starts)
+        X = np.concatenate(blocks) if blocks else np.zeros((0, DIM), np.float32)
+        C = np.stack(centroids) if centroids else np.zeros((0, DIM), np.float32)
+        return cls(names=[s.name for s in skills], digests=digests, X=np.ascontiguousarray(X, dtype=np.float32),
+                   starts=starts, centroids=C)
 
     def similarity_of(self, e: np.ndarray, skills: np.ndarray) -> np.ndarray:
         """The prompt's cosine to the nearest profile text of each of ``skills`` (indices)."""
@@ -116,6 +119,11 @@ class ProfileIndex:
             pool, sims = pool[keep], sims[keep]
         order = np.argsort(-sims, kind="stable")
         return pool[order], sims[order]
+
+
+def _centroid(rows: np.ndarray) -> np.ndarray:
+    m = rows.mean(axis=0)
+    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
 
 
 def softmax(sims: np.ndarray, temperature: float) -> np.ndarray:
