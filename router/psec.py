@@ -24,8 +24,9 @@ measures where they sit between held-out, two-skill and out-of-distribution prom
 the router costs up to 10,000 skills (bench/reports/REPORT.md).
 
 Example embeddings are cached in Redis by text, so a text is encoded once for all replicas and restarts.
-The trained network is stored in Redis next to the library, keyed by a hash of every skill's profile, so
-other replicas load it instead of retraining. A library change is taken up in a background thread: the
+The trained network is stored in Redis next to the library, keyed by a hash of every skill's profile and
+of what shapes the model (its format version, the encoder, whether α comes from a network, C), so other
+replicas load it instead of retraining, and a replica with other settings or older code trains its own. A library change is taken up in a background thread: the
 profile index is rebuilt from the previous one (only new texts are encoded) and the network refitted; a
 request meanwhile routes with the model it has. Before the first model exists a request waits only for
 the index (no fit) and routes by nearest example similarity.
@@ -59,10 +60,19 @@ MODEL_KEY = "router-model"
 EMB_KEY = "router-embeddings"
 TRAIN_LOCK = "router-training"  # one replica trains at a time; the others wait for its model
 TRAIN_LOCK_SECONDS = 600  # a trainer that died frees the lock after this
+MODEL_FORMAT = 2  # the stored model's layout: raised whenever it changes, so an older one is never loaded
 
 
-def profile_key(skills: Sequence[SkillInfo], encoder: str) -> str:
-    doc = [encoder] + [[s.name, s.sha256, s.description, s.examples] for s in sorted(skills, key=lambda s: s.name)]
+def has_network(n: int, lr_max_skills: int) -> bool:
+    """Whether a library of ``n`` skills gets the trained network's α (else the similarity softmax)."""
+    return 2 <= n <= lr_max_skills
+
+
+def profile_key(skills: Sequence[SkillInfo], encoder: str, network: bool, C: float) -> str:
+    """The stored model's key: the format, the encoder, the α mode (network or softmax), C and every
+    skill's profile, so a model stored under other settings or by other code is never taken up."""
+    doc = [MODEL_FORMAT, encoder, network, C if network else None]
+    doc += [[s.name, s.sha256, s.description, s.examples] for s in sorted(skills, key=lambda s: s.name)]
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
@@ -109,13 +119,23 @@ class RouterModel:
                 "trained_seconds": str(self.trained_seconds)}
 
     @classmethod
-    def from_redis(cls, raw: dict[str, bytes], index: ProfileIndex) -> "RouterModel":
-        """The stored network over this replica's own index of the same library (the key says it is)."""
-        z = np.load(io.BytesIO(raw["arrays"]))
-        assert json.loads(raw["names"]) == index.names, "the stored router model is for another library"
-        return cls(key=raw["key"].decode(), index=index, coef=z["coef"] if "coef" in z else None,
-                   intercept=z["intercept"] if "intercept" in z else None,
-                   trained_seconds=float(raw.get("trained_seconds", b"0")))
+    def from_redis(cls, raw: dict[str, bytes], index: ProfileIndex, network: bool) -> "RouterModel | None":
+        """The stored network over this replica's own index of the same library (the key says it is), or
+        None when what is stored does not fit it (other skills, the other α mode, another layout)."""
+        try:
+            if json.loads(raw["names"]) != index.names:
+                return None
+            z = np.load(io.BytesIO(raw["arrays"]))
+            if set(z.files) != ({"coef", "intercept"} if network else set()):
+                return None
+            coef, intercept = (z["coef"], z["intercept"]) if network else (None, None)
+            if network and (coef.shape != (1 if len(index.names) == 2 else len(index.names), index.X.shape[1])
+                            or intercept.shape != (coef.shape[0],)):
+                return None
+            return cls(key=raw["key"].decode(), index=index, coef=coef, intercept=intercept,
+                       trained_seconds=float(raw.get("trained_seconds", b"0")))
+        except (KeyError, ValueError, OSError):  # a damaged or foreign record: retrain
+            return None
 
 
 class PsecRouter:
@@ -135,8 +155,9 @@ class PsecRouter:
         self._changed = threading.Condition()  # guards the five below; notified when a model (or an error) arrives
         self._served: Sequence[SkillInfo] | None = None  # the library list the complete model answers for
         self._wanted: Sequence[SkillInfo] | None = None
-        self._trainer: threading.Thread | None = None
+        self._trainer: threading.Thread | None = None  # None once it has returned (it clears it under the lock)
         self._error: BaseException | None = None
+        self._live: tuple[RouterModel, Sequence[SkillInfo], np.ndarray | None] | None = None  # see _live_mask
 
     # ---- training -----------------------------------------------------------------
     def _embed(self, texts: list[str]) -> np.ndarray:
@@ -158,12 +179,20 @@ class PsecRouter:
         self._index = ProfileIndex.build(skills, self._embed, previous=self._index)
         return self._index
 
-    def train(self, skills: Sequence[SkillInfo]) -> RouterModel:
-        """The model of ``skills``, stored in Redis: the index, and the network when the library is small."""
+    def key(self, skills: Sequence[SkillInfo]) -> str:
+        """:func:`profile_key` of ``skills`` under this router's settings."""
+        return profile_key(skills, self.encoder.name, self._network(len(skills)), self.C)
+
+    def _network(self, n: int) -> bool:
+        return has_network(n, self.config.lr_max_skills)
+
+    def train(self, skills: Sequence[SkillInfo], index: ProfileIndex | None = None) -> RouterModel:
+        """The model of ``skills``, stored in Redis: the index (``index`` when it is already built), and the
+        network when the library is small."""
         t0 = time.perf_counter()
-        index = self.index(skills)
-        model = RouterModel(key=profile_key(skills, self.encoder.name), index=index)
-        if 2 <= len(index.names) <= self.config.lr_max_skills:
+        index = index if index is not None else self.index(skills)
+        model = RouterModel(key=self.key(skills), index=index)
+        if self._network(len(index.names)):
             clf = LogisticRegression(C=self.C, max_iter=2000).fit(index.X, index.y)
             model.coef, model.intercept = clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
         model.trained_seconds = time.perf_counter() - t0
@@ -191,7 +220,7 @@ class PsecRouter:
             if self._current(skills):
                 return model
             self._wanted = skills
-            if self._trainer is None or not self._trainer.is_alive():
+            if self._trainer is None:  # not is_alive(): a trainer past its last look at _wanted is still alive
                 self._error = None
                 self._trainer = threading.Thread(target=self._train_wanted, name="router-train", daemon=True)
                 self._trainer.start()
@@ -227,71 +256,89 @@ class PsecRouter:
             with self._changed:
                 skills = self._wanted
                 if self._current(skills):
+                    self._trainer = None  # under the lock: the next change starts a new trainer
                     return
                 model = self._model
             try:
-                key = profile_key(skills, self.encoder.name)  # O(library): here, not in a request
-                if model is None:  # before the first model: the index alone answers while the network is fitted
-                    index = self.index(skills)
-                    with self._changed:
-                        if self._model is None:
-                            self._model = RouterModel(key=key, index=index, complete=False)
-                            self._changed.notify_all()
-                elif model.complete and model.key == key:  # the same library in another list
+                key = self.key(skills)  # O(library): here, not in a request
+                if model is not None and model.complete and model.key == key:  # the same library in another list
                     with self._changed:
                         self._served = skills
                         self._changed.notify_all()
                     continue
-                model = self._obtain(key, skills)
+                index = self.index(skills)  # built once: the cold model, the stored one and the fit share it
+                if model is None:  # before the first model: the index alone answers while the network is fitted
+                    with self._changed:
+                        if self._model is None:
+                            self._model = RouterModel(key=key, index=index, complete=False)
+                            self._changed.notify_all()
+                model = self._obtain(key, skills, index)
             except BaseException as e:  # the waiters raise it (the thread reports it too)
                 with self._changed:
                     self._error = e
+                    self._trainer = None
                     self._changed.notify_all()
                 raise
             with self._changed:
                 self._model, self._served = model, skills
                 self._changed.notify_all()
 
-    def _obtain(self, key: str, skills: Sequence[SkillInfo]) -> RouterModel:
-        """The model with ``key``: from Redis if a replica stored it, else trained here under the training lock
-        (a replica that finds the lock taken waits for the holder's model)."""
+    def _obtain(self, key: str, skills: Sequence[SkillInfo], index: ProfileIndex) -> RouterModel:
+        """The model with ``key`` over ``index``: from Redis if a replica stored it, else trained here under the
+        training lock (a replica that finds the lock taken waits for the holder's model)."""
         if self.registry is None:
-            return self.train(skills)
+            return self.train(skills, index)
         lock = self.registry.aux.lock(TRAIN_LOCK, seconds=TRAIN_LOCK_SECONDS)
         while True:
-            if (stored := self._stored(key, skills)) is not None:
+            if (stored := self._stored(key, index)) is not None:
                 return stored
             if lock.acquire(blocking=True, blocking_timeout=1.0):
                 break
         try:
-            return self._stored(key, skills) or self.train(skills)
+            return self._stored(key, index) or self.train(skills, index)
         finally:
             with contextlib.suppress(LockNotOwnedError):  # it expired (or Redis lost it): the model stands
                 lock.release()
 
-    def _stored(self, key: str, skills: Sequence[SkillInfo]) -> RouterModel | None:
+    def _stored(self, key: str, index: ProfileIndex) -> RouterModel | None:
+        """The model stored in Redis when it is this library's under these settings, else None."""
         if self.registry.aux.get(MODEL_KEY, ["key"]).get("key", b"").decode() != key:
             return None
         stored = self.registry.aux.get(MODEL_KEY)
-        return RouterModel.from_redis(stored, self.index(skills)) if stored.get("key", b"").decode() == key else None
+        if stored.get("key", b"").decode() != key:
+            return None
+        return RouterModel.from_redis(stored, index, self._network(len(index.names)))
 
     # ---- deciding -----------------------------------------------------------------
-    def candidates(self, model: RouterModel, e: np.ndarray, have: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The ``top_k`` skills nearest the prompt that the library still has (indices into the model's
-        names, most similar first) and their similarities."""
+    def _live_mask(self, model: RouterModel, skills: Sequence[SkillInfo]) -> np.ndarray | None:
+        """Which of the model's skills the library still has (None: all of them), once per model and list."""
+        live = self._live
+        if live is None or live[0] is not model or live[1] is not skills:
+            with self._changed:
+                served = model is self._model and self._current(skills)
+            if served:  # the model of this very list: nothing deleted
+                mask = None
+            else:
+                have = self._names(skills)
+                mask = np.fromiter((n in have for n in model.names), dtype=bool, count=len(model.names))
+                mask = None if mask.all() else mask
+            live = self._live = (model, skills, mask)
+        return live[2]
+
+    def candidates(self, model: RouterModel, e: np.ndarray, skills: Sequence[SkillInfo]) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` skills nearest the prompt among those the library still has (indices into the
+        model's names, most similar first) and their similarities: a skill deleted since the model was built
+        is left out before the ``top_k`` are chosen, so it does not take a candidate's place."""
         k = self.config.top_k
-        idx, sims = model.index.nearest(e, k, coarse=max(64, 4 * k))
-        live = np.array([model.names[i] in have for i in idx], dtype=bool)
-        return idx[live], sims[live]
+        return model.index.nearest(e, k, coarse=max(64, 4 * k), allowed=self._live_mask(model, skills))
 
     def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
         if plan := nothing_to_route(text, skills):
             return plan
         c = self.config
         model = self.model_for(skills)
-        have = self._names(skills)
         e = self.encoder.encode([text])[0].astype(np.float64)
-        cand, sims = self.candidates(model, e, have)
+        cand, sims = self.candidates(model, e, skills)
         if len(cand) == 0:
             return Plan(kind="base", reason="the router's model knows none of the library's skills yet")
         alpha = model.alpha(e, cand, sims, c.temperature)

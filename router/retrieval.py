@@ -102,8 +102,10 @@ class ProfileIndex:
         sims = self.X[rows] @ e.astype(np.float32)
         return np.maximum.reduceat(sims, np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.float64)
 
-    def nearest(self, e: np.ndarray, k: int, coarse: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` skills nearest the prompt (indices, most similar first) and their similarities."""
+    def nearest(self, e: np.ndarray, k: int, coarse: int,
+                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` skills nearest the prompt (indices, most similar first) and their similarities, among
+        the skills ``allowed`` marks (a boolean per skill; None: every skill)."""
         n = len(self.names)
         if n == 0:
             return np.zeros(0, np.int64), np.zeros(0)
@@ -111,8 +113,18 @@ class ProfileIndex:
         if len(self.X) <= EXACT_ROWS or n <= coarse:
             sims = np.maximum.reduceat(self.X @ e32, self.starts[:-1]).astype(np.float64)
             pool = np.arange(n)
+            if allowed is not None:
+                pool, sims = pool[allowed], sims[allowed]
         else:
-            pool = np.argpartition(-(self.centroids @ e32), coarse)[:coarse]
+            scores = self.centroids @ e32
+            if allowed is not None:
+                scores = np.where(allowed, scores, -np.inf)
+                coarse = min(coarse, int(allowed.sum()))
+            if coarse == 0:
+                return np.zeros(0, np.int64), np.zeros(0)
+            pool = np.argpartition(-scores, coarse - 1)[:coarse] if coarse < n else np.arange(n)
+            if allowed is not None:
+                pool = pool[allowed[pool]]
             sims = self.similarity_of(e, pool)
         if len(pool) > k:
             keep = np.argpartition(-sims, k)[:k]

@@ -29,11 +29,11 @@ class GatedTraining:
         self._train = router.train
         router.train = self
 
-    def __call__(self, skills):
+    def __call__(self, skills, *args):
         self.calls += 1
         self.started.set()
         assert self.gate.wait(60), "the test never opened the gate"
-        return self._train(skills)
+        return self._train(skills, *args)
 
 
 def _routes_to(router, registry, skill: str, within: float) -> bool:
@@ -76,7 +76,7 @@ def test_a_deleted_skill_is_never_chosen_by_the_previous_model(bounded, registry
     assert gated.started.is_set()
     assert "reverse_list" not in plan.skills and plan.scores.get("reverse_list", 0.0) == 0.0, plan
     gated.gate.set()
-    bounded._trainer.join(30)
+    assert "reverse_list" not in bounded.trained(registry.list(), timeout=30).names
 
 
 def test_one_replica_trains_and_the_other_takes_its_model(registry, encoder):
@@ -98,3 +98,64 @@ def test_one_replica_trains_and_the_other_takes_its_model(registry, encoder):
     assert gates[0].calls == 1 and gates[1].calls == 0
     assert first.model_for(registry.list()).key == second.model_for(registry.list()).key
     assert answers[0].kind == answers[1].kind and answers[0].scores == answers[1].scores
+
+
+class LingeringRouter(PsecRouter):
+    """Its trainer thread stays alive after it has returned, until the test lets it go: the window in which a
+    request would see a trainer alive that will never look at the library again."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.returned, self.release = threading.Event(), threading.Event()
+
+    def _train_wanted(self) -> None:
+        try:
+            super()._train_wanted()
+        finally:
+            self.returned.set()
+            self.release.wait(60)
+
+
+def test_a_change_as_the_trainer_thread_ends_starts_a_new_trainer(registry, encoder):
+    add_demo_profiles(registry)
+    router = LingeringRouter(dataclasses.replace(ROUTER_CONFIG, train_wait_seconds=None), registry, encoder=encoder)
+    router.trained(registry.list(), timeout=120)
+    assert router.returned.wait(30)  # the trainer has returned; its thread is still alive
+    _add_piglatin(registry)
+    answer = {}
+    request = threading.Thread(target=lambda: answer.update(plan=router.route(PIGLATIN, registry.list(), 0)), daemon=True)
+    try:
+        request.start()
+        request.join(60)
+        assert not request.is_alive(), "the request waits for a trainer that has already returned"
+        assert answer["plan"].skill == "piglatin", answer
+    finally:
+        router.release.set()
+
+
+def test_many_alternating_library_changes_each_get_their_model(registry, encoder):
+    """Requests alternate between two libraries with the wait unbounded: each gets the model of its own."""
+    add_demo_profiles(registry)
+    router = PsecRouter(dataclasses.replace(ROUTER_CONFIG, train_wait_seconds=None), registry, encoder=encoder)
+    without = registry.list()
+    _add_piglatin(registry)
+    with_piglatin = registry.list()
+    router.trained(with_piglatin, timeout=120)
+    router.trained(without, timeout=120)  # both networks stored once: the loop below loads them
+    done = threading.Event()
+    errors = []
+
+    def alternate() -> None:
+        try:
+            for i in range(60):
+                skills = list(with_piglatin if i % 2 else without)  # a new list each time: a change to take up
+                model = router.model_for(skills)
+                assert ("piglatin" in model.names) == bool(i % 2), (i, model.names)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=alternate, daemon=True).start()
+    assert done.wait(120), "a request waited for a change that was never taken up"
+    assert not errors, errors

@@ -5,6 +5,8 @@ text's own); the cold-start routing uses the real MiniLM encoder on the demo ski
 
 import dataclasses
 import hashlib
+import io
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from bench.demo_data import examples
-from router.psec import PsecRouter
+from router.psec import MODEL_KEY, PsecRouter
 from router.retrieval import EXACT_ROWS, ProfileIndex
 from tests.helpers import ROUTER_CONFIG, ROUTER_SHAPES, add_demo_profiles, random_adapter
 
@@ -61,6 +63,20 @@ def test_retrieval_returns_the_nearest_skills(n):
         assert np.all(np.diff(sims) <= 0) and sims[0] == pytest.approx(float((index.X @ e)[index.starts[idx[0]]:index.starts[idx[0] + 1]].max()), abs=1e-5)
 
 
+@pytest.mark.parametrize("n", [50, 3000])
+def test_retrieval_leaves_out_the_masked_skills_before_taking_the_nearest(n):
+    enc = KeywordEncoder()
+    index = ProfileIndex.build([_profile(i) for i in range(n)], enc.encode)
+    allowed = np.random.default_rng(0).random(n) < 0.5
+    for i in range(0, n, max(1, n // 20)):
+        e = enc.encode([f"kw{i} could you do this one: see you tomorrow"])[0]
+        idx, _ = index.nearest(e, 8, coarse=64, allowed=allowed)
+        assert len(idx) == 8 and allowed[idx].all()
+        assert [index.names[j] for j in idx] == [name for name in _brute_force(index, e, n) if allowed[index.position[name]]][:8]
+        assert (index.names[idx[0]] == f"skill-{i:05d}") == bool(allowed[i])
+    assert len(index.nearest(e, 8, coarse=64, allowed=np.zeros(n, bool))[0]) == 0
+
+
 def test_a_rebuilt_index_reuses_unchanged_rows_and_encodes_only_new_texts():
     enc = KeywordEncoder()
     skills = [_profile(i) for i in range(40)]
@@ -105,10 +121,23 @@ class GatedTraining:
         self._train = router.train
         router.train = self
 
-    def __call__(self, skills):
+    def __call__(self, skills, *args):
         self.started.set()
         assert self.gate.wait(60), "the test never opened the gate"
-        return self._train(skills)
+        return self._train(skills, *args)
+
+
+class CountedTraining:
+    """Counts the calls of the router's ``train`` (a model loaded from Redis is not trained)."""
+
+    def __init__(self, router: PsecRouter) -> None:
+        self.calls = 0
+        self._train = router.train
+        router.train = self
+
+    def __call__(self, skills, *args):
+        self.calls += 1
+        return self._train(skills, *args)
 
 
 def test_a_deleted_skill_is_never_chosen_while_the_index_is_rebuilt(registry):
@@ -121,7 +150,7 @@ def test_a_deleted_skill_is_never_chosen_while_the_index_is_rebuilt(registry):
     plan = router.route(prompt, registry.list(), registry.generation())
     assert gated.started.wait(30)  # the rebuild is held: the previous index answers
     assert "skill-00005" not in plan.skills and "skill-00005" not in plan.scores, plan
-    assert len(plan.scores) == 3  # the other candidates of the previous index
+    assert len(plan.scores) == 4  # the deleted skill's place goes to the next nearest of the previous index
     gated.gate.set()
     assert router.trained(registry.list(), timeout=60).key != ""
     plan = router.route(prompt, registry.list(), registry.generation())
@@ -143,3 +172,76 @@ def test_cold_start_routes_by_nearest_example_without_waiting_for_the_fit(regist
     assert not router.model_for(registry.list()).complete  # answered by the index alone
     gated.gate.set()
     assert router.trained(registry.list(), timeout=60).coef is not None
+
+
+def test_a_deleted_top_skill_leaves_its_place_to_the_next_nearest(registry):
+    """top_k=1: the deleted skill is masked before the top_k are taken, so the previous model still has a
+    candidate (not the base model for want of one)."""
+    router = _stub_router(registry, 6, top_k=1, lr_max_skills=0, train_wait_seconds=0.0)
+    registry.add("kw2-twin", random_adapter(ROUTER_SHAPES, r=1, seed=99), description="kw2 also rewrites text",
+                 examples=["kw2 this other sentence", "kw2 one more: good night"])
+    prompt = "kw2 could you do this one: see you tomorrow"
+    router.trained(registry.list(), timeout=120)
+    top = router.route(prompt, registry.list(), registry.generation()).skill
+    assert top in ("skill-00002", "kw2-twin")
+    gated = GatedTraining(router)
+    registry.delete(top)
+    plan = router.route(prompt, registry.list(), registry.generation())
+    assert gated.started.wait(30)  # the previous model answers
+    other = ({"skill-00002", "kw2-twin"} - {top}).pop()
+    assert plan.kind == "skill" and plan.skill == other and list(plan.scores) == [other], plan
+    gated.gate.set()
+    assert router.trained(registry.list(), timeout=60).names == sorted(s.name for s in registry.list())
+
+
+def test_a_cold_start_builds_the_index_once(registry):
+    router = _stub_router(registry, 12, lr_max_skills=100)
+    builds = []
+    index = router.index
+    router.index = lambda skills: builds.append(len(skills)) or index(skills)
+    assert router.trained(registry.list(), timeout=120).coef is not None
+    assert builds == [12]  # the cold model, the look in Redis and the fit share it
+
+
+def test_changing_lr_max_skills_retrains_instead_of_loading_the_other_mode(registry):
+    """The stored model's key holds the α mode: a restart with another lr_max_skills trains its own."""
+    network = _stub_router(registry, 12, lr_max_skills=100)
+    assert network.trained(registry.list(), timeout=120).coef is not None
+    softmax = _stub_router(registry, 0, lr_max_skills=0)
+    counted = CountedTraining(softmax)
+    model = softmax.trained(registry.list(), timeout=120)
+    assert model.coef is None and counted.calls == 1 and model.key != network.model_for(registry.list()).key
+    again = _stub_router(registry, 0, lr_max_skills=100)  # back to the network: the softmax model is not it
+    counted = CountedTraining(again)
+    assert again.trained(registry.list(), timeout=120).coef is not None and counted.calls == 1
+    same = _stub_router(registry, 0, lr_max_skills=100)  # the same settings: loaded, not trained
+    counted = CountedTraining(same)
+    assert same.trained(registry.list(), timeout=120).coef is not None and counted.calls == 0
+
+
+def _arrays(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_a_stored_model_of_the_old_format_or_the_wrong_shape_is_not_loaded(registry):
+    router = _stub_router(registry, 5, lr_max_skills=100)
+    skills = registry.list()
+    names = sorted(s.name for s in skills)
+    old_key = hashlib.sha256(json.dumps([router.encoder.name] + [[s.name, s.sha256, s.description, s.examples]
+                                        for s in sorted(skills, key=lambda s: s.name)]).encode()).hexdigest()[:24]
+    # the previous code's record: keyed by encoder and profiles only, with the training rows in its arrays
+    registry.aux.put(MODEL_KEY, {"key": old_key, "names": json.dumps(names), "trained_seconds": "0",
+                                 "arrays": _arrays(X=np.zeros((15, 384)), coef=np.zeros((5, 384)), intercept=np.zeros(5))})
+    counted = CountedTraining(router)
+    model = router.trained(skills, timeout=120)
+    assert counted.calls == 1 and model.key != old_key and np.abs(model.coef).sum() > 0
+    # a record under this very key that does not fit (no network, other names, a wrong shape): retrained, no error
+    for record in ({"arrays": _arrays()}, {"names": json.dumps(names[:-1])},
+                   {"arrays": _arrays(coef=np.zeros((4, 384)), intercept=np.zeros(4))}):
+        registry.aux.put(MODEL_KEY, {"key": model.key, "names": json.dumps(names), "trained_seconds": "0",
+                                     "arrays": _arrays(coef=np.zeros((5, 384)), intercept=np.zeros(5)), **record})
+        fresh = _stub_router(registry, 0, lr_max_skills=100)
+        counted = CountedTraining(fresh)
+        assert fresh.trained(skills, timeout=120).coef.shape == (5, 384) and counted.calls == 1, record
