@@ -121,6 +121,15 @@ def test_the_playground_streams_a_skill_and_auto_with_their_plans(browser, serve
     assert browser.find_element("css selector", ".plan-reason").text
 
 
+def test_ops_shows_the_engine_requests_per_skill_and_compression(browser, server):
+    _open(browser, server, "ops")
+    engine = wait_for(browser, "#ops-engine")
+    assert "vllm" in engine.text and "answering" in engine.text
+    served = [r.text.split()[0] for r in wait_for(browser, "#ops-targets").find_elements("css selector", "tbody tr")]
+    assert UPLOADED in served, served  # the playground's request, from /metrics
+    assert "idle" in wait_for(browser, "#ops-compression").text
+
+
 def test_a_composition_saved_from_the_page_shows_its_quality_report_and_can_be_deleted(browser, server):
     _open(browser, server, "compose")
     browser.refresh()
