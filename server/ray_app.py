@@ -33,7 +33,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayError
+from ray.serve.exceptions import RayServeException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -165,7 +166,8 @@ class MosaicIngress:
         timeout = self.options.request_timeout_s
         try:
             status, headers = await asyncio.wait_for(answer.__anext__(), timeout)
-            headers = {**headers, ADAPTER_HEADER: key}
+            if status < 400:  # a refused request learns nothing of the library from the routing
+                headers = {**headers, ADAPTER_HEADER: key}
             if not headers.get("content-type", "").startswith("text/event-stream"):
                 chunks = []
                 while True:  # a whole answer, or the 503 below: never half of one under a 200
@@ -187,7 +189,7 @@ def _failed(exc: BaseException, timeout: float) -> JSONResponse:
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return error(503, f"the replica serving this request did not answer within {timeout:g} s; try again",
                      "service_unavailable")
-    if isinstance(exc, (RayActorError, StopAsyncIteration)) or isinstance(exc, RayError) and _unavailable(exc):
+    if isinstance(exc, StopAsyncIteration) or _unavailable(exc):
         log.warning("replica failed: %s", exc)
         return error(503, "the replica serving this request stopped; try again (another replica, or its replacement, "
                      "will answer)", "service_unavailable")
@@ -196,11 +198,16 @@ def _failed(exc: BaseException, timeout: float) -> JSONResponse:
 
 
 def _unavailable(exc: BaseException) -> bool:
-    """Ray's errors that mean "no replica could take it now" (backpressure, none running)."""
-    from ray.serve import exceptions
+    """Ray's errors that mean the replica died or none could take the request now (its process or node
+    gone, killed for memory, backpressure, none running). Ray Serve's own exceptions are not RayErrors."""
+    from ray import exceptions as core
+    from ray.serve import exceptions as serve_exceptions
 
-    kinds = tuple(getattr(exceptions, n) for n in ("BackPressureError", "DeploymentUnavailableError", "RequestCancelledError")
-                  if hasattr(exceptions, n))
+    kinds = tuple(getattr(core, n) for n in ("RayActorError", "WorkerCrashedError", "NodeDiedError", "OutOfMemoryError")
+                  if hasattr(core, n))
+    kinds += tuple(getattr(serve_exceptions, n) for n in ("BackPressureError", "DeploymentUnavailableError",
+                                                          "ReplicaUnavailableError", "RequestCancelledError")
+                   if hasattr(serve_exceptions, n))
     return isinstance(exc, kinds)
 
 
@@ -213,7 +220,7 @@ async def _rest(answer, timeout: float):
                 yield await asyncio.wait_for(answer.__anext__(), timeout)
             except StopAsyncIteration:
                 return
-    except (asyncio.TimeoutError, TimeoutError, RayError) as exc:
+    except (asyncio.TimeoutError, TimeoutError, RayError, RayServeException) as exc:
         answer.cancel()
         body = json.loads(_failed(exc, timeout).body)
         yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()

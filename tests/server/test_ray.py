@@ -204,3 +204,46 @@ def test_serve_config_and_rayservice_name_the_application():
     import ray
 
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+def test_a_replica_that_died_or_cannot_take_the_request_is_a_503_in_openai_shape():
+    """Ray Serve's own errors (ReplicaUnavailableError, …) are not RayErrors: each must still be a 503, before
+    the answer starts and mid-stream (an error event and [DONE]), and anything else stays a 500."""
+    from ray import exceptions as core
+    from ray.serve import exceptions as serve_exceptions
+    from ray.serve._private.common import DeploymentID
+
+    from server.ray_app import _failed, _rest
+
+    dead = [core.RayActorError(), core.WorkerCrashedError(), core.NodeDiedError("node gone"), core.OutOfMemoryError("oom"),
+            serve_exceptions.ReplicaUnavailableError("replica-1"),
+            serve_exceptions.DeploymentUnavailableError(DeploymentID(name="MosaicReplica")),
+            serve_exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8)]
+    for exc in [*dead, TimeoutError()]:
+        answer = _failed(exc, 5.0)
+        body = json.loads(answer.body)
+        assert answer.status_code == 503, type(exc)
+        assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["code"] == "service_unavailable", body
+    assert _failed(ValueError("bug"), 5.0).status_code == 500
+
+    class Stream:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc, self.sent, self.cancelled = exc, False, False
+
+        async def __anext__(self) -> bytes:
+            if not self.sent:
+                self.sent = True
+                return b"data: {}\n\n"
+            raise self.exc
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    async def drain(stream: Stream) -> list[bytes]:
+        return [chunk async for chunk in _rest(stream, 5.0)]
+
+    for exc in dead:
+        stream = Stream(exc)
+        chunks = asyncio.run(drain(stream))
+        assert chunks[0] == b"data: {}\n\n" and stream.cancelled, type(exc)
+        assert b'"code": "service_unavailable"' in chunks[-1] and chunks[-1].endswith(b"data: [DONE]\n\n"), chunks
