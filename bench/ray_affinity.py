@@ -87,7 +87,7 @@ def fewest_loads(sequence: list[str], slots: int) -> int:
 
 async def replica_infos(handle, tries: int = 40) -> dict[str, dict]:
     """Every replica's own answer (its engine's adapter loads), by asking until each has answered."""
-    from server.ray_app import INFO_PATH
+    from server.ray_routing import INFO_PATH
 
     seen: dict[str, dict] = {}
     call = {"method": "GET", "path": INFO_PATH, "query": "", "body": b"", "headers": [("host", "127.0.0.1")],
@@ -102,7 +102,7 @@ async def replica_infos(handle, tries: int = 40) -> dict[str, dict]:
 
 
 async def run_mode(handle, service, sequence: list[str], affinity: bool, concurrency: int, max_tokens: int) -> dict:
-    from server.ray_app import REPLICA_HEADER, adapter_key
+    from server.ray_routing import REPLICA_HEADER, adapter_key
 
     before = await replica_infos(handle)
     sem = asyncio.Semaphore(concurrency)

@@ -161,6 +161,35 @@ def route_scope(app, scope) -> tuple[str | None, bool]:
     return None, False
 
 
+def refusal(fastapi_app, scope):
+    """The answer to a request the key it presents may not make (401/403, or 503 when Redis is away),
+    or None after recording in ``scope`` that the request was checked and its namespace. Used by
+    :class:`AuthGate` and by the Ray ingress (server/ray_app.py), before either reads the body."""
+    from starlette.datastructures import Headers
+    from starlette.responses import JSONResponse
+
+    wanted, is_mount = route_scope(fastapi_app, scope)
+    if wanted is None:
+        return None
+    service = fastapi_app.state.mosaic
+    client = scope.get("client")
+    try:
+        ns = check(service, wanted, Headers(scope=scope), client[0] if client else None)
+        if ns is not None and is_mount:
+            raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {scope['path']} spans "
+                                 "the whole library")
+    except (redis.ConnectionError, redis.TimeoutError):
+        exc = UnavailableError("the skill registry (Redis) is unavailable; try again shortly")
+        return JSONResponse(error_payload(exc), status_code=exc.status)
+    except MosaicError as exc:
+        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)
+    scope[CHECKED] = True
+    if ns is not None:
+        scope[NAMESPACE] = ns
+    return None
+
+
 class AuthGate:
     """ASGI middleware: the route's scope is checked before the app (or FastAPI's form parsing) reads
     the body, so an unauthorised upload costs the server nothing."""
@@ -169,27 +198,6 @@ class AuthGate:
         self.app, self.fastapi_app = app, fastapi_app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        wanted, is_mount = route_scope(self.fastapi_app, scope)
-        if wanted is not None:
-            from starlette.datastructures import Headers
-            from starlette.responses import JSONResponse
-
-            service = self.fastapi_app.state.mosaic
-            client = scope.get("client")
-            try:
-                ns = check(service, wanted, Headers(scope=scope), client[0] if client else None)
-                if ns is not None and is_mount:
-                    raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {scope['path']} spans "
-                                         "the whole library")
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                exc = UnavailableError("the skill registry (Redis) is unavailable; try again shortly")
-                return await JSONResponse(error_payload(exc), status_code=exc.status)(scope, receive, send)
-            except MosaicError as exc:
-                headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-                return await JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)(scope, receive, send)
-            scope[CHECKED] = True
-            if ns is not None:
-                scope[NAMESPACE] = ns
+        if scope["type"] == "http" and (refused := refusal(self.fastapi_app, scope)) is not None:
+            return await refused(scope, receive, send)
         await self.app(scope, receive, send)

@@ -68,20 +68,14 @@ class BodySizeLimit:
     a chunked body is counted as it arrives."""
 
     def __init__(self, app, settings: Settings) -> None:
-        self.app = app
-        self.upload = (settings.max_upload_mb * 2**20 + 2**20, "MOSAIC_MAX_UPLOAD_MB")
-        self.other = (settings.max_request_mb * 2**20, "MOSAIC_MAX_REQUEST_MB")
+        self.app, self.settings = app, settings
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/adapters"
-        limit, setting = self.upload if upload else self.other
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            exc = BodyTooLarge(int(declared), limit, setting)
-            response = error_response(413, exc.detail, "invalid_request_error", "413")
-            return await response(scope, receive, send)
+        limit, setting = body_limit(self.settings, scope)
+        if (refused := declared_too_large(scope, limit, setting)) is not None:
+            return await refused(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -94,3 +88,19 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+def body_limit(settings: Settings, scope) -> tuple[int, str]:
+    """The most bytes this request's body may have, and the setting that says so."""
+    if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/adapters":
+        return settings.max_upload_mb * 2**20 + 2**20, "MOSAIC_MAX_UPLOAD_MB"  # room for the multipart envelope
+    return settings.max_request_mb * 2**20, "MOSAIC_MAX_REQUEST_MB"
+
+
+def declared_too_large(scope, limit: int, setting: str):
+    """A 413 when the request's Content-Length is over ``limit`` (None otherwise)."""
+    declared = dict(scope["headers"]).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > limit:
+        exc = BodyTooLarge(int(declared), limit, setting)
+        return error_response(413, exc.detail, "invalid_request_error", "413")
+    return None

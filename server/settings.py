@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "mosaic"
+    # no Redis at a loopback redis_url: start one (persistent, under data_dir/redis). Off inside a Ray
+    # cluster, where a replica's loopback is its own node and a Redis of its own would be an empty library
+    managed_redis: bool = True
     base_model: str | None = Field(default=None, description="HF causal-LM folder; unset = the bundled SmolLM2-135M-Instruct")
     base_model_id: str | None = Field(default=None, description="the model id clients use; default: the folder's name")
     data_dir: Path = Path("~/.cache/mosaic").expanduser()

@@ -100,7 +100,7 @@ class Service:
 
 
 def open_registry(settings: Settings) -> Registry:
-    client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis")
+    client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis" if settings.managed_redis else None)
     return Registry(client, prefix=settings.redis_prefix, observer=metrics.registry_observer,
                     composition_cache_bytes=settings.composition_cache_mb << 20)
 

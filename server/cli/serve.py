@@ -20,7 +20,8 @@ def serve(
     ray: Annotated[bool, typer.Option("--ray", help="serve on Ray Serve: an ingress and Mosaic replicas, each request "
                                        "sent to a replica that holds its adapter (server/ray_app.py); joins the "
                                        "cluster at RAY_ADDRESS, else starts a local one")] = False,
-    replicas: Annotated[int, typer.Option(min=1, help="with --ray: Mosaic replicas (each its own engine)")] = 2,
+    replicas: Annotated[int | None, typer.Option(min=1, help="with --ray: Mosaic replicas, each its own engine "
+                                                  "(default 2)")] = None,
 ) -> None:
     """Run the OpenAI-compatible server (the engine starts in the background; /health says when ready)."""
     import logging
@@ -28,6 +29,8 @@ def serve(
     from server.auth import is_loopback
     from server.engine import cpu_preload
 
+    if replicas is not None and not ray:
+        fail("--replicas counts the Mosaic replicas of --ray; without --ray one server runs (add --ray)", 2)
     s = settings()
     if not is_loopback(host) and not (s.api_key or s.open_admin or _keys_locked(s)):
         fail(f"refusing to serve on {host}: the server has no API key, so anyone who can reach it could change "
@@ -41,7 +44,7 @@ def serve(
         from server.ray_app import run
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        run(host, port, replicas)
+        run(host, port, replicas or 2)
         return
     import uvicorn
 

@@ -99,6 +99,8 @@ def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
     assert r.returncode == 1 and "does not exist" in r.stderr
     methods = json.loads(run_cli(env, "compose", "--list-methods", "--json").stdout)
     assert {"linear", "svd"} <= {m["name"] for m in methods}
+    r = run_cli(env, "serve", "--replicas", "3")  # counts the replicas of --ray: refused, not ignored
+    assert r.returncode == 2 and "without --ray" in r.stderr
 
 
 def test_skills_compress_show_and_off(env):

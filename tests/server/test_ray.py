@@ -50,7 +50,7 @@ def planner(redis_client, base_model_dir, tmp_path, monkeypatch):
 
 
 def _key(service, path: str, body) -> str:
-    from server.ray_app import adapter_key
+    from server.ray_routing import adapter_key
 
     return asyncio.run(adapter_key(service, path, json.dumps(body).encode() if not isinstance(body, bytes) else body))
 
@@ -82,6 +82,91 @@ def test_adapter_key_names_what_serves_the_request(planner):
     reg.add("sentiment", LoraAdapter.from_dir(DEMO / "uppercase"), description="now shouting")
     assert _key(planner, chat, {"model": "sentiment", "messages": msg}) not in ("", sentiment)
     assert _key(planner, chat, {"model": "sentiment@1", "messages": msg}) == sentiment
+
+
+def _request(method: str, path: str, headers: dict[str, str], chunks: list[bytes]):
+    """A request from another machine whose body arrives in ``chunks``; the list it returns counts reads."""
+    from starlette.requests import Request
+
+    reads: list[int] = []
+
+    async def receive() -> dict:
+        reads.append(1)
+        body = chunks.pop(0) if chunks else b""
+        return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+    scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
+             "query_string": b"", "scheme": "http", "http_version": "1.1", "server": ("10.0.0.1", 8000),
+             "client": ("10.0.0.9", 40000), "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    return Request(scope, receive), reads
+
+
+def test_the_ingress_checks_the_key_and_the_size_before_it_reads_a_body(planner):
+    """The ingress refuses what the replica would refuse, without reading the body first: no key for an
+    admin route (401), a declared or a counted body over MOSAIC_MAX_REQUEST_MB (413)."""
+    from server.ray_app import mosaic_app
+    from server.ray_routing import admitted_body
+
+    planner.settings = planner.settings.model_copy(update={"api_key": "root-key", "max_request_mb": 1})
+    app = mosaic_app(planner.settings)
+    app.state.mosaic = planner
+    chat = json.dumps({"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    def admit(method, path, headers, chunks):
+        req, reads = _request(method, path, headers, list(chunks))
+        return asyncio.run(admitted_body(app, req)), reads
+
+    answer, reads = admit("POST", "/v1/adapters", {"content-length": "900000000"}, [b"x" * 10])
+    assert answer.status_code == 401 and json.loads(answer.body)["error"]["code"] == "invalid_api_key" and not reads
+    answer, reads = admit("POST", "/v1/adapters", {"authorization": "Bearer wrong"}, [b"x"])
+    assert answer.status_code == 401 and not reads
+    key = {"authorization": "Bearer root-key"}
+    answer, reads = admit("POST", "/v1/chat/completions", {**key, "content-length": str(2 << 20)}, [b"x"])
+    assert answer.status_code == 413 and "MOSAIC_MAX_REQUEST_MB" in json.loads(answer.body)["error"]["message"]
+    assert not reads
+    answer, reads = admit("POST", "/v1/chat/completions", key, [b"x" * 600_000] * 3)  # chunked, no length given
+    assert answer.status_code == 413 and len(reads) == 2
+    # inference is open without a key (MOSAIC_REQUIRE_INFERENCE_KEY unset): the body, whole
+    assert admit("POST", "/v1/chat/completions", {}, [chat[:10], chat[10:]])[0] == chat
+    assert admit("GET", "/v1/adapters", key, [])[0] == b""
+    # a key limited to the read scope may not upload: 403 before the body
+    token, _ = planner.keys.create("reader", scopes=["read"])
+    answer, reads = admit("POST", "/v1/adapters", {"authorization": f"Bearer {token}"}, [b"x"])
+    assert answer.status_code == 403 and not reads
+
+
+def test_planning_at_the_ingress_is_bounded(planner):
+    """A router that has not answered within plan_timeout_s: the request goes to any replica (no id)."""
+    from server.ray_routing import routing_key
+
+    async def slow_route(text):
+        await asyncio.sleep(30)
+
+    planner.route = slow_route
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": JSON_PROMPT}]}).encode()
+    req, _ = _request("POST", "/v1/chat/completions", {}, [body])
+    t0 = time.monotonic()
+    assert asyncio.run(routing_key(planner, req, body, 0.3)) == ""
+    assert time.monotonic() - t0 < 5
+    named = json.dumps({"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req, _ = _request("POST", "/v1/chat/completions", {}, [named])
+    assert asyncio.run(routing_key(planner, req, named, 5)) == planner.registry.info("sentiment").content_id
+
+
+def test_replica_placement_rules():
+    """Each replica of a node binds its engine to its own cores; a loopback Redis of another node is refused."""
+    from server.ray_routing import cpu_list, redis_elsewhere
+
+    cores = list(range(16))
+    assert [cpu_list(cores, r, 4) for r in range(4)] == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15"]
+    assert [cpu_list([0, 1], r, 0.875) for r in range(3)] == ["0", "1", "0"]  # a fraction: one core each
+    assert cpu_list([2, 3, 6, 7], 1, 2) == "6,7"  # the cores this process may use, not 0..n
+    assert cpu_list([0, 1], 0, 8) == "0,1"  # never more than there are
+    url = "redis://127.0.0.1:6379/0"
+    assert "another node" in redis_elsewhere(url, "head", "worker-1")
+    assert redis_elsewhere(url, "head", "head") is None
+    assert redis_elsewhere("redis://redis.mosaic.svc:6379/0", "head", "worker-1") is None
+    assert redis_elsewhere(url, None, "worker-1") is None  # a Serve config names no node: docs/SCALING.md
 
 
 # ---- a local Ray cluster, two replicas, the real engine --------------------------------------------------
@@ -189,7 +274,7 @@ def test_serve_config_and_rayservice_name_the_application():
     from ray.serve.schema import ServeDeploySchema
 
     from server.launch import ROOT
-    from server.ray_app import RayOptions
+    from server.ray_routing import RayOptions
 
     serve_cfg = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
     service = yaml.safe_load((ROOT / "deploy" / "kuberay-rayservice.yaml").read_text())
@@ -213,18 +298,18 @@ def test_a_replica_that_died_or_cannot_take_the_request_is_a_503_in_openai_shape
     from ray.serve import exceptions as serve_exceptions
     from ray.serve._private.common import DeploymentID
 
-    from server.ray_app import _failed, _rest
+    from server.ray_routing import failed, rest
 
     dead = [core.RayActorError(), core.WorkerCrashedError(), core.NodeDiedError("node gone"), core.OutOfMemoryError("oom"),
             serve_exceptions.ReplicaUnavailableError("replica-1"),
             serve_exceptions.DeploymentUnavailableError(DeploymentID(name="MosaicReplica")),
             serve_exceptions.BackPressureError(num_queued_requests=9, max_queued_requests=8)]
     for exc in [*dead, TimeoutError()]:
-        answer = _failed(exc, 5.0)
+        answer = failed(exc, 5.0)
         body = json.loads(answer.body)
         assert answer.status_code == 503, type(exc)
         assert set(body["error"]) >= {"message", "type", "code"} and body["error"]["code"] == "service_unavailable", body
-    assert _failed(ValueError("bug"), 5.0).status_code == 500
+    assert failed(ValueError("bug"), 5.0).status_code == 500
 
     class Stream:
         def __init__(self, exc: BaseException) -> None:
@@ -240,7 +325,7 @@ def test_a_replica_that_died_or_cannot_take_the_request_is_a_503_in_openai_shape
             self.cancelled = True
 
     async def drain(stream: Stream) -> list[bytes]:
-        return [chunk async for chunk in _rest(stream, 5.0)]
+        return [chunk async for chunk in rest(stream, 5.0)]
 
     for exc in dead:
         stream = Stream(exc)
