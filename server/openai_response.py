@@ -48,11 +48,12 @@ def error_terms(status: int) -> tuple[str, str]:
 
 class Observation:
     """Counts one request, its tokens and its time to the last byte, whatever the response shape.
-    Tokens are counted where the response reports usage (every non-streamed response; a stream when
-    it asks for usage with ``stream_options``)."""
+    Tokens are counted from the usage the response reports (a stream always asks for it: when its client
+    did not, ``hide_usage`` keeps the usage event from the client)."""
 
     def __init__(self, plan: str, target: str) -> None:
         self.plan, self.target, self.t0 = plan, target, time.monotonic()
+        self.hide_usage = False
 
     def done(self, outcome: str, usage: dict | None = None) -> None:
         seconds = time.monotonic() - self.t0
@@ -120,6 +121,8 @@ async def stream_events(events: AsyncIterator[str], rename: tuple[str, str] | No
                 event = event.replace(*rename)
             if '"usage":{' in event:
                 usage = _usage_of(event) or usage
+                if observed.hide_usage and '"choices":[]' in event:  # the usage event the client did not ask for
+                    continue
             if '"error"' in event:
                 event, failed = _in_mosaic_terms(event)
                 outcome = "error" if failed else outcome

@@ -81,6 +81,7 @@ async def serve(request: Request, kind: str) -> Response:
     mosaic = info.model_dump(mode="json", exclude_none=True)
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
     observed = Observation(info.plan, _target(service, info))
+    observed.hide_usage = ask_usage(req)
     if service.engine.serving is None:
         try:
             result = await hf_openai.handle(service, kind, req, adapter, client_model)
@@ -101,6 +102,20 @@ async def serve(request: Request, kind: str) -> Response:
         except Exception as exc:  # vLLM's own server turns these into responses in its exception handlers
             result = vllm_error(exc)
     return respond(result, ep, served_name, client_model, mosaic, headers, observed)
+
+
+def ask_usage(req) -> bool:
+    """A stream that did not ask for usage asks for it here, so that its tokens are counted
+    (``mosaic_target_tokens_total``); True when the usage event is Mosaic's, to be kept from the client."""
+    if not getattr(req, "stream", False) or "stream_options" not in type(req).model_fields:
+        return False
+    options = req.stream_options
+    if options is not None and options.include_usage:
+        return False
+    from vllm.entrypoints.generate.base.protocol import StreamOptions
+
+    req.stream_options = StreamOptions(include_usage=True)  # continuous stats stay off: one usage event, the last
+    return True
 
 
 class ClientGone(Exception):

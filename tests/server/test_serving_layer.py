@@ -285,6 +285,28 @@ def test_a_stream_is_sse_ending_with_done(client, engine, api):
     assert usage["prompt_tokens"] == len(call.prompt_ids) and usage["completion_tokens"] == engine.reply_tokens()
 
 
+@pytest.mark.parametrize("api", ["chat", "completion"])
+def test_a_stream_without_usage_is_counted_and_shows_none(client, engine, api):
+    """A stream that does not ask for usage gets none (as from vLLM), yet its tokens are counted per skill."""
+    from prometheus_client import REGISTRY
+
+    def tokens(kind: str) -> float:
+        return REGISTRY.get_sample_value("mosaic_target_tokens_total", {"target": "sentiment", "kind": kind}) or 0.0
+
+    before = tokens("prompt"), tokens("completion")
+    common = {"model": "sentiment", "max_tokens": 7, "stream": True}
+    if api == "chat":
+        r = client.post("/v1/chat/completions", json={**common, "messages": [{"role": "user", "content": "Hi"}]})
+    else:
+        r = client.post("/v1/completions", json={**common, "prompt": "Hi"})
+    events = _events(r)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and all(c["choices"] and c.get("usage") is None for c in chunks), chunks
+    call = _one_call(engine)
+    assert tokens("prompt") - before[0] == len(call.prompt_ids)
+    assert tokens("completion") - before[1] == engine.reply_tokens()
+
+
 # --- errors -----------------------------------------------------------------------------------------
 
 def test_an_unknown_model_is_a_404_and_never_reaches_the_engine(client, engine):
