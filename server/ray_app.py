@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -274,6 +275,11 @@ def run(host: str, port: int, replicas: int) -> None:
     serve.run(app({"replicas": replicas, "replica_cpus": cpus, "env": env, "redis_node": node}), name="mosaic",
               route_prefix="/")
     log.info("Mosaic on Ray Serve at http://%s:%d (%d replicas); Ctrl-C stops it", host, port, replicas)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # a supervisor's stop shuts the application and Ray down as Ctrl-C does
     try:
         while True:
             time.sleep(3600)

@@ -2,7 +2,7 @@
 
 Fast: the ingress's choice of multiplexed model id (base, skill, pinned version, composition, context-aware
 composition, auto, refused requests) on the real registry and router, without Ray actors.
-Slow: a local Ray cluster with two replicas, each with the real vLLM engine (about 3 GB each; both
+Slow: `mosaic serve --ray --replicas 2` (a local Ray cluster, two replicas, each with the real vLLM engine, about 3 GB each; both
 engines start in 1-3 minutes on 2 cores, so the module runs in the slow tier): requests for a skill after
 the first land on the replica that loaded it; an upload through the ingress is served on the next request;
 killing a replica's process answers its requests with a 503 (never a hang), the other replica keeps
@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import time
 
 import httpx
@@ -172,31 +173,22 @@ def test_replica_placement_rules():
 # ---- a local Ray cluster, two replicas, the real engine --------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster(base_model_dir, tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from server.launch import free_port
-    from server.ray_app import app
+    """`mosaic serve --ray --replicas 2`, as a user starts it: a local Ray cluster, the ingress, two replicas."""
+    pytest.importorskip("ray")
+    from server.launch import serving
 
     prefix = new_prefix()
-    env = {k: v for k, v in mosaic_env(base_model_dir, BASE, tmp_path_factory.mktemp("ray"), prefix,
-                                       max_cpu_loras="4", max_loras="4", max_model_len="512", kv_cache_gib="1",
-                                       tool_call_parser="", router="lexical", preload="false").items()
-           if k.startswith("MOSAIC_")}
+    data = tmp_path_factory.mktemp("ray")
+    env = mosaic_env(base_model_dir, BASE, data, prefix, max_cpu_loras="4", max_loras="4", max_model_len="512",
+                     kv_cache_gib="1", tool_call_parser="", router="lexical", preload="false")
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    port = free_port()
-    ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    argv = [sys.executable, "-m", "server.cli", "serve", "--ray", "--replicas", "2", "--port", "{port}"]
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        t0 = time.monotonic()
-        serve.run(app({"replicas": 2, "replica_cpus": 0.5, "ingress_cpus": 0.25, "request_timeout_s": 120,
-                       "env": env}), name="mosaic", route_prefix="/")
-        print(f"two replicas ready in {time.monotonic() - t0:.0f} s")
-        yield f"http://127.0.0.1:{port}", env
+        with serving(env, data / "server.log", argv=argv) as (url, proc, ready_s):
+            print(f"two replicas ready in {ready_s:.0f} s")
+            yield url, env
+        assert proc.returncode is not None
     finally:
-        serve.shutdown()
-        ray.shutdown()
         import redis
 
         drop_prefix(redis.Redis.from_url(TEST_REDIS_URL), prefix)
