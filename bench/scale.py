@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -41,8 +42,7 @@ import torch
 
 from adapter_store.adapter import LoraAdapter, factor_key
 from adapter_store.registry import Registry
-import hashlib
-
+from bench.scoring import percentile
 from router.psec import EMB_KEY, PsecRouter
 from server.settings import get_settings
 
@@ -68,11 +68,6 @@ def tiny_adapter(i: int) -> LoraAdapter:
     tensors = {factor_key(MODULE, "A"): torch.randn(1, 576, generator=g) * 0.01,
                factor_key(MODULE, "B"): torch.randn(576, 1, generator=g) * 0.01}
     return LoraAdapter(config={"peft_type": "LORA", "r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]}, tensors=tensors)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def profile(i: int) -> list[str]:
@@ -169,7 +164,7 @@ def measure(client: redis.Redis, n: int, prompts: int) -> dict:
             hits += plan.kind == "skill" and plan.skill == f"skill-{i:05d}"
             leads += bool(plan.skills) and plan.skills[0] == f"skill-{i:05d}"
             nearest += max(plan.similarity, key=plan.similarity.get, default=None) == f"skill-{i:05d}"
-        p99 = percentile(times, 0.99)
+        p99 = percentile(times, 99)
         waited_s, routable_s, during = library_change(router, registry, n)
         router.config = dataclasses.replace(config, train_wait_seconds=0.0)
         waited0_s, routable0_s, during0 = library_change(router, registry, n + 1)
@@ -177,7 +172,7 @@ def measure(client: redis.Redis, n: int, prompts: int) -> dict:
                 "router_bytes_per_skill": router_bytes / n, "encode_texts_per_s": rate, "texts": 4 * n,
                 "list_all_ms": list_all_ms, "list_page_100_ms": page_ms, "cold_start_s": cold_start_s,
                 "first_training_s": first_training_s, "network": n <= config.lr_max_skills,
-                "route_p50_ms": statistics.median(times), "route_p95_ms": percentile(times, 0.95), "route_p99_ms": p99,
+                "route_p50_ms": statistics.median(times), "route_p95_ms": percentile(times, 95), "route_p99_ms": p99,
                 "encode_p50_ms": statistics.median(encode), "torch_threads": torch.get_num_threads(),
                 "held_out_accuracy": hits / len(picks), "held_out_leads": leads / len(picks),
                 "held_out_nearest": nearest / len(picks), "prompts": len(picks),
