@@ -51,7 +51,7 @@ from router.encoder import Encoder, MiniLMEncoder
 from router.model import RouterModel, has_network, profile_key
 from router.plan import Plan
 from router.policy import RouterConfig, nothing_to_route
-from router.retrieval import DIM, ProfileIndex
+from router.retrieval import DIM, ProfileIndex, blas_on_one_thread
 from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
@@ -70,6 +70,7 @@ class PsecRouter:
         self.config = config
         self.registry = registry
         self.encoder = encoder or MiniLMEncoder()
+        blas_on_one_thread()  # the encoder's torch threads get the cores
         self.C = C
         self._model: RouterModel | None = None
         self._index: ProfileIndex | None = None  # the last index built: the next one reuses its rows

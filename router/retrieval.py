@@ -19,11 +19,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from adapter_store.skill_info import SkillInfo
 
 EXACT_ROWS = 8192  # up to this many profile texts, every one is scored
 DIM = 384
+
+
+def blas_on_one_thread() -> None:
+    """numpy's BLAS (OpenBLAS) on one thread in this process, for good. Its idle threads spin for a while
+    after each product, and on a small machine they take the cores the prompt encoder's torch threads need:
+    at 1,000 skills on 2 cores routing took 95-100 ms at p95 instead of 8 ms (bench/scale.py). The router's
+    products are small (a prompt against at most 8,192 rows, or centroids first), so one thread costs them
+    a millisecond or so; torch's own threads are not touched."""
+    ThreadpoolController().limit(limits=1, user_api="blas")
 
 
 def profile_texts(s: SkillInfo) -> list[str]:
