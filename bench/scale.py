@@ -198,9 +198,8 @@ def report_md(rows: list[dict]) -> str:
              "and a description around a keyword only that skill uses) in the real Redis; the real router (MiniLM, "
              f"retrieve-then-compose: α among the top {r0['top_k']} nearest skills, from the trained network up to "
              f"{r0['lr_max_skills']} skills, else a softmax of similarities at temperature {r0['temperature']:g}) in "
-             f"process, on this machine's CPUs (torch threads: {r0['torch_threads']}; run as `OMP_NUM_THREADS=1 python -m "
-             "bench.scale`: on these 2 shared cores MiniLM took about 18 ms a prompt on one thread and 180 ms on two "
-             "while the other core was busy). Held-out prompts use another template around the same keyword.", "",
+             f"process, on this machine's CPUs (torch threads: {r0['torch_threads']}; numpy's BLAS on one thread, as the "
+             "router sets it: router/retrieval.py). Held-out prompts use another template around the same keyword.", "",
              "| skills | uploads/s | Redis bytes/skill (library + router) | list all (ms) | page of 100 (ms) "
              "| α from | cold start: first answer (s) | first training (s) | route p50 / p95 / p99 (ms) | of which encoding the prompt, p50 (ms) "
              "| held-out: exactly its skill / led by it / its skill nearest | longest wait after a change (s) | new skill routable after (s) "
