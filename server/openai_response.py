@@ -48,12 +48,20 @@ def error_terms(status: int) -> tuple[str, str]:
 
 class Observation:
     """Counts one request, its tokens and its time to the last byte, whatever the response shape.
-    Tokens are counted from the usage the response reports (a stream always asks for it: when its client
-    did not, ``hide_usage`` keeps the usage event from the client)."""
+    Tokens are counted from the usage the response reports; for a stream that did not ask for usage,
+    from what vLLM's serving layer recorded of it (``metadata_from``: the request's state), or on the
+    reference engine from a usage event asked for on its behalf and kept from the client (``hide_usage``)."""
 
     def __init__(self, plan: str, target: str) -> None:
         self.plan, self.target, self.t0 = plan, target, time.monotonic()
         self.hide_usage = False
+        self.metadata_from = None
+
+    def recorded_usage(self) -> dict | None:
+        """The usage vLLM recorded for this request (``request.state.request_metadata.final_usage_info``)."""
+        metadata = getattr(self.metadata_from, "request_metadata", None)
+        usage = getattr(metadata, "final_usage_info", None)
+        return usage.model_dump() if usage is not None else None
 
     def done(self, outcome: str, usage: dict | None = None) -> None:
         seconds = time.monotonic() - self.t0
@@ -137,7 +145,7 @@ async def stream_events(events: AsyncIterator[str], rename: tuple[str, str] | No
         yield f"data: {json.dumps(error_payload(err), separators=(',', ':'))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        observed.done(outcome or "error", usage)  # no outcome: the stream was cancelled midway
+        observed.done(outcome or "error", usage or observed.recorded_usage())  # no outcome: cancelled midway
 
 
 def _data(event: str) -> tuple[str, str, str]:

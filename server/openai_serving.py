@@ -81,8 +81,8 @@ async def serve(request: Request, kind: str) -> Response:
     mosaic = info.model_dump(mode="json", exclude_none=True)
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
     observed = Observation(info.plan, _target(service, info))
-    observed.hide_usage = ask_usage(req)
     if service.engine.serving is None:
+        observed.hide_usage = ask_usage(req)
         try:
             result = await hf_openai.handle(service, kind, req, adapter, client_model)
         except Exception:
@@ -96,6 +96,7 @@ async def serve(request: Request, kind: str) -> Response:
     with (LORA_NAMES.hold(serving.openai_serving_models, adapter) if adapter else _no_lora(service)) as served_name:
         if req.model is not None or adapter is not None:
             req.model = served_name
+        observed.metadata_from = request.state  # vLLM records every stream's usage there, asked for or not
         try:
             # vLLM's own routes' wrapper: the work is cancelled if the client disconnects first (result None)
             result = await with_cancellation(handler)(req, request)
@@ -105,8 +106,9 @@ async def serve(request: Request, kind: str) -> Response:
 
 
 def ask_usage(req) -> bool:
-    """A stream that did not ask for usage asks for it here, so that its tokens are counted
-    (``mosaic_target_tokens_total``); True when the usage event is Mosaic's, to be kept from the client."""
+    """On the reference engine, a stream that did not ask for usage asks for it here, so that its tokens
+    are counted (``mosaic_target_tokens_total``); True when the usage event is Mosaic's, to be kept from
+    the client. (vLLM's serving layer records a stream's usage whether or not it was asked for.)"""
     if not getattr(req, "stream", False) or "stream_options" not in type(req).model_fields:
         return False
     options = req.stream_options

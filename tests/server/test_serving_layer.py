@@ -302,6 +302,7 @@ def test_a_stream_without_usage_is_counted_and_shows_none(client, engine, api):
     events = _events(r)
     chunks = [json.loads(e) for e in events[:-1]]
     assert events[-1] == "[DONE]" and all(c["choices"] and c.get("usage") is None for c in chunks), chunks
+    assert "system_fingerprint" in chunks[-1], chunks[-1]  # on the last event, as plain vLLM sends it
     call = _one_call(engine)
     assert tokens("prompt") - before[0] == len(call.prompt_ids)
     assert tokens("completion") - before[1] == engine.reply_tokens()
