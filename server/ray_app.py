@@ -63,6 +63,13 @@ def mosaic_app(settings):
     return app
 
 
+def _check_redis_placement(redis_url: str, redis_node: str | None) -> None:
+    import ray
+
+    if (why := redis_elsewhere(redis_url, redis_node, ray.get_runtime_context().get_node_id())) is not None:
+        raise RuntimeError(why)
+
+
 @serve.deployment(name="MosaicIngress")
 class MosaicIngress:
     """Every HTTP request: its key and size checked, planned here (the adapter's content id), served by a
@@ -77,6 +84,7 @@ class MosaicIngress:
         self.options = RayOptions.model_validate(options or {})
         self.replicas = replicas
         settings = get_settings()
+        _check_redis_placement(settings.redis_url, self.options.redis_node)
         self.service = build(settings)  # the registry, router, keys and adapter names; its engine never starts
         self.app = mosaic_app(settings)  # its routes' scopes (never served here: its lifespan does not run)
         self.app.state.mosaic = self.service
@@ -91,7 +99,8 @@ class MosaicIngress:
         if self.options.affinity:
             key = await routing_key(self.service, request, body, self.options.plan_timeout_s)
         call = {
-            "method": request.method, "path": request.url.path, "query": request.url.query, "body": body,
+            "method": request.method, "path": request.scope["path"], "raw_path": request.scope.get("raw_path"),
+            "query": request.url.query, "body": body,
             "headers": [(k, v) for k, v in request.headers.items()],
             "client": list(request.client) if request.client else None,
         }
@@ -130,11 +139,7 @@ class MosaicReplica:
         self._lifespan = None
         self.options = RayOptions.model_validate(options or {})
         settings = get_settings()
-        import ray
-
-        here = ray.get_runtime_context().get_node_id()
-        if (why := redis_elsewhere(settings.redis_url, self.options.redis_node, here)) is not None:
-            raise RuntimeError(why)
+        _check_redis_placement(settings.redis_url, self.options.redis_node)
         context = serve.get_replica_context()
         self.name = context.replica_id.unique_id
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and len(cores := sorted(os.sched_getaffinity(0))) > 1:
@@ -192,13 +197,15 @@ class MosaicReplica:
 
         scope = {
             "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-            "method": call["method"], "scheme": "http", "path": call["path"], "raw_path": call["path"].encode(),
+            "method": call["method"], "scheme": "http", "path": call["path"],
+            "raw_path": call.get("raw_path") or call["path"].encode(),
             "root_path": "", "query_string": call["query"].encode("latin-1"),
             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in call["headers"]],
             "client": tuple(call["client"]) if call["client"] else None, "server": ("127.0.0.1", 8000),
         }
         task = asyncio.create_task(self.app(scope, receive, messages.put))
         task.add_done_callback(lambda _: messages.put_nowait(None))
+        task.add_done_callback(_log_failure)
         try:
             while (msg := await messages.get()) is not None:
                 if msg["type"] == "http.response.start":
@@ -211,20 +218,28 @@ class MosaicReplica:
                         answered = True
                         break
         finally:
-            if answered:  # the whole answer has left: the app finishes what follows it (metrics, background tasks)
-                await asyncio.wait([task], timeout=APP_FINISH_S)
-            # the ingress gave up (its client left, or a timeout), or the app overran: so does the app
-            gone.set()
-            if not task.done():
-                task.cancel()
-        if task.done() and not task.cancelled() and task.exception() is not None:
-            log.error("the app failed", exc_info=task.exception())
+            if answered and not task.done():
+                # the whole answer has left: the app may finish what follows it (background work), within a bound
+                asyncio.get_running_loop().call_later(APP_FINISH_S, _stop, task, gone)
+            elif not task.done():  # the ingress gave up (its client left, or a timeout): so does the app
+                _stop(task, gone)
 
     async def __del__(self) -> None:
         """Ray stops the replica: Mosaic's shutdown (the engine's process stopped, the router's threads)."""
         lifespan, self._lifespan = self._lifespan, None
         if lifespan is not None:
             await lifespan.__aexit__(None, None, None)
+
+
+def _stop(task: asyncio.Task, gone: asyncio.Event) -> None:
+    gone.set()  # the app's receive() says the client disconnected
+    if not task.done():
+        task.cancel()
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the app failed", exc_info=task.exception())
 
 
 # ---- the application ------------------------------------------------------------------------------------
@@ -238,7 +253,8 @@ def app(args: dict | None = None) -> serve.Application:
     replicas = MosaicReplica.options(
         num_replicas=options.replicas, max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": options.replica_cpus, "runtime_env": {"env_vars": env}},
-        health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5,
+        health_check_period_s=10, health_check_timeout_s=60,
+        graceful_shutdown_timeout_s=30,  # in-flight requests drain, then __del__ stops the engine
     ).bind(bound)
     return MosaicIngress.options(
         num_replicas=1, max_ongoing_requests=max(64, options.replicas * options.max_ongoing_requests * 2),
@@ -271,16 +287,16 @@ def run(host: str, port: int, replicas: int) -> None:
         ray.init(num_cpus=total, include_dashboard=False, object_store_memory=1 << 30)
         cpus = min(1.0, (total - 0.25) / replicas)
     node = ray.get_runtime_context().get_node_id()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app({"replicas": replicas, "replica_cpus": cpus, "env": env, "redis_node": node}), name="mosaic",
-              route_prefix="/")
-    log.info("Mosaic on Ray Serve at http://%s:%d (%d replicas); Ctrl-C stops it", host, port, replicas)
 
     def interrupted(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)  # a supervisor's stop shuts the application and Ray down as Ctrl-C does
     try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app({"replicas": replicas, "replica_cpus": cpus, "env": env, "redis_node": node}), name="mosaic",
+                  route_prefix="/")
+        log.info("Mosaic on Ray Serve at http://%s:%d (%d replicas); Ctrl-C stops it", host, port, replicas)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

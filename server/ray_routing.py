@@ -78,7 +78,9 @@ async def routing_key(service, request: Request, body: bytes, timeout: float) ->
         return await asyncio.wait_for(planned, timeout)
     except asyncio.TimeoutError:
         log.warning("planning %s took over %g s: sent to any replica", request.url.path, timeout)
-        return ""
+    except Exception:  # noqa: BLE001 - not a refusal (those are handled below): the replica plans it again and answers
+        log.warning("planning %s failed at the ingress: sent to any replica", request.url.path, exc_info=True)
+    return ""
 
 
 async def adapter_key(service, path: str, body: bytes) -> str:
@@ -88,6 +90,8 @@ async def adapter_key(service, path: str, body: bytes) -> str:
     kind = INFERENCE.get(path)
     if kind is None:
         return ""
+    from vllm.exceptions import VLLMClientError
+
     from composer.spec import Composition
     from server.openai_endpoints import endpoint
     from server.openai_plan import plan_for
@@ -102,7 +106,7 @@ async def adapter_key(service, path: str, body: bytes) -> str:
         composition = None if raw is None else Composition.model_validate(raw)
         plan = await plan_for(service, req.model or service.base_id, composition, ep.routed(service, req))
         return await plan_key(service, plan)
-    except (MosaicError, ValueError) as exc:  # not found, refused, malformed (ValidationError is a ValueError)
+    except (MosaicError, ValueError, VLLMClientError) as exc:  # not found, refused, malformed: the replica says so
         log.debug("no adapter key for %s: %s", path, exc)
         return ""
 
@@ -192,8 +196,9 @@ def redis_elsewhere(redis_url: str, redis_node: str | None, here: str) -> str | 
     """Why a replica on Ray node ``here`` must not start: ``redis_url`` is a loopback address of another
     node (``redis_node``, where `mosaic serve --ray` reached Redis), so here it would be no Redis or a
     different library."""
-    if redis_node and redis_node != here and auth.is_loopback(urlsplit(redis_url).hostname):
-        return (f"MOSAIC_REDIS_URL={redis_url} is a loopback address of the node that started Mosaic, and this replica "
+    url = urlsplit(redis_url)
+    if redis_node and redis_node != here and (url.scheme == "unix" or auth.is_loopback(url.hostname)):
+        return (f"MOSAIC_REDIS_URL={redis_url} is an address local to the node that started Mosaic, and this deployment "
                 "runs on another node: give every node a Redis address they all reach (docs/SCALING.md)")
     return None
 

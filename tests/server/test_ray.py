@@ -66,6 +66,9 @@ def test_adapter_key_names_what_serves_the_request(planner):
     assert _key(planner, "/v1/adapters", {"model": "sentiment"}) == ""
     assert _key(planner, chat, {"model": "no-such-skill", "messages": msg}) == ""
     assert _key(planner, chat, b"{not json") == ""
+    # vLLM's own checks (VLLMValidationError is not a ValueError): the replica answers the 400
+    assert _key(planner, chat, {"model": "sentiment", "messages": msg, "stream_options": {"include_usage": True}}) == ""
+    assert _key(planner, chat, {"model": "sentiment", "messages": msg, "top_logprobs": 2}) == ""
     # a skill: its content id, by name, pinned version, on every OpenAI endpoint
     assert _key(planner, chat, {"model": "sentiment", "messages": msg}) == sentiment
     assert _key(planner, chat, {"model": "sentiment@1", "messages": msg}) == sentiment
@@ -143,6 +146,13 @@ def test_planning_at_the_ingress_is_bounded(planner):
     async def slow_route(text):
         await asyncio.sleep(30)
 
+    async def broken_route(text):
+        raise RuntimeError("a bug in planning")
+
+    planner.route = broken_route  # not a refusal: logged, and any replica serves (it plans again and answers)
+    body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": JSON_PROMPT}]}).encode()
+    req, _ = _request("POST", "/v1/chat/completions", {}, [body])
+    assert asyncio.run(routing_key(planner, req, body, 5)) == ""
     planner.route = slow_route
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": JSON_PROMPT}]}).encode()
     req, _ = _request("POST", "/v1/chat/completions", {}, [body])
@@ -168,6 +178,7 @@ def test_replica_placement_rules():
     assert redis_elsewhere(url, "head", "head") is None
     assert redis_elsewhere("redis://redis.mosaic.svc:6379/0", "head", "worker-1") is None
     assert redis_elsewhere(url, None, "worker-1") is None  # a Serve config names no node: docs/SCALING.md
+    assert "another node" in redis_elsewhere("unix:///run/redis.sock", "head", "worker-1")
 
 
 # ---- a local Ray cluster, two replicas, the real engine --------------------------------------------------
