@@ -101,6 +101,10 @@ def declared_too_large(scope, limit: int, setting: str):
     """A 413 when the request's Content-Length is over ``limit`` (None otherwise)."""
     declared = dict(scope["headers"]).get(b"content-length", b"")
     if declared.isdigit() and int(declared) > limit:
-        exc = BodyTooLarge(int(declared), limit, setting)
-        return error_response(413, exc.detail, "invalid_request_error", "413")
+        return too_large(int(declared), limit, setting)
     return None
+
+
+def too_large(size: int, limit: int, setting: str):
+    """The 413 for a body of ``size``+ bytes over ``limit``, in OpenAI's error shape."""
+    return error_response(413, BodyTooLarge(size, limit, setting).detail, "invalid_request_error", "413")

@@ -58,8 +58,7 @@ async def admitted_body(app, request: Request) -> bytes | Response:
     async for chunk in request.stream():
         seen += len(chunk)
         if seen > limit:
-            exc = limits.BodyTooLarge(seen, limit, setting)
-            return error_response(413, exc.detail, "invalid_request_error", "413")
+            return limits.too_large(seen, limit, setting)
         chunks.append(chunk)
     return b"".join(chunks)
 
