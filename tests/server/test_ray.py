@@ -247,7 +247,7 @@ def test_ray_affinity_upload_and_replica_failure(ray_cluster):
     with ThreadPoolExecutor(4) as pool:
         flying = [pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=150, json={
             "model": "sentiment", "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "max_tokens": 200, "temperature": 0}) for _ in range(2)]
+            "max_tokens": 200, "ignore_eos": True, "temperature": 0}) for _ in range(2)]  # still running at the kill
         time.sleep(1.0)
         os.kill(info["pid"], signal.SIGKILL)
         t0 = time.monotonic()
