@@ -16,6 +16,8 @@
 ``P:mos:lock``               held while a compression runs (one at a time)
 ``P:gen``                    bumped on every change, so replicas can tell their caches are stale
 ``P:events``                 pub/sub channel announcing each change
+``P:changes``                LIST of the last ``CHANGE_LOG`` changes, oldest first, one per generation (the
+                             same JSON as the event): a replica catches up on what changed, not on the library
 ``P:content:ID``             SET of the versions (name@N) whose served content id is ID (``P:content-index``
                              set once versions stored before this index was kept are listed in it)
 ``P:c:HASH``, ``P:cache:*``  cached composition results within a byte budget (adapter_store/composition_cache.py)
@@ -29,6 +31,8 @@ from __future__ import annotations
 import json
 
 import redis
+
+CHANGE_LOG = 4096  # changes kept in ``P:changes``: a reader further behind than this reads everything again
 
 
 class KeyLayout:
@@ -68,6 +72,10 @@ class KeyLayout:
     def events(self) -> str:
         return self.k("events")
 
+    @property
+    def changes(self) -> str:
+        return self.k("changes")
+
     # ---- MoS shard pools -----------------------------------------------------------
     def pool(self, version: int | str) -> str:
         """``P:mos:pool:V`` (``"*"``: a pattern matching every pool version)."""
@@ -104,9 +112,13 @@ class KeyLayout:
 
 
 def announce(pipe: redis.client.Pipeline, keys: KeyLayout, event: str, ref: str) -> None:
-    """Queue, within a write's transaction, the generation bump and the event replicas listen for."""
+    """Queue, within a write's transaction, the generation bump, its entry in the change log and the event
+    replicas listen for (the log's last entry is always the current generation's)."""
+    change = json.dumps({"event": event, "ref": ref})
     pipe.incr(keys.gen)
-    pipe.publish(keys.events, json.dumps({"event": event, "ref": ref}))
+    pipe.rpush(keys.changes, change)
+    pipe.ltrim(keys.changes, -CHANGE_LOG, -1)
+    pipe.publish(keys.events, change)
 
 
-__all__ = ["KeyLayout", "announce"]
+__all__ = ["CHANGE_LOG", "KeyLayout", "announce"]

@@ -14,6 +14,7 @@ that fails before EXEC leaves nothing behind.
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import time
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from adapter_store.adapter import LoraAdapter
 from adapter_store.composition_cache import CompositionCache
 from adapter_store.errors import NotFoundError, UnavailableError
 from adapter_store.guard import Guarded, Observer, redis_guard
-from adapter_store.layout import KeyLayout, announce
+from adapter_store.layout import CHANGE_LOG, KeyLayout, announce
 from adapter_store.shard_store import Current, ShardStore, Stored
 from adapter_store.side_state import AuxStore, EngineIds
 from adapter_store.skill_info import SkillInfo, parse_ref, read_meta
@@ -248,10 +249,43 @@ class Registry:
             if namespace is not None:
                 names = [n for n in names if in_namespace(n, namespace)]
             names = names[:limit] if limit is not None else names
-            latest = self._pipelined([("get", self.keys.skill(n, "latest")) for n in names])
-            found = [(n, int(v)) for n, v in zip(names, latest) if v is not None]  # None: deleted meanwhile
-            raws = self._pipelined([("hget", self.keys.version(n, v), "meta") for n, v in found])
-        return [read_meta(raw) for raw in raws if raw is not None]
+            return [info for info in self._latest(names) if info is not None]
+
+    def latest(self, names: Iterable[str]) -> dict[str, SkillInfo | None]:
+        """The latest version of each of ``names`` (None: no such skill). Two round trips."""
+        names = list(names)
+        with self._guard("latest"):
+            return dict(zip(names, self._latest(names)))
+
+    def _latest(self, names: list[str]) -> list[SkillInfo | None]:
+        latest = self._pipelined([("get", self.keys.skill(n, "latest")) for n in names])
+        found = [(i, n, int(v)) for i, (n, v) in enumerate(zip(names, latest)) if v is not None]  # None: deleted
+        raws = self._pipelined([("hget", self.keys.version(n, v), "meta") for _, n, v in found])
+        out: list[SkillInfo | None] = [None] * len(names)
+        for (i, _, _), raw in zip(found, raws):
+            out[i] = read_meta(raw) if raw is not None else None
+        return out
+
+    def changes_since(self, generation: int) -> tuple[int, list[tuple[str, str]] | None]:
+        """The generation now and every change made after ``generation``, oldest first, as (event, ref):
+        ``add``/``delete``/``recode`` of a skill ref, ``pools`` of a pool version. None instead of the
+        changes when the change log does not reach back that far (more than ``CHANGE_LOG`` changes ago, or
+        written before the log was kept) or the generation went back (another Redis): read everything again."""
+        with self._guard("changes_since"):
+            for _ in range(3):  # a write between the two reads: once more
+                now = int(self.r.get(self.keys.gen) or 0)
+                missed = now - generation
+                if missed == 0:
+                    return now, []
+                if missed < 0 or missed > CHANGE_LOG:
+                    return now, None
+                with self.r.pipeline(transaction=True) as pipe:
+                    again, log = pipe.get(self.keys.gen).lrange(self.keys.changes, -missed, -1).execute()
+                if int(again or 0) == now:
+                    if len(log) < missed:
+                        return now, None
+                    return now, [(c["event"], c["ref"]) for c in map(json.loads, log)]
+            return now, None
 
     def versions(self, name: str) -> list[SkillInfo]:
         with self._guard("versions"):

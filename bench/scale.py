@@ -18,7 +18,8 @@ process:
   and the first training (index and, up to ``MOSAIC_ROUTER_LR_MAX_SKILLS`` skills, the network's fit);
 - route p50/p95 on held-out prompts (another template around each skill's keyword): the share routed
   to exactly the skill the prompt names, and the share whose plan leads with it;
-- one skill added (its texts not pre-warmed): a client routes in a loop; the longest any of its requests
+- one skill added (its texts not pre-warmed): a client routes in a loop, reading the library as the server
+  does (:class:`adapter_store.library_view.LibraryView`: only the changed skills); the longest any of its requests
   waited (bounded by MOSAIC_ROUTER_TRAIN_WAIT_SECONDS; the previous model answers meanwhile) and how long
   until the new skill is routable; then the same with the wait set to 0.
 
@@ -41,6 +42,7 @@ import redis
 import torch
 
 from adapter_store.adapter import LoraAdapter, factor_key
+from adapter_store.library_view import LibraryView
 from adapter_store.registry import Registry
 from bench.scoring import percentile
 from router.psec import EMB_KEY, PsecRouter
@@ -109,21 +111,25 @@ def prewarm(router: PsecRouter, registry: Registry, n: int) -> float:
     return rate
 
 
-def library_change(router: PsecRouter, registry: Registry, new: int) -> tuple[float, float | None, list[float]]:
-    """Skill ``new`` added while a client routes in a loop: (the longest wait, seconds until the new skill
-    is routable or None, every request's latency in ms)."""
+def library_change(router: PsecRouter, view: LibraryView, new: int) -> tuple[float, float | None, list[float], float]:
+    """Skill ``new`` added while a client routes in a loop, each request reading the library as the server
+    does (``view``, up to date before the change): (the longest wait, seconds until the new skill is routable
+    or None, every request's latency in ms, the first request's read of the library in ms)."""
+    registry = view.registry
+    view.current()
     add_skill(registry, new)
     changed = time.perf_counter()
-    skills = registry.list()
-    waits = []
+    waits, first_read_ms = [], None
     while time.perf_counter() - changed < 120:
         t0 = time.perf_counter()
-        plan = router.route(HELD_OUT.format(w=keyword(new)), skills, registry.generation())
+        skills = view.current()
+        first_read_ms = first_read_ms if first_read_ms is not None else (time.perf_counter() - t0) * 1000
+        plan = router.route(HELD_OUT.format(w=keyword(new)), skills, view.generation)
         waits.append((time.perf_counter() - t0) * 1000)
         if plan.skill == f"skill-{new:05d}":
-            return max(waits) / 1000, time.perf_counter() - changed, waits
+            return max(waits) / 1000, time.perf_counter() - changed, waits, first_read_ms
         time.sleep(0.02)
-    return max(waits) / 1000, None, waits
+    return max(waits) / 1000, None, waits, first_read_ms
 
 
 def measure(client: redis.Redis, n: int, prompts: int) -> dict:
@@ -165,12 +171,14 @@ def measure(client: redis.Redis, n: int, prompts: int) -> dict:
             leads += bool(plan.skills) and plan.skills[0] == f"skill-{i:05d}"
             nearest += max(plan.similarity, key=plan.similarity.get, default=None) == f"skill-{i:05d}"
         p99 = percentile(times, 99)
-        waited_s, routable_s, during = library_change(router, registry, n)
+        view = LibraryView(registry)
+        waited_s, routable_s, during, _ = library_change(router, view, n)
         router.config = dataclasses.replace(config, train_wait_seconds=0.0)
-        waited0_s, routable0_s, during0 = library_change(router, registry, n + 1)
+        waited0_s, routable0_s, during0, read_after_change_ms = library_change(router, view, n + 1)
         return {"skills": n, "upload_per_s": n / upload_s, "redis_bytes_per_skill": memory / n,
                 "router_bytes_per_skill": router_bytes / n, "encode_texts_per_s": rate, "texts": 4 * n,
-                "list_all_ms": list_all_ms, "list_page_100_ms": page_ms, "cold_start_s": cold_start_s,
+                "list_all_ms": list_all_ms, "list_page_100_ms": page_ms,
+                "read_after_change_ms": read_after_change_ms, "full_reads": view.full_reads, "cold_start_s": cold_start_s,
                 "first_training_s": first_training_s, "network": n <= config.lr_max_skills,
                 "route_p50_ms": statistics.median(times), "route_p95_ms": percentile(times, 95), "route_p99_ms": p99,
                 "encode_p50_ms": statistics.median(encode), "torch_threads": torch.get_num_threads(),
@@ -201,13 +209,15 @@ def report_md(rows: list[dict]) -> str:
              f"process, on this machine's CPUs (torch threads: {r0['torch_threads']}; numpy's BLAS on one thread, as the "
              "router sets it: router/retrieval.py). Held-out prompts use another template around the same keyword.", "",
              "| skills | uploads/s | Redis bytes/skill (library + router) | list all (ms) | page of 100 (ms) "
+             "| the library read after a change (ms) "
              "| α from | cold start: first answer (s) | first training (s) | route p50 / p95 / p99 (ms) | of which encoding the prompt, p50 (ms) "
              "| held-out: exactly its skill / led by it / its skill nearest | longest wait after a change (s) | new skill routable after (s) "
              "| same, wait 0: longest wait / routable (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['skills']:,} | {r['upload_per_s']:.0f} | {r['redis_bytes_per_skill']:,.0f} + "
                      f"{r['router_bytes_per_skill']:,.0f} | {r['list_all_ms']:.1f} | {r['list_page_100_ms']:.1f} | "
+                     f"{r['read_after_change_ms']:.1f} | "
                      f"{'network' if r['network'] else 'similarity softmax'} | {r['cold_start_s']:.2f} | "
                      f"{r['first_training_s']:.2f} | {r['route_p50_ms']:.1f} / {r['route_p95_ms']:.1f} / "
                      f"{r['route_p99_ms']:.1f} | {r['encode_p50_ms']:.1f} | {r['held_out_accuracy']:.0%} / {r['held_out_leads']:.0%} / {r['held_out_nearest']:.0%} "
@@ -218,6 +228,10 @@ def report_md(rows: list[dict]) -> str:
               + ", ".join(f"{r['texts']:,} texts ≈ {r['texts'] / r['encode_texts_per_s']:.0f} s" for r in rows)
               + f" at the {rows[-1]['encode_texts_per_s']:.0f} texts/s measured here when they were encoded "
               "(in a real library each upload's texts are encoded by the background rebuild that follows it).", "",
+              "A request reads the library as the server does (adapter_store/library_view.py): the whole library once, "
+              "then after each change only the skills the registry's change log names (*the library read after a "
+              "change*, inside the waits below; before the change log, every request after a change read the whole "
+              "library: *list all*).", "",
               f"A request after a library change waits at most `MOSAIC_ROUTER_TRAIN_WAIT_SECONDS` "
               f"({r0['train_wait_setting_s']:g} s here) for the rebuilt router, then the previous model answers (skills "
               "the library no longer has left out); the new skill is routable once the background rebuild ends. Above "

@@ -51,10 +51,15 @@ class RouterPolicy(Protocol):
         ...
 
 
+def is_routable(skill: SkillInfo) -> bool:
+    """Whether the router chooses among this skill: every skill but context-aware compositions (a virtual
+    model made of other skills would compete with its own inputs; it is served by name)."""
+    return (skill.composition or {}).get("weights") != "auto"
+
+
 def routable(skills: Sequence[SkillInfo]) -> list[SkillInfo]:
-    """The skills the router chooses among: every skill but context-aware compositions (a virtual model
-    made of other skills would compete with its own inputs; it is served by name)."""
-    return [s for s in skills if (s.composition or {}).get("weights") != "auto"]
+    """The skills the router chooses among (:func:`is_routable`)."""
+    return [s for s in skills if is_routable(s)]
 
 
 def nothing_to_route(text: str, skills: Sequence[SkillInfo]) -> Plan | None:

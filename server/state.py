@@ -11,13 +11,14 @@ from pathlib import Path
 
 from adapter_store.errors import UnavailableError
 from adapter_store.keys import KeyStore
+from adapter_store.library_view import LibraryView
 from adapter_store.redis_conn import connect
 from adapter_store.registry import Registry
 from adapter_store.validation import BaseModelSpec
 from composer.spec import Composition
 from router.plan import Plan
 from router import policies
-from router.policy import RouterPolicy, routable
+from router.policy import RouterPolicy, is_routable
 from server import metrics
 from server.adapter_cache import AdapterCache, ComposeBudget
 from server.base_model import base_model_id, prepare
@@ -47,6 +48,7 @@ class Service:
     tasks: list[asyncio.Task] = field(default_factory=list)
     _reference: object | None = None  # the transformers reference model for learned weights, loaded on first use
     _reference_lock: threading.Lock = field(default_factory=threading.Lock)
+    library: LibraryView = field(init=False)  # the skills the router chooses among, kept current
 
     def reference_model(self):
         """The base model in transformers (for LoraHub's loss), loaded once, on first use (seconds)."""
@@ -61,26 +63,24 @@ class Service:
     def base_id(self) -> str:
         return self.base_spec.model_id
 
-    _skills: tuple[int, list] = (-1, [])
+    def __post_init__(self) -> None:
+        self.library = LibraryView(self.registry, keep=is_routable)
 
     def skills(self) -> list:
-        """The skills the router chooses among (latest versions, context-aware compositions left out),
-        re-read only when the registry's generation moved (while Redis is unavailable: the last list
-        read, so ``auto`` keeps routing)."""
+        """The skills the router chooses among (latest versions, context-aware compositions left out): after
+        a change, only the changed skills are read (while Redis is unavailable: the last list read, so
+        ``auto`` keeps routing)."""
         try:
-            generation = self.registry.generation()
+            return self.library.current()
         except UnavailableError:
-            if self._skills[0] < 0:
+            if self.library.generation < 0:
                 raise
-            return self._skills[1]
-        if self._skills[0] != generation:
-            self._skills = (generation, routable(self.registry.list()))
-        return self._skills[1]
+            return self.library.last
 
     def decide(self, text: str) -> Plan:
         """The router's plan for ``text``, blocking (it encodes the prompt, and may load or train the router)."""
         skills = self.skills()
-        return self.policy.route(text, skills, self._skills[0])
+        return self.policy.route(text, skills, self.library.generation)
 
     async def route(self, text: str) -> Plan:
         plan = await asyncio.to_thread(self.decide, text)
@@ -91,7 +91,7 @@ class Service:
         """Weights for a context-aware composition from the prompt (α over its own skills)."""
         def decide() -> Plan:
             skills = self.skills()
-            return self.policy.route_within(text, comp, skills, self._skills[0])
+            return self.policy.route_within(text, comp, skills, self.library.generation)
 
         t0 = time.perf_counter()
         plan = await asyncio.to_thread(decide)
