@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import redis
 
@@ -113,8 +114,9 @@ class KeyLayout:
 
 def announce(pipe: redis.client.Pipeline, keys: KeyLayout, event: str, ref: str) -> None:
     """Queue, within a write's transaction, the generation bump, its entry in the change log and the event
-    replicas listen for (the log's last entry is always the current generation's)."""
-    change = json.dumps({"event": event, "ref": ref})
+    replicas listen for (the log's last entry is always the current generation's; its random id tells a
+    reader this is the history it read, not a flushed Redis written up to the same generation again)."""
+    change = json.dumps({"event": event, "ref": ref, "id": uuid.uuid4().hex})
     pipe.incr(keys.gen)
     pipe.rpush(keys.changes, change)
     pipe.ltrim(keys.changes, -CHANGE_LOG, -1)

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import cachetools
 import redis
@@ -36,6 +37,25 @@ from adapter_store.validation import in_namespace
 log = logging.getLogger("mosaic.registry")
 
 
+# the generation and the log's entries from the reader's own on (its generation's entry first), in one step;
+# false when the reader is further behind than the log is long, or ahead (another Redis)
+CHANGES_SINCE = """
+local now = tonumber(redis.call('GET', KEYS[1]) or '0')
+local missed = now - tonumber(ARGV[1])
+if missed < 0 or missed >= tonumber(ARGV[2]) then return {now, false} end
+return {now, redis.call('LRANGE', KEYS[2], -(missed + 1), -1)}
+"""
+
+
+class Changes(NamedTuple):
+    """What :meth:`Registry.changes_since` found: the generation now, its log entry's id, and the changes
+    since the reader's generation (None: read everything again)."""
+
+    generation: int
+    mark: str | None
+    changes: list[tuple[str, str]] | None
+
+
 class Registry:
     def __init__(self, client: redis.Redis, prefix: str = "mosaic",
                  observer: Observer | None = None,
@@ -43,6 +63,7 @@ class Registry:
         self.r = client
         self.prefix = prefix
         self.keys = KeyLayout(prefix)
+        self._changes_script = client.register_script(CHANGES_SINCE)
         self.observer: Observer | None = observer  # told (operation, outcome) after each one
         self._compositions = CompositionCache(client, prefix, composition_cache_bytes)
         self._shards = ShardStore(client, self.keys)
@@ -266,26 +287,30 @@ class Registry:
             out[i] = read_meta(raw) if raw is not None else None
         return out
 
-    def changes_since(self, generation: int) -> tuple[int, list[tuple[str, str]] | None]:
-        """The generation now and every change made after ``generation``, oldest first, as (event, ref):
-        ``add``/``delete``/``recode`` of a skill ref, ``pools`` of a pool version. None instead of the
-        changes when the change log does not reach back that far (more than ``CHANGE_LOG`` changes ago, or
-        written before the log was kept) or the generation went back (another Redis): read everything again."""
+    def mark(self) -> tuple[int, str | None]:
+        """The generation now and the id of its entry in the change log (None: no entry, e.g. nothing
+        written yet, or written before the log was kept), read together: where a reader is in the history."""
+        with self._guard("mark"), self.r.pipeline(transaction=True) as pipe:
+            now, last = pipe.get(self.keys.gen).lindex(self.keys.changes, -1).execute()
+        return int(now or 0), json.loads(last).get("id") if last is not None else None
+
+    def changes_since(self, generation: int, mark: str | None) -> Changes:
+        """Every change after ``generation`` (whose log entry had id ``mark``, see :meth:`mark`), oldest first,
+        as (event, ref): ``add``/``delete``/``recode`` of a skill ref, ``pools`` of a pool version. Its
+        ``changes`` are None when the log cannot say: more than ``CHANGE_LOG`` changes ago, a log written
+        before the entry ``mark`` names (a flushed or restarted Redis, even one written up to the same
+        generation again), or a change made without an entry (older code): read everything again."""
         with self._guard("changes_since"):
-            for _ in range(3):  # a write between the two reads: once more
-                now = int(self.r.get(self.keys.gen) or 0)
-                missed = now - generation
-                if missed == 0:
-                    return now, []
-                if missed < 0 or missed > CHANGE_LOG:
-                    return now, None
-                with self.r.pipeline(transaction=True) as pipe:
-                    again, log = pipe.get(self.keys.gen).lrange(self.keys.changes, -missed, -1).execute()
-                if int(again or 0) == now:
-                    if len(log) < missed:
-                        return now, None
-                    return now, [(c["event"], c["ref"]) for c in map(json.loads, log)]
-            return now, None
+            now, log = self._changes_script(keys=[self.keys.gen, self.keys.changes], args=[generation, CHANGE_LOG])
+        now, missed = int(now), int(now) - generation
+        entries = [json.loads(e) for e in log] if log is not None else None
+        if entries is not None and mark is None and generation == 0 and len(entries) == missed:
+            pass  # read from the very start
+        elif entries is None or mark is None or len(entries) != missed + 1 or entries[0].get("id") != mark:
+            return Changes(now, None, None)
+        else:
+            entries = entries[1:]
+        return Changes(now, entries[-1].get("id") if entries else mark, [(e["event"], e["ref"]) for e in entries])
 
     def versions(self, name: str) -> list[SkillInfo]:
         with self._guard("versions"):

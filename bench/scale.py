@@ -122,9 +122,9 @@ def library_change(router: PsecRouter, view: LibraryView, new: int) -> tuple[flo
     waits, first_read_ms = [], None
     while time.perf_counter() - changed < 120:
         t0 = time.perf_counter()
-        skills = view.current()
+        generation, skills = view.read()
         first_read_ms = first_read_ms if first_read_ms is not None else (time.perf_counter() - t0) * 1000
-        plan = router.route(HELD_OUT.format(w=keyword(new)), skills, view.generation)
+        plan = router.route(HELD_OUT.format(w=keyword(new)), skills, generation)
         waits.append((time.perf_counter() - t0) * 1000)
         if plan.skill == f"skill-{new:05d}":
             return max(waits) / 1000, time.perf_counter() - changed, waits, first_read_ms

@@ -67,20 +67,23 @@ class Service:
         self.library = LibraryView(self.registry, keep=is_routable)
 
     def skills(self) -> list:
-        """The skills the router chooses among (latest versions, context-aware compositions left out): after
-        a change, only the changed skills are read (while Redis is unavailable: the last list read, so
-        ``auto`` keeps routing)."""
+        """The skills the router chooses among (latest versions, context-aware compositions left out)."""
+        return self.library_now()[1]
+
+    def library_now(self) -> tuple[int, list]:
+        """The registry's generation and :meth:`skills` at it: after a change, only the changed skills are
+        read (while Redis is unavailable: the last list read, so ``auto`` keeps routing)."""
         try:
-            return self.library.current()
+            return self.library.read()
         except UnavailableError:
-            if self.library.generation < 0:
+            if (last := self.library.last)[0] < 0:
                 raise
-            return self.library.last
+            return last
 
     def decide(self, text: str) -> Plan:
         """The router's plan for ``text``, blocking (it encodes the prompt, and may load or train the router)."""
-        skills = self.skills()
-        return self.policy.route(text, skills, self.library.generation)
+        generation, skills = self.library_now()
+        return self.policy.route(text, skills, generation)
 
     async def route(self, text: str) -> Plan:
         plan = await asyncio.to_thread(self.decide, text)
@@ -90,8 +93,8 @@ class Service:
     async def route_within(self, text: str, comp: Composition) -> Plan:
         """Weights for a context-aware composition from the prompt (α over its own skills)."""
         def decide() -> Plan:
-            skills = self.skills()
-            return self.policy.route_within(text, comp, skills, self.library.generation)
+            generation, skills = self.library_now()
+            return self.policy.route_within(text, comp, skills, generation)
 
         t0 = time.perf_counter()
         plan = await asyncio.to_thread(decide)

@@ -28,20 +28,35 @@ def _seen(view: LibraryView) -> list[dict]:
 
 
 def test_changes_since_names_every_change_in_order(registry):
-    g0 = registry.generation()
+    g0, mark0 = registry.mark()
     registry.add("a", random_adapter(SHAPES, r=2, seed=1))
     registry.add("b", random_adapter(SHAPES, r=2, seed=2))
+    g2, mark2 = registry.mark()
     registry.add("a", random_adapter(SHAPES, r=2, seed=3))
     registry.delete("a@1")
-    now, changes = registry.changes_since(g0)
-    assert now == g0 + 4 == registry.generation()
+    now, mark, changes = registry.changes_since(g0, mark0)
+    assert (g0, mark0) == (0, None) and now == 4 == registry.generation() and (now, mark) == registry.mark()
     assert changes == [("add", "a@1"), ("add", "b@1"), ("add", "a@2"), ("delete", "a@1")]
-    assert registry.changes_since(g0 + 3) == (now, [("delete", "a@1")])
-    assert registry.changes_since(now) == (now, [])
-    assert registry.changes_since(now + 1) == (now, None)  # the generation went back: another Redis
-    registry.r.ltrim(registry.keys.changes, -2, -1)  # the log no longer reaches back to g0
-    assert registry.changes_since(g0) == (now, None)
-    assert registry.changes_since(g0 + 2)[1] == [("add", "a@2"), ("delete", "a@1")]
+    assert registry.changes_since(g2, mark2) == (now, mark, [("add", "a@2"), ("delete", "a@1")])
+    assert registry.changes_since(now, mark) == (now, mark, [])
+    assert registry.changes_since(g2, "another-history").changes is None
+    assert registry.changes_since(now + 1, mark).changes is None  # the generation went back: another Redis
+    registry.r.ltrim(registry.keys.changes, -2, -1)  # the log no longer reaches back to g2's entry
+    assert registry.changes_since(g2, mark2).changes is None
+    registry.r.incr(registry.keys.gen)  # a change made without an entry (older code)
+    assert registry.changes_since(now, mark).changes is None
+
+
+def test_a_flushed_redis_written_past_the_old_generation_is_read_again(registry):
+    view = LibraryView(registry)
+    for i in range(3):
+        registry.add(f"old{i}", random_adapter(SHAPES, r=2, seed=i))
+    assert [s.name for s in view.current()] == ["old0", "old1", "old2"]
+    for key in list(registry.r.scan_iter(match=f"{registry.prefix}:*")):  # Redis lost everything
+        registry.r.delete(key)
+    for i in range(5):
+        registry.add(f"new{i}", random_adapter(SHAPES, r=2, seed=10 + i))
+    assert [s.name for s in view.current()] == [f"new{i}" for i in range(5)] and view.full_reads == 2
 
 
 def test_view_read_change_by_change_equals_a_full_read(registry, redis_client: redis.Redis):
@@ -95,3 +110,13 @@ def test_view_follows_a_compression(registry):
     after = _seen(view)
     assert after == [s.model_dump() for s in registry.list()] and after != before  # re-encoded: new mos meta
     assert view.full_reads == 1
+
+
+def test_a_reader_takes_the_last_list_while_another_catches_up(registry):
+    view = LibraryView(registry)
+    registry.add("a", random_adapter(SHAPES, r=2, seed=1))
+    first = view.current()
+    registry.add("b", random_adapter(SHAPES, r=2, seed=2))
+    with view._lock:  # another thread is reading the changes (or waiting on a lost Redis)
+        assert view.current() is first and view.last == (1, first)
+    assert [s.name for s in view.current()] == ["a", "b"] and view.generation == 2
