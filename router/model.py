@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapter_store.skill_info import SkillInfo
 from router.retrieval import ProfileIndex, softmax
 
 MODEL_FORMAT = 2  # the stored model's layout: raised whenever it changes, so an older one is never loaded
@@ -22,11 +21,11 @@ def has_network(n: int, lr_max_skills: int) -> bool:
     return 2 <= n <= lr_max_skills
 
 
-def profile_key(skills: Sequence[SkillInfo], encoder: str, network: bool, C: float) -> str:
+def profile_key(digests: Sequence[str], encoder: str, network: bool, C: float) -> str:
     """The stored model's key: the format, the encoder, the α mode (network or softmax), C and every
-    skill's profile, so a model stored under other settings or by other code is never taken up."""
-    doc = [MODEL_FORMAT, encoder, network, C if network else None]
-    doc += [[s.name, s.sha256, s.description, s.examples] for s in sorted(skills, key=lambda s: s.name)]
+    skill's profile (``digests``: :func:`router.retrieval.profile_digest` of each, in name order), so a
+    model stored under other settings or by other code is never taken up."""
+    doc = [MODEL_FORMAT, encoder, network, C if network else None, *digests]
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 

@@ -51,7 +51,7 @@ from router.encoder import Encoder, MiniLMEncoder
 from router.model import RouterModel, has_network, profile_key
 from router.plan import Plan
 from router.policy import RouterConfig, nothing_to_route
-from router.retrieval import DIM, ProfileIndex, blas_on_one_thread
+from router.retrieval import DIM, ProfileDigests, ProfileIndex, blas_on_one_thread
 from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
@@ -74,6 +74,7 @@ class PsecRouter:
         self.C = C
         self._model: RouterModel | None = None
         self._index: ProfileIndex | None = None  # the last index built: the next one reuses its rows
+        self._digests = ProfileDigests()  # each profile hashed once per SkillInfo object
         self._seen: tuple[Sequence[SkillInfo], frozenset[str]] | None = None  # a library list and its names
         self._changed = threading.Condition()  # guards the five below; notified when a model (or an error) arrives
         self._served: Sequence[SkillInfo] | None = None  # the library list the complete model answers for
@@ -99,12 +100,13 @@ class PsecRouter:
 
     def index(self, skills: Sequence[SkillInfo]) -> ProfileIndex:
         """The profile index of ``skills``, reusing the last one's rows (only changed profiles are embedded)."""
-        self._index = ProfileIndex.build(skills, self._embed, previous=self._index)
+        self._index = ProfileIndex.build(skills, self._embed, previous=self._index, digest=self._digests)
         return self._index
 
     def key(self, skills: Sequence[SkillInfo]) -> str:
         """:func:`profile_key` of ``skills`` under this router's settings."""
-        return profile_key(skills, self.encoder.name, self._network(len(skills)), self.C)
+        digests = self._digests(sorted(skills, key=lambda s: s.name))
+        return profile_key(digests, self.encoder.name, self._network(len(skills)), self.C)
 
     def _network(self, n: int) -> bool:
         return has_network(n, self.config.lr_max_skills)

@@ -16,7 +16,7 @@ import pytest
 
 from bench.demo_data import examples
 from router.psec import MODEL_KEY, PsecRouter
-from router.retrieval import EXACT_ROWS, ProfileIndex
+from router.retrieval import EXACT_ROWS, ProfileDigests, ProfileIndex, profile_digest
 from tests.helpers import ROUTER_CONFIG, ROUTER_SHAPES, add_demo_profiles, random_adapter
 
 
@@ -89,6 +89,16 @@ def test_a_rebuilt_index_reuses_unchanged_rows_and_encodes_only_new_texts():
     for name in (skills[0].name, skills[39].name):
         a, b = first.position[name], second.position[name]
         np.testing.assert_array_equal(first.X[first.starts[a]:first.starts[a + 1]], second.X[second.starts[b]:second.starts[b + 1]])
+    library = [*skills[:3], edited, *skills[4:], _profile(40)]
+    digests = ProfileDigests()
+    third = ProfileIndex.build(library[5:], enc.encode, previous=second, digest=digests)  # five deleted
+    for index, skills_now in ((second, library), (third, library[5:])):  # the same as built from nothing
+        cold = ProfileIndex.build(skills_now, KeywordEncoder().encode)
+        assert index.names == cold.names and index.digests == cold.digests
+        np.testing.assert_array_equal(index.starts, cold.starts)
+        np.testing.assert_allclose(index.X, cold.X, atol=1e-6)
+        np.testing.assert_allclose(index.centroids, cold.centroids, atol=1e-6)
+    assert digests(library[5:]) == third.digests == [profile_digest(s) for s in library[5:]]
 
 
 def _stub_router(registry, n: int, **config) -> PsecRouter:
