@@ -302,14 +302,16 @@ class Registry:
         generation again), or a change made without an entry (older code): read everything again."""
         with self._guard("changes_since"):
             now, log = self._changes_script(keys=[self.keys.gen, self.keys.changes], args=[generation, CHANGE_LOG])
-        now, missed = int(now), int(now) - generation
-        entries = [json.loads(e) for e in log] if log is not None else None
-        if entries is not None and mark is None and generation == 0 and len(entries) == missed:
-            pass  # read from the very start
-        elif entries is None or mark is None or len(entries) != missed + 1 or entries[0].get("id") != mark:
-            return Changes(now, None, None)
-        else:
+        now = int(now)
+        entries = [json.loads(e) for e in log or []]
+        if mark is None and generation == 0:  # a reader from the very start: the whole log, nothing before it
+            known = log is not None and len(entries) == now
+        else:  # the reader's own entry first, then what it missed
+            known = log is not None and mark is not None and len(entries) == now - generation + 1 \
+                and entries[0].get("id") == mark
             entries = entries[1:]
+        if not known:
+            return Changes(now, None, None)
         return Changes(now, entries[-1].get("id") if entries else mark, [(e["event"], e["ref"]) for e in entries])
 
     def versions(self, name: str) -> list[SkillInfo]:
