@@ -53,11 +53,72 @@ def check_max_tokens(settings: Settings, prompt_tokens: int, max_tokens: int | N
     return max_tokens or room
 
 
+def check_raw_prompts(settings: Settings, body: dict) -> None:
+    """A completions or tokenize ``prompt`` counted as sent, before vLLM's model validates it and before any
+    token id is decoded: at most ``max_prompts`` prompts, each list of token ids at most the prompt token limit."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        check_prompt_chars(settings, [prompt], "prompt")
+    if not isinstance(prompt, list) or not prompt:
+        return
+    prompts = [prompt] if not isinstance(prompt[0], (str, list)) else prompt
+    check_prompt_chars(settings, [p for p in prompts if isinstance(p, str)], "prompt")
+    if len(prompts) > settings.max_prompts:
+        raise InvalidRequestError(
+            f"the request has {len(prompts)} prompts; the limit is {settings.max_prompts} (setting MOSAIC_MAX_PROMPTS)",
+            param="prompt")
+    for p in prompts:
+        if isinstance(p, list):
+            check_prompt_tokens(settings, len(p), "prompt")
+
+
+def check_raw_messages(settings: Settings, body: dict) -> None:
+    """Chat ``messages`` (or a Responses ``input`` list) counted as sent, with their content parts, before
+    vLLM's model validates each one."""
+    field = "messages" if "messages" in body else "input"
+    items = body.get(field)
+    if not isinstance(items, list):
+        return
+    contents = [x.get("content") for x in items if isinstance(x, dict)]
+    parts = [p for c in contents if isinstance(c, list) for p in c]
+    n = len(items) + len(parts)
+    if n > settings.max_messages:
+        raise InvalidRequestError(
+            f"{field} has {n} messages and content parts; the limit is {settings.max_messages} (setting "
+            "MOSAIC_MAX_MESSAGES)", param=field)
+    texts = [c for c in contents if isinstance(c, str)] + [p["text"] for p in parts if isinstance(p, dict)
+                                                             and isinstance(p.get("text"), str)]
+    check_prompt_chars(settings, texts, field)  # the plain shapes, before validation; the rest after it
+
+
+def check_token_ids(settings: Settings, body: dict, field: str = "tokens") -> None:
+    """A list of token ids to decode (``/detokenize``) is at most a context long."""
+    ids = body.get(field)
+    if isinstance(ids, list) and len(ids) > settings.max_model_len:
+        raise InvalidRequestError(
+            f"{field} has {len(ids)} token ids; the limit is the context, {settings.max_model_len} (setting "
+            "MOSAIC_MAX_MODEL_LEN)", param=field)
+
+
+def check_generation(settings: Settings, prompts: int, choices: int, max_tokens: int) -> None:
+    """What one request may generate: at most ``max_choices`` choices (``n``, also the beam width) and at most
+    ``max_request_tokens`` tokens over all prompts and choices."""
+    if choices > settings.max_choices:
+        raise InvalidRequestError(
+            f"n={choices} is more than the server allows ({settings.max_choices}, setting MOSAIC_MAX_CHOICES)", param="n")
+    total = prompts * choices * max_tokens
+    if total > settings.max_request_tokens:
+        raise InvalidRequestError(
+            f"this request may generate {total} tokens ({prompts} prompt(s) × n={choices} × max_tokens={max_tokens}); "
+            f"the limit is {settings.max_request_tokens} (setting MOSAIC_MAX_REQUEST_TOKENS)",
+            param="n" if choices > 1 else "max_tokens")
+
+
 class BodyTooLarge(StarletteHTTPException):
     """A body over its limit; FastAPI re-raises HTTP exceptions met while reading a body, so it leaves as 413."""
 
-    def __init__(self, size: int, limit: int, setting: str) -> None:
-        super().__init__(413, f"request body of {size}+ bytes exceeds the limit of {limit} bytes (setting {setting})")
+    def __init__(self, size: int, limit: int, setting: str, what: str = "bytes") -> None:
+        super().__init__(413, f"request body of {size}+ {what} exceeds the limit of {limit} {what} (setting {setting})")
 
 
 class BodySizeLimit:
@@ -76,18 +137,30 @@ class BodySizeLimit:
         limit, setting = body_limit(self.settings, scope)
         if (refused := declared_too_large(scope, limit, setting)) is not None:
             return await refused(scope, receive, send)
-        seen = 0
+        seen = values = 0
+        media = _media_type(scope)  # FastAPI parses a body without a content type as JSON too
+        json_body = media == "" or media.endswith("json")
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, values
             message = await receive()
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                seen += len(chunk)
                 if seen > limit:
                     raise BodyTooLarge(seen, limit, setting)
+                if json_body:  # an upper bound of its values, at memchr speed: parsing is what would cost
+                    values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+                    if values > self.settings.max_json_values:
+                        raise BodyTooLarge(values, self.settings.max_json_values, "MOSAIC_MAX_JSON_VALUES",
+                                           "JSON values (commas and brackets)")
             return message
 
         await self.app(scope, counted, send)
+
+
+def _media_type(scope) -> str:
+    return dict(scope["headers"]).get(b"content-type", b"").split(b";", 1)[0].strip().lower().decode("latin-1")
 
 
 def body_limit(settings: Settings, scope) -> tuple[int, str]:

@@ -51,6 +51,13 @@ def _prompts(service: Service, prompt: Any) -> list[str]:
     return out
 
 
+def _prompt_strings(service: Service, prompt: Any) -> list[str]:
+    """The text a completions prompt sends as text (the character limit; its token ids are counted as tokens)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    return [p for p in prompt or [] if isinstance(p, str)]
+
+
 def _input_texts(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else _all_messages(value)
 
@@ -66,6 +73,7 @@ class Endpoint:
     routed: Callable[[Service, Any], str]  # what the router and context-aware weights read
     dump: dict = field(default_factory=dict)  # vLLM's model_dump arguments for the response
     events: Callable | None = None  # turns a stream of event objects into SSE text (Responses API)
+    generates: bool = True  # False: no tokens are generated (nothing to bound by MOSAIC_MAX_REQUEST_TOKENS)
 
 
 def _protocols():
@@ -79,7 +87,8 @@ def _protocols():
         "chat": Endpoint("openai_serving_chat", "create_chat_completion", lambda b: ChatCompletionRequest,
                          lambda service, r: _all_messages(r.messages), lambda service, r: last_user(r.messages)),
         "completion": Endpoint("openai_serving_completion", "create_completion", lambda b: CompletionRequest,
-                               lambda service, r: _prompts(service, r.prompt), lambda service, r: "\n".join(_prompts(service, r.prompt))),
+                               lambda service, r: _prompt_strings(service, r.prompt),
+                               lambda service, r: "\n".join(_prompts(service, r.prompt))),
         "responses": Endpoint("openai_serving_responses", "create_responses", lambda b: ResponsesRequest,
                               lambda service, r: _input_texts(r.input),
                               lambda service, r: r.input if isinstance(r.input, str) else last_user(r.input),
@@ -87,9 +96,10 @@ def _protocols():
         "tokenize": Endpoint("serving_tokenization", "create_tokenize",
                              lambda b: TokenizeChatRequest if "messages" in b else TokenizeCompletionRequest,
                              lambda service, r: _all_messages(r.messages) if hasattr(r, "messages") else [r.prompt],
-                             lambda service, r: last_user(r.messages) if hasattr(r, "messages") else r.prompt),
+                             lambda service, r: last_user(r.messages) if hasattr(r, "messages") else r.prompt,
+                             generates=False),
         "detokenize": Endpoint("serving_tokenization", "create_detokenize", lambda b: DetokenizeRequest,
-                               lambda service, r: [], lambda service, r: ""),
+                               lambda service, r: [], lambda service, r: "", generates=False),
     }
 
 

@@ -5,10 +5,8 @@ The reference engine (``MOSAIC_ENGINE=hf``) answers through server/hf_openai.py 
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections import Counter
-from collections.abc import Awaitable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from fastapi.responses import Response
 
 from adapter_store.errors import InvalidRequestError, UnavailableError
 from server import auth, hf_openai
+from server.disconnect import ClientGone, unless_disconnected
 from server.engine import EngineAdapter
 from server.openai_endpoints import endpoint
 from server.openai_front import Refused, check_limits, parse
@@ -66,7 +65,7 @@ async def serve(request: Request, kind: str) -> Response:
     service = state(request)
     ep = endpoint(kind)
     try:
-        req, composition = await parse(request, ep)
+        req, composition = await parse(request, ep, service.settings)
     except Refused as exc:
         return error_json(exc.error)
     if not service.engine.ready():
@@ -118,33 +117,6 @@ def ask_usage(req) -> bool:
 
     req.stream_options = StreamOptions(include_usage=True)  # continuous stats stay off: one usage event, the last
     return True
-
-
-class ClientGone(Exception):
-    """The client disconnected before the work it asked for was done."""
-
-
-async def unless_disconnected(request: Request, work: Awaitable):
-    """``work``'s result, or ClientGone (with ``work`` cancelled) if the client disconnects first. The body
-    has been read by then, so the next message the server receives is the disconnect (as vLLM's routes do)."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request itself was cancelled: so is its work
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    raise ClientGone
 
 
 @contextmanager

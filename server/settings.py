@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     # with no key, admin and read are open to loopback clients only (and `mosaic serve` binds nothing
     # else); true opens them to every client that can reach the server (server/auth.py)
     open_admin: bool = False
+    # the data dir remembers what Redis must not forget (keys were made, the registry's generation, the highest
+    # version number: adapter_store/high_water.py); a Redis behind it (flushed, restored) is refused at start
+    # and for writes until a start with this set accepts it (versions then go on above the old ones)
+    accept_registry_reset: bool = False
     engine: Literal["vllm", "hf"] = "vllm"
 
     # engine
@@ -74,20 +78,49 @@ class Settings(BaseSettings):
     # limits: each refused with a 4xx before any work is done
     max_adapter_rank: int = 256  # uploads with a higher LoRA rank are refused (400)
     max_upload_mb: int = 512  # upload body / unpacked archive size (413)
+    # what one skill may carry (400): its weights file's tensors, counted from the safetensors header before
+    # anything is loaded (a LoRA on the 7 linear modules of every layer of an 80-layer model has 1,120), and the
+    # text the router embeds and Redis keeps, checked on upload and on POST /v1/compositions: example prompts,
+    # their length (MiniLM reads about the first 2,000 characters), the description, tags and their length
+    max_tensors: int = Field(default=4096, ge=1)
+    max_examples_per_skill: int = Field(default=64, ge=0)
+    max_example_chars: int = Field(default=2000, ge=1)
+    max_description_chars: int = Field(default=2000, ge=0)
+    max_tags: int = Field(default=32, ge=0)
+    max_tag_chars: int = Field(default=64, ge=1)
     max_request_mb: int = 8  # any other request body (413)
     max_composition_skills: int = 16  # skills in one composition (400)
     # one composition's estimated cost (composer/cost.py), refused with a 400 over either; measured on the
     # bundled model: a 16-skill TIES ≈ 6e10, a 16-skill rank-64 LEGO with 16 restarts ≈ 5e14
     max_compose_work: float = 2e12  # multiply-adds
     max_compose_gib: float = 4.0  # peak working set of one module
-    compose_workers: int = Field(default=1, ge=1)
+    compose_workers: int = Field(default=1, ge=1)  # threads that compose, for every path that composes
+    # a learned-weight search (optimize): the examples it scores (each also within max_prompt_chars and
+    # max_prompt_tokens, prompt and answer together), and the tokens the reference model reads over the whole
+    # search, counted as budget × examples × the longest example; the default is about 1.5 hours of the
+    # bundled model on 2 CPU cores (~100 tokens/s measured), three LoraHub-sized searches (40 × 20 × 200)
+    max_examples: int = Field(default=256, ge=1)
+    max_job_tokens: int = Field(default=500_000, ge=1)
     # what past requests leave behind, least recently used out first: composition results in Redis
     # (shared by replicas) and the engine's adapter folders on each replica's disk
     composition_cache_mb: int = Field(default=1024, ge=0)
-    adapter_disk_mb: int = Field(default=8192, ge=0)  # threads that compose (their own pool: registry calls never wait)
+    adapter_disk_mb: int = Field(default=8192, ge=0)  # folders in use included: one that does not fit is a 503
+    # a folder used in the last this many seconds is not removed to make room: what an engine handed its path
+    # needs to load it (a request holds its own folder until its response is sent, however long that takes)
+    adapter_grace_seconds: float = Field(default=60.0, ge=0.0)
     max_prompt_chars: int = 100_000  # characters of prompt or messages, checked before tokenizing (400)
     max_prompt_tokens: int = 2047  # prompt tokens; also capped by max_model_len - 1 (400)
     max_tokens_limit: int = 2048  # tokens generated per request (400 when max_tokens asks for more)
+    # what one inference request may buy, each refused with a 4xx before the work: JSON values in any JSON
+    # body (counted as its commas and brackets while it arrives: 413; a body within it parses in well under
+    # 100 ms, so no request stalls the others), prompts in one completions request and messages in a chat
+    # (counted before vLLM's protocol model validates them), choices (n, also the beam width), and generated
+    # tokens in all (prompts × n × max_tokens; an unsent max_tokens counts as the most the context allows)
+    max_json_values: int = Field(default=131_072, ge=1)
+    max_prompts: int = Field(default=32, ge=1)
+    max_messages: int = Field(default=1024, ge=1)  # chat messages (or Responses input items) plus their content parts
+    max_choices: int = Field(default=16, ge=1)
+    max_request_tokens: int = Field(default=32_768, ge=1)
 
     def router_config(self) -> RouterConfig:
         return RouterConfig(ood=self.router_ood, mix_similarity=self.router_mix_similarity, mix_min=self.router_mix_min,
@@ -95,6 +128,13 @@ class Settings(BaseSettings):
                             top_k=self.router_top_k, lr_max_skills=self.router_lr_max_skills,
                             temperature=self.router_temperature,
                             rule=AlphaRule(grid=self.alpha_grid, max_skills=self.router_max_skills))
+
+    def text_limits(self):
+        """What a skill's examples, description and tags may hold (adapter_store.validation.TextLimits)."""
+        from adapter_store.validation import TextLimits
+
+        return TextLimits(examples=self.max_examples_per_skill, example_chars=self.max_example_chars,
+                          description_chars=self.max_description_chars, tags=self.max_tags, tag_chars=self.max_tag_chars)
 
     def model_post_init(self, _ctx: object) -> None:
         self.data_dir = Path(self.data_dir).expanduser()

@@ -26,7 +26,7 @@ def _request(body, content_type: str = "application/json") -> Request:
 
 
 async def _parse(kind: str, body, **kw):
-    return await openai_front.parse(_request(body, **kw), openai_endpoints.endpoint(kind))
+    return await openai_front.parse(_request(body, **kw), openai_endpoints.endpoint(kind), Settings())
 
 
 def _parse_now(kind: str, body, **kw):
@@ -237,3 +237,93 @@ def test_a_composition_over_the_compute_budget_is_refused_before_it_runs(base_sp
         budget.check(Composition(skills=tuple(i.name for i in infos), method="lego", rank=8, params={"n_init": 16}), infos)
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_COMPOSE_GIB"):
         ComposeBudget(base_spec.shapes, 1e18, 2**20).check(Composition(skills=("s0", "s1"), method="ties", rank=8), infos[:2])
+
+
+def _service(**settings):
+    return SimpleNamespace(settings=Settings(**settings), engine=SimpleNamespace(serving=None))
+
+
+@pytest.mark.parametrize("kind,body,param,setting", [
+    ("completion", {"model": "m", "prompt": "hi", "n": 17}, "n", "MOSAIC_MAX_CHOICES"),
+    ("completion", {"model": "m", "prompt": "hi", "n": 16, "max_tokens": 2049 // 1}, "max_tokens", "MOSAIC_MAX_TOKENS_LIMIT"),
+    ("completion", {"model": "m", "prompt": ["hi"] * 2, "n": 16, "max_tokens": 1025}, "n", "MOSAIC_MAX_REQUEST_TOKENS"),
+    ("completion", {"model": "m", "prompt": "hi", "n": 9, "use_beam_search": True, "max_tokens": 4000 // 1}, "max_tokens",
+     "MOSAIC_MAX_TOKENS_LIMIT"),
+    ("chat", {**CHAT, "n": 17}, "n", "MOSAIC_MAX_CHOICES"),
+])
+def test_what_one_request_may_generate_is_bounded(kind, body, param, setting):
+    req, _ = _parse_now(kind, body)
+    with pytest.raises(InvalidRequestError) as e:
+        openai_front.check_limits(_service(), openai_endpoints.endpoint(kind), req, None)
+    assert e.value.param == param and setting in e.value.message
+
+
+def test_generation_within_the_bounds_passes_and_counts_every_prompt_and_choice():
+    service = _service()
+    for kind, body in [("completion", {"model": "m", "prompt": ["hi"] * 2, "n": 16, "max_tokens": 1024}),
+                       ("chat", {**CHAT, "n": 16}),  # no max_tokens: the whole context, 16 × 2047 tokens
+                       ("tokenize", {"model": "m", "prompt": "hi"})]:
+        req, _ = _parse_now(kind, body)
+        openai_front.check_limits(service, openai_endpoints.endpoint(kind), req, None)
+    req, _ = _parse_now("completion", {"model": "m", "prompt": ["hi"] * 3, "max_tokens": 10})
+    assert openai_front.prompt_count(req) == 3 and openai_front.generated_tokens(service.settings, req) == 10
+    with pytest.raises(InvalidRequestError, match="3 prompt"):
+        openai_front.check_limits(_service(max_request_tokens=29), openai_endpoints.endpoint("completion"), req, None)
+
+
+@pytest.mark.parametrize("kind,body,param,setting", [
+    ("completion", {"model": "m", "prompt": [1] * 2048}, "prompt", "MOSAIC_MAX_PROMPT_TOKENS"),
+    ("completion", {"model": "m", "prompt": [[1], [1] * 2048]}, "prompt", "MOSAIC_MAX_PROMPT_TOKENS"),
+    ("completion", {"model": "m", "prompt": [[1]] * 33}, "prompt", "MOSAIC_MAX_PROMPTS"),
+    ("completion", {"model": "m", "prompt": ["a"] * 33}, "prompt", "MOSAIC_MAX_PROMPTS"),
+    ("completion", {"model": "m", "prompt": "a" * 100_001}, "prompt", "MOSAIC_MAX_PROMPT_CHARS"),
+    ("tokenize", {"model": "m", "prompt": [1] * 2048}, "prompt", "MOSAIC_MAX_PROMPT_TOKENS"),
+    ("detokenize", {"model": "m", "tokens": [1] * 2049}, "tokens", "MOSAIC_MAX_MODEL_LEN"),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": "x"}] * 1025}, "messages", "MOSAIC_MAX_MESSAGES"),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 1024}]},
+     "messages", "MOSAIC_MAX_MESSAGES"),
+    ("chat", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "a" * 100_001}]}]},
+     "messages", "MOSAIC_MAX_PROMPT_CHARS"),
+    ("responses", {"model": "m", "input": [{"role": "user", "content": "x"}] * 1025}, "input", "MOSAIC_MAX_MESSAGES"),
+])
+def test_sizes_are_counted_as_sent_before_vllm_validates_anything(kind, body, param, setting, monkeypatch):
+    def not_validated(*a, **kw):
+        raise AssertionError("validated before the limits were checked")
+
+    monkeypatch.setattr(openai_front, "_validate", not_validated)
+    with pytest.raises(InvalidRequestError) as e:
+        _parse_now(kind, body)
+    assert e.value.param == param and setting in e.value.message
+
+
+def test_json_bodies_are_counted_while_they_arrive():
+    from server.limits import BodySizeLimit
+
+    async def run(raw: bytes, ctype: bytes = b"application/json") -> int:
+        chunks = [raw[i:i + 1000] for i in range(0, len(raw), 1000)]
+        sent = []
+
+        async def receive():
+            body = chunks.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(chunks)}
+
+        async def app(scope, receive_, send):
+            while (await receive_()).get("more_body"):
+                pass
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-type", ctype)]}
+        try:
+            await BodySizeLimit(app, Settings(max_json_values=100))(scope, receive, send)
+        except Exception as exc:  # raised inside the body's reading: FastAPI answers it as 413
+            return exc.status_code
+        return sent[0]["status"]
+
+    assert asyncio.run(run(json.dumps({"prompt": [1] * 98}).encode())) == 200
+    assert asyncio.run(run(json.dumps({"prompt": [1] * 101}).encode())) == 413
+    assert asyncio.run(run(json.dumps({"prompt": [1] * 101}).encode(), b"")) == 413  # FastAPI parses it as JSON too
+    assert asyncio.run(run(b"a,b," * 100, b"multipart/form-data; boundary=x")) == 200  # an upload is not JSON
