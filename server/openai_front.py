@@ -124,12 +124,12 @@ def prompt_count(req: Any) -> int:
 
 def generated_tokens(settings: Settings, req: Any) -> int:
     """The most tokens one choice may generate: the request's max_tokens (whichever field it uses, its default
-    included), or all the context when it has none."""
+    included), or, when it has none, what the engine gives it (MOSAIC_MAX_TOKENS_LIMIT, within the context)."""
     for name in MAX_TOKENS_FIELDS:
         value = vars(req).get(name)
         if isinstance(value, int):
             return value
-    return settings.max_model_len - 1
+    return min(settings.max_model_len - 1, settings.max_tokens_limit)
 
 
 def prompt_token_counts(service: Service, req: Any) -> list[int]:

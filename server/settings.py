@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     # body (counted as its commas and brackets while it arrives: 413; a body within it parses in well under
     # 100 ms, so no request stalls the others), prompts in one completions request and messages in a chat
     # (counted before vLLM's protocol model validates them), choices (n, also the beam width), and generated
-    # tokens in all (prompts × n × max_tokens; an unsent max_tokens counts as the most the context allows)
+    # tokens in all (prompts × n × max_tokens; an unsent max_tokens counts as MOSAIC_MAX_TOKENS_LIMIT)
     max_json_values: int = Field(default=131_072, ge=1)
     max_prompts: int = Field(default=32, ge=1)
     max_messages: int = Field(default=1024, ge=1)  # chat messages (or Responses input items) plus their content parts

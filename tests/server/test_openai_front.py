@@ -261,7 +261,7 @@ def test_what_one_request_may_generate_is_bounded(kind, body, param, setting):
 def test_generation_within_the_bounds_passes_and_counts_every_prompt_and_choice():
     service = _service()
     for kind, body in [("completion", {"model": "m", "prompt": ["hi"] * 2, "n": 16, "max_tokens": 1024}),
-                       ("chat", {**CHAT, "n": 16}),  # no max_tokens: the whole context, 16 × 2047 tokens
+                       ("chat", {**CHAT, "n": 16}),  # no max_tokens: MOSAIC_MAX_TOKENS_LIMIT, 16 × 2048 tokens
                        ("tokenize", {"model": "m", "prompt": "hi"})]:
         req, _ = _parse_now(kind, body)
         openai_front.check_limits(service, openai_endpoints.endpoint(kind), req, None)
