@@ -14,7 +14,8 @@ from prometheus_client import make_asgi_app
 
 from adapter_store.errors import MosaicError
 
-from server import admin_api, auth, compress_api, errors, limits, openai_api, optimize_api, ui
+from server import admin_api, api_docs, auth, compress_api, errors, limits, openai_api, optimize_api, ui
+from server.http_headers import NoFraming
 from server.openai_endpoints import endpoint, publish_request_schemas
 from server.settings import Settings, get_settings
 from server.state import Service, build
@@ -74,6 +75,14 @@ def _report_failure(task: asyncio.Task) -> None:
         log.error("router warm-up failed", exc_info=exc)
 
 
+class MosaicApp(FastAPI):
+    """FastAPI with :class:`NoFraming` outside its whole middleware stack, Starlette's error middleware
+    included: even an unexpected 500 says it may not be framed."""
+
+    def build_middleware_stack(self):
+        return NoFraming(super().build_middleware_stack())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -97,8 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             warm.cancel()
             await service.engine.stop()
 
-    app = FastAPI(title="Mosaic", version="0.1.0", lifespan=lifespan,
-                  description="LoRA adapter composition server with an OpenAI-compatible API.")
+    app = MosaicApp(title="Mosaic", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                    description="LoRA adapter composition server with an OpenAI-compatible API.")
     errors.install(app)
     app.add_middleware(limits.BodySizeLimit, settings=settings)
     app.add_middleware(auth.AuthGate, fastapi_app=app)  # outermost: the key is checked before the body is read
@@ -108,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(optimize_api.router)
     app.mount("/metrics", make_asgi_app())
     ui.install(app)  # the console at /ui (static files; its API calls carry the user's key)
+    api_docs.install(app)  # /docs and /redoc, their scripts served from this server
 
     def openapi() -> dict:
         if app.openapi_schema is None:

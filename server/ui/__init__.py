@@ -3,6 +3,12 @@ served by the same server (no Node toolchain, no CDN: the page works offline). T
 its own: it calls the HTTP API from the browser with the key the user gives it (kept in the tab's session
 storage), so every action needs the scope its API call needs; the files themselves are open.
 
+The page may not be framed (server/http_headers.py sends ``frame-ancestors 'none'`` and ``X-Frame-Options``
+on every answer; the script also refuses to run in a frame) and runs under a strict policy
+(:data:`~server.http_headers.CONSOLE_CSP`: its own scripts and styles only, no inline code). Its
+irreversible actions (deleting, compressing the library) ask ``window.confirm`` first: a dialog the browser
+draws above every page, naming what will change, that another page can neither cover nor answer.
+
 ``install(app)`` adds ``/ui`` (the page), ``/ui/methods.json`` (the merge methods the compose forms offer:
 code, not library data) and the static files under ``/ui/static``.
 """
@@ -16,6 +22,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from composer.registry import METHODS
+from server.http_headers import CONSOLE_CSP
 
 STATIC = Path(__file__).parent / "static"
 STATIC_PATH = "/ui/static"  # open in server/auth.py's MOUNT_SCOPES: the files hold no data
@@ -25,7 +32,8 @@ router = APIRouter(include_in_schema=False)
 
 @router.get("/ui")
 async def console() -> FileResponse:
-    return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
+    return FileResponse(STATIC / "index.html",
+                        headers={"cache-control": "no-cache", "content-security-policy": CONSOLE_CSP})
 
 
 @router.get("/ui/")

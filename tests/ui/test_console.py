@@ -1,11 +1,13 @@
 """The console in a real headless Chromium (Debian's chromium + chromium-driver, through selenium) against a
 real server (real vLLM engine, real Redis, the bundled base model): the library, an upload through the page,
 the playground with that skill and with auto (streamed answer and plan), a composition saved, shown with its
-quality report and deleted; and with MOSAIC_API_KEY set, an upload only once the key is entered."""
+quality report and deleted (after the browser's confirmation dialog, which names it; dismissing the one for
+"Compress the library" sends nothing); and with MOSAIC_API_KEY set, an upload only once the key is entered."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,14 @@ def _upload(browser, name: str, files: list[Path]) -> None:
     wait_for(browser, "#upload-name").send_keys(name)
     browser.find_element("id", "upload-input").send_keys("\n".join(str(f) for f in files))
     browser.find_element("id", "upload-submit").click()
+
+
+def _dialog(browser, timeout: float = 10):
+    """The browser's own confirmation dialog (window.confirm), once it is shown."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout).until(ec.alert_is_present())
 
 
 def _status(browser, css: str, timeout: float = 60):
@@ -128,6 +138,12 @@ def test_ops_shows_the_engine_requests_per_skill_and_compression(browser, server
     served = [r.text.split()[0] for r in wait_for(browser, "#ops-targets").find_elements("css selector", "tbody tr")]
     assert UPLOADED in served, served  # the playground's request, from /metrics
     assert "idle" in wait_for(browser, "#ops-compression").text
+    wait_for(browser, "#compress").click()
+    dialog = _dialog(browser)
+    assert "Compress the whole library?" in dialog.text
+    dialog.dismiss()
+    time.sleep(4)  # past the page's refresh (3 s): a started job would show as running or done
+    assert "idle" in wait_for(browser, "#ops-compression").text
 
 
 def test_a_composition_saved_from_the_page_shows_its_quality_report_and_can_be_deleted(browser, server):
@@ -151,7 +167,9 @@ def test_a_composition_saved_from_the_page_shows_its_quality_report_and_can_be_d
     assert "reverse_list@1" in report.text and "uppercase@1" in report.text
 
     browser.find_element("css selector", "#delete-skill button").click()
-    wait_for(browser, "#confirm-delete").click()
+    dialog = _dialog(browser)
+    assert dialog.text.startswith("Delete ui_combo (all 1 versions)?"), dialog.text
+    dialog.accept()
     names = _names(browser)
     assert "ui_combo" not in names and UPLOADED in names
 

@@ -98,3 +98,57 @@ def test_every_module_the_console_imports_ships():
         assert (STATIC / asset).is_file(), asset
     assert not re.search(r"https?://", "".join(p.read_text() for p in STATIC.rglob("*") if p.is_file())), \
         "the console loads nothing from another site (it must work offline)"
+
+
+# ---- framing and irreversible actions ---------------------------------------------------------
+# every request that changes the library, by method and path expression as the pages write it
+MUTATING_CALL = re.compile(r"""call\("(POST|PUT|PATCH|DELETE)", ([^,)]+)""")
+# an upload or a composition adds a version (the older ones stay); routing changes nothing
+REVERSIBLE = {("POST", "paths.adapters"), ("POST", "paths.compositions"), ("POST", "paths.route")}
+CONFIRMED = re.compile(r"if \(!window\.confirm\((?:[^()]|\([^()]*\))*\)\) return")
+
+
+def test_the_console_refuses_to_run_in_a_frame():
+    api, app = (STATIC / "api.js").read_text(), (STATIC / "app.js").read_text()
+    assert "export const framed = () => window.top !== window.self;" in api
+    for fn in ("call", "download", "streamChat"):  # no request leaves a framed page
+        body = re.search(rf"export async function {fn}\([^)]*\) \{{\n(.*?)\n\}}\n", api, flags=re.S)
+        assert body and body.group(1).lstrip().startswith("refuseFramed();"), fn
+    # the shell starts (listeners, the first page) only outside a frame; inside one it shows a notice
+    guarded = r"""\nif \(framed\(\)\) \{\n(?:(?!start\(\)).)*id: "framed"(?:(?!start\(\)).)*\} else \{\n  start\(\);\n\}\n$"""
+    assert re.search(guarded, app, flags=re.S), "app.js must check framed() before start()"
+    assert app.count("start();") == 1 and app.count("render();") == 2  # render: only from start() and the key bar
+
+
+def test_every_irreversible_request_asks_the_browser_first():
+    sites = []
+    for script in SCRIPTS:
+        text = script.read_text()
+        for m in MUTATING_CALL.finditer(text):
+            if (m.group(1), m.group(2).strip()) in REVERSIBLE:
+                continue
+            sites.append((script.name, m.group(1), m.group(2)))
+            before = text[max(0, m.start() - 400):m.start()]
+            asks = list(CONFIRMED.finditer(before))
+            assert asks, f"{script.name}: {m.group(0)} without window.confirm before it"
+            between = before[asks[-1].end():]
+            assert "onclick" not in between and "function " not in between, f"{script.name}: {m.group(0)}: the " \
+                "confirmation belongs to another handler"
+    # deleting a skill or a version, compressing or decompressing the library (a broken pattern finds none)
+    assert {(s, m) for s, m, _ in sites} == {("skill.js", "DELETE"), ("ops.js", "POST")}, sites
+    ops = (STATIC / "pages" / "ops.js").read_text()
+    assert ops.count("start({}, COMPRESS_QUESTION)") == 1 and ops.count("start({ off: true }, EXACT_QUESTION)") == 1
+    assert "Delete ${label}?" in (STATIC / "pages" / "skill.js").read_text()  # the dialog names what goes
+
+
+def test_the_console_needs_no_inline_code_under_its_policy():
+    """The page's Content-Security-Policy (server/http_headers.py CONSOLE_CSP) refuses inline scripts, event
+    handler attributes and style attributes: the files use none, and h() sets styles through the CSSOM."""
+    index = (STATIC / "index.html").read_text()
+    assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", index) and "<style" not in index
+    assert not re.search(r"""\s(?:on\w+|style)=""", index)
+    scripts = "".join(p.read_text() for p in SCRIPTS)
+    for banned in ("innerHTML", "outerHTML", "insertAdjacentHTML", "eval(", "new Function", "setTimeout(\"",
+                   'setAttribute("style"', "document.write"):
+        assert banned not in scripts, banned
+    assert 'else if (k === "style") el.style.cssText = v;' in (STATIC / "ui.js").read_text()

@@ -3,6 +3,10 @@
 
 const KEY = "mosaic.key";
 
+/** True when another page holds this one in a frame: the console then makes no request at all (a framing
+ * site could otherwise click through it with the same-origin rights of this machine's browser). */
+export const framed = () => window.top !== window.self;
+
 const ref = (name) => name.split("/").map(encodeURIComponent).join("/"); // team/name stays a path
 
 export const paths = {
@@ -41,6 +45,10 @@ export class ApiError extends Error {
   }
 }
 
+function refuseFramed() {
+  if (framed()) throw new ApiError(0, { message: "the console does not run inside a frame", type: "framed" });
+}
+
 function headers(extra = {}) {
   const k = key.get();
   return k ? { ...extra, authorization: `Bearer ${k}` } : extra;
@@ -58,6 +66,7 @@ async function failure(response) {
 
 /** Call the API; the parsed JSON answer (text for text answers), or throw an ApiError. */
 export async function call(method, path, { json, form, query, allow = [] } = {}) {
+  refuseFramed();
   let url = path;
   if (query) {
     const q = new URLSearchParams(Object.entries(query).filter(([, v]) => v !== undefined && v !== null));
@@ -96,6 +105,7 @@ export async function allSkills() {
 
 /** Fetch a file with the key and hand it to the browser as a download. */
 export async function download(path) {
+  refuseFramed();
   const response = await fetch(path, { headers: headers() });
   if (!response.ok) throw await failure(response);
   const disposition = response.headers.get("content-disposition") || "";
@@ -111,6 +121,7 @@ export async function download(path) {
 /** POST a streamed chat completion: onPlan(mosaic) once (the first event's plan), onText(piece) per
  * token; returns when the stream ends. An error event or a non-2xx answer throws an ApiError. */
 export async function streamChat(body, { onPlan, onText }) {
+  refuseFramed();
   const response = await fetch(paths.chat, {
     method: "POST", headers: headers({ "content-type": "application/json" }),
     body: JSON.stringify({ ...body, stream: true }),

@@ -1,7 +1,8 @@
 // The console's shell: hash routes (#/library, #/skill/NAME, #/playground, #/compose, #/upload, #/ops),
 // the navigation, and the API key bar (shown when a call answers 401/403; the key stays in this tab).
+// Inside a frame (another site's page holding this one) it shows a notice and does nothing else.
 
-import { key } from "./api.js";
+import { framed, key } from "./api.js";
 import { errorBox, h } from "./ui.js";
 import * as library from "./pages/library.js";
 import * as skill from "./pages/skill.js";
@@ -55,24 +56,34 @@ function askKey(reason) {
   input.focus();
 }
 
-window.addEventListener("mosaic:needs-key", (e) => {
-  const err = e.detail;
-  askKey(err.status === 403
-    ? `This key may not do that: ${err.message} Enter another key:`
-    : `This server needs an API key: ${err.message}`);
-  current.failedForKey = true;
-});
+function start() {
+  window.addEventListener("mosaic:needs-key", (e) => {
+    const err = e.detail;
+    askKey(err.status === 403
+      ? `This key may not do that: ${err.message} Enter another key:`
+      : `This server needs an API key: ${err.message}`);
+    current.failedForKey = true;
+  });
 
-bar.addEventListener("submit", (e) => {
-  e.preventDefault();
-  key.set(input.value.trim());
-  input.value = "";
-  bar.hidden = true;
+  bar.addEventListener("submit", (e) => {
+    e.preventDefault();
+    key.set(input.value.trim());
+    input.value = "";
+    bar.hidden = true;
+    showKeyState();
+    // a page that could not load without a key loads again; a form keeps what the user typed
+    if (current.failedForKey && !PAGES[current.page].keepsForm) render();
+  });
+
+  window.addEventListener("hashchange", render);
   showKeyState();
-  // a page that could not load without a key loads again; a form keeps what the user typed
-  if (current.failedForKey && !PAGES[current.page].keepsForm) render();
-});
+  render();
+}
 
-window.addEventListener("hashchange", render);
-showKeyState();
-render();
+if (framed()) {
+  // the server forbids framing (X-Frame-Options, frame-ancestors); a browser that ignores both ends here
+  document.body.replaceChildren(h("main", {}, h("p", { class: "error", id: "framed" },
+    "The Mosaic console does not run inside a frame: open it in a tab of its own.")));
+} else {
+  start();
+}

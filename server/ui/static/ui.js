@@ -3,13 +3,15 @@
 
 import { call, paths } from "./api.js";
 
-/** h("div", {class: "x", onclick}, child, ...): an element; strings become text (never HTML). */
+/** h("div", {class: "x", onclick}, child, ...): an element; strings become text (never HTML). A ``style``
+ * string is set through the CSSOM: the page's Content-Security-Policy refuses inline style attributes. */
 export function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else if (k === "dataset") Object.assign(el.dataset, v);
+    else if (k === "style") el.style.cssText = v;
     else if (k in el && typeof v !== "string") el[k] = v;
     else el.setAttribute(k, v === true ? "" : v);
   }

@@ -1,10 +1,16 @@
 // Ops: the engine and Redis, requests and latency per skill (from the Prometheus metrics at /metrics),
 // and the library's compression (MoS shard pools) with its progress. Refreshes every few seconds.
+// Compressing (or storing every skill exact again) re-encodes the whole library: the browser's own
+// confirmation dialog comes first (drawn above every page, no other page can cover or answer it).
 
 import { call, paths } from "../api.js";
 import { attempt, errorBox, h, pct } from "../ui.js";
 
 const REFRESH_MS = 3000;
+const COMPRESS_QUESTION = "Compress the whole library? Every skill's weights are re-encoded into shared shard "
+  + "pools, within an error budget; the uploaded weights are not kept, so this cannot be undone exactly.";
+const EXACT_QUESTION = "Store every skill exact again? Every skill of the library is re-encoded from its shards, "
+  + "and uploads are no longer compressed.";
 
 /** Prometheus text -> [{name, labels, value}]. */
 export function parseMetrics(text) {
@@ -107,7 +113,10 @@ function metricsCard(samples) {
 function compressionCard(job, refresh) {
   const p = job.progress || {};
   const status = h("div");
-  const start = (body) => attempt(status, async () => { await call("POST", paths.compress, { json: body }); refresh(); });
+  const start = (body, question) => {
+    if (!window.confirm(question)) return undefined;
+    return attempt(status, async () => { await call("POST", paths.compress, { json: body }); refresh(); });
+  };
   return h("div", { class: "card", id: "ops-compression" }, h("h2", {}, "Compression (MoS shard pools)"),
     kv([["state", job.state], ...(p.step ? [["step", `${p.step}: ${p.done} of ${p.total}`]] : []),
         ...(job.report && job.report.ratio ? [["ratio", `${job.report.ratio.toFixed(2)}×`]] : []),
@@ -115,8 +124,10 @@ function compressionCard(job, refresh) {
     p.total ? h("div", { class: "progress", title: pct(p.done / p.total) }, h("div", { style: `width: ${100 * p.done / p.total}%` })) : null,
     job.report ? h("details", {}, h("summary", {}, "report"), h("pre", { class: "mono" }, JSON.stringify(job.report, null, 2))) : null,
     h("div", { class: "row", style: "margin-top: 10px" },
-      h("button", { class: "secondary", disabled: job.state === "running", onclick: () => start({}) }, "Compress the library"),
-      h("button", { class: "secondary", disabled: job.state === "running", onclick: () => start({ off: true }) }, "Store every skill exact")),
+      h("button", { class: "secondary", id: "compress", disabled: job.state === "running",
+        onclick: () => start({}, COMPRESS_QUESTION) }, "Compress the library"),
+      h("button", { class: "secondary", id: "store-exact", disabled: job.state === "running",
+        onclick: () => start({ off: true }, EXACT_QUESTION) }, "Store every skill exact")),
     status);
 }
 

@@ -1,5 +1,6 @@
 // Skill: every version (content hash, created time), its config and examples, a composition's recipe
-// and quality report (what it keeps of each input skill), download and delete.
+// and quality report (what it keeps of each input skill), download and delete (after the browser's own
+// confirmation dialog naming what goes: drawn above every page, no other page can cover or answer it).
 
 import { call, download, paths } from "../api.js";
 import { attempt, bars, bytes, h, pct, short, storage, when } from "../ui.js";
@@ -31,16 +32,13 @@ function composition(c) {
 export async function render(root, name) {
   const info = await call("GET", paths.adapter(name));
   const status = h("div");
-  const confirm = h("span");
-  const del = (ref, label) => h("button", { class: "danger", onclick: () => confirm.replaceChildren(
-    h("span", {}, ` Delete ${label}? `),
-    h("button", { class: "danger", id: "confirm-delete", onclick: async () => {
-      const done = await attempt(status, () => call("DELETE", paths.adapter(ref)));
-      if (!done) return;
-      if (ref === info.name) location.hash = "#/library";
-      else window.dispatchEvent(new HashChangeEvent("hashchange"));  // one version gone: this page again
-    } }, "Yes, delete"), " ",
-    h("button", { class: "secondary", onclick: () => confirm.replaceChildren() }, "Cancel")) }, "Delete");
+  const del = (ref, label) => h("button", { class: "danger", onclick: async () => {
+    if (!window.confirm(`Delete ${label}? This cannot be undone.`)) return;
+    const done = await attempt(status, () => call("DELETE", paths.adapter(ref)));
+    if (!done) return;
+    if (ref === info.name) location.hash = "#/library";
+    else window.dispatchEvent(new HashChangeEvent("hashchange"));  // one version gone: this page again
+  } }, "Delete");
 
   root.append(
     h("h1", {}, info.name, h("span", { class: "muted" }, `  v${info.version}`)),
@@ -48,7 +46,7 @@ export async function render(root, name) {
     h("div", { class: "row" },
       h("a", { href: `#/playground?model=${encodeURIComponent(info.name)}` }, "try it in the playground"),
       h("button", { class: "secondary", id: "download", onclick: () => attempt(status, () => download(paths.download(info.ref || `${info.name}@${info.version}`))) }, "Download .tar.gz"),
-      h("span", { id: "delete-skill" }, del(info.name, `${info.name} (all ${info.versions.length} versions)`)), confirm),
+      h("span", { id: "delete-skill" }, del(info.name, `${info.name} (all ${info.versions.length} versions)`))),
     status);
 
   const config = h("div", { class: "card" }, h("h2", {}, "Latest version"), kv([
