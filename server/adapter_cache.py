@@ -16,21 +16,20 @@ import asyncio
 import json
 import shutil
 import tempfile
-import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from cachetools import LRUCache
 
 from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError, UnavailableError
+from adapter_store.errors import UnavailableError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
-from composer import Composition, compose, compose_cost
+from composer import Composition
 from server import metrics
+from server.compose_budget import ComposeBudget, Composer
 from server.engine import EngineAdapter
 from server.folders import Folders
 
@@ -55,40 +54,15 @@ class Served:
         }
 
 
-@dataclass(frozen=True)
-class ComposeBudget:
-    """What one composition may cost (composer.compose_cost's estimate), and the base model's module shapes
-    the estimate is made from."""
-
-    shapes: dict[str, tuple[int, int]]
-    max_work: float  # multiply-adds (setting MOSAIC_MAX_COMPOSE_WORK)
-    max_bytes: float  # peak working set (setting MOSAIC_MAX_COMPOSE_GIB)
-
-    def check(self, comp: Composition, infos: list[SkillInfo]) -> None:
-        targets = {t for i in infos for t in i.target_modules}
-        shapes = [s for name, s in self.shapes.items() if name.rsplit(".", 1)[-1] in targets]
-        cost = compose_cost(comp.method, comp.resolved_params, shapes, [i.rank for i in infos])
-        if cost.work > self.max_work:
-            raise InvalidRequestError(
-                f"this composition would take about {cost.work:.2g} multiply-adds; the server allows {self.max_work:.2g} "
-                "(setting MOSAIC_MAX_COMPOSE_WORK): use fewer skills, a cheaper method or smaller parameters",
-                param="composition")
-        if cost.peak_bytes > self.max_bytes:
-            raise InvalidRequestError(
-                f"this composition would need about {cost.peak_bytes / 2**30:.2f} GiB at once; the server allows "
-                f"{self.max_bytes / 2**30:.2f} (setting MOSAIC_MAX_COMPOSE_GIB)", param="composition")
-
-
 class AdapterCache:
     def __init__(self, registry: Registry, data_dir: Path, max_rank: int, budget: ComposeBudget | None = None,
                  workers: int = 1, disk_bytes: int | None = 8 << 30) -> None:
         self.registry = registry
         self.dir = data_dir
         self.max_rank = max_rank
-        self.budget = budget
         self.folders = Folders(data_dir, disk_bytes)
-        # compositions run on their own threads, so registry calls (on the default pool) never wait behind them
-        self._composers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mosaic-compose")
+        # every composition the server computes (here, stored compositions, learned-weight searches) goes through it
+        self.composer = Composer(budget, workers)
         # a key's lock lives while a request holds or waits for it
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._served: LRUCache[str, SkillInfo] = LRUCache(MEMO)  # ref as asked -> what it resolved to last time
@@ -181,9 +155,8 @@ class AdapterCache:
                 if not adapter.is_engine_native() or adapter.rank > self.max_rank:
                     # rank/alpha patterns or a rank above the engine's limit: hand the engine
                     # the equivalent uniform-rank adapter (exact unless the rank must shrink)
-                    adapter, report = await asyncio.to_thread(
-                        compose, [adapter], [1.0], method="linear", max_rank=self.max_rank
-                    )
+                    adapter, report = await self.composer.compose(
+                        Composition(skills=(info.ref,), method="linear"), [info], [adapter], max_rank=self.max_rank)
                     refactored, rel, rank = report.refactored, report.relative_error, report.rank
                 await asyncio.to_thread(self._write, folder, adapter)
                 await asyncio.to_thread(self.folders.added, folder, [info.content_id])
@@ -205,17 +178,11 @@ class AdapterCache:
                     cache, (meta, adapter) = "hit", stored
                 else:
                     cache = "miss"
-                    if self.budget is not None:
-                        self.budget.check(comp, infos)
+                    self.composer.check(comp, infos)  # before the inputs are read
                     adapters = [(await asyncio.to_thread(self.registry.load, i.ref))[1] for i in infos]
                     t0 = time.perf_counter()
-                    stop = threading.Event()
-                    try:
-                        adapter, report = await asyncio.get_running_loop().run_in_executor(
-                            self._composers, lambda: compose(adapters, max_rank=self.max_rank, stop=stop, **comp.compose_kwargs()))
-                    except asyncio.CancelledError:  # the request was abandoned: so is the work
-                        stop.set()
-                        raise
+                    # (the request abandoned: so is the work)
+                    adapter, report = await self.composer.compose(comp, infos, adapters, max_rank=self.max_rank)
                     metrics.COMPOSE_SECONDS.observe(time.perf_counter() - t0)
                     meta = {
                         "key": key, "skills": [i.ref for i in infos], "rank": report.rank,

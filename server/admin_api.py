@@ -18,6 +18,7 @@ from composer.spec import Composition
 from server import limits, optimize_api
 from server import auth
 from server.auth import require_scope
+from server.disconnect import ClientGone, unless_disconnected
 from server.learned_weights import OptimizeOptions
 from server.library import PageAfter, PageLimit, create_and_store, page
 from server.optimize_api import OptimizeJob
@@ -154,17 +155,18 @@ async def create_composition(body: CompositionRequest, request: Request):
         if comp.context_aware:
             raise InvalidRequestError("optimize learns fixed weights and 'auto' chooses them per prompt: send one of "
                                       "the two", param="optimize")
-        for ref in comp.skills:  # a missing skill is a 404 now, not a failed job later
-            await service.cache.resolve(ref)
-        job = optimize_api.start(request, service, comp, body.optimize, name=body.name, description=body.description,
-                                 examples=body.examples, quality_prompts=body.quality_prompts,
-                                 min_agreement=body.min_agreement)
+        job = await optimize_api.start(request, service, comp, body.optimize, name=body.name, description=body.description,
+                                       examples=body.examples, quality_prompts=body.quality_prompts,
+                                       min_agreement=body.min_agreement)
         return JSONResponse(job.model_dump(mode="json"), status_code=202)
-    return await create_and_store(
-        service.registry, service.base_spec, comp, body.name, body.description, body.examples, max_rank=service.settings.max_adapter_rank,
-        answer=engine_answerer(service), weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
-        quality_prompts=body.quality_prompts, min_agreement=body.min_agreement,
-    )
+    try:  # the client gone, the composition (and its quality report) stops and nothing is stored
+        return await unless_disconnected(request, create_and_store(
+            service.registry, service.base_spec, comp, body.name, body.description, body.examples,
+            max_rank=service.settings.max_adapter_rank, answer=engine_answerer(service),
+            weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
+            quality_prompts=body.quality_prompts, min_agreement=body.min_agreement, composer=service.cache.composer))
+    except ClientGone:
+        return Response(status_code=499)
 
 
 # what a client can do with a skill it has just stored (upload or composition): OpenAPI links, so that

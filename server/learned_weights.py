@@ -12,8 +12,10 @@ composition merged in), in a worker thread: the serving engine keeps serving mea
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapter_store.adapter import LoraAdapter
 from adapter_store.errors import InvalidRequestError
+from adapter_store.skill_info import SkillInfo
 from composer import Composition, compose
+from server.compose_budget import Composer
+from server.settings import Settings
+
+ANSWER_TOKENS = 48  # a prompt sent without an answer gets the greedy answer of a skill, at most this long
 
 
 class Example(BaseModel):
@@ -36,9 +43,9 @@ class OptimizeOptions(BaseModel):
     """``"optimize"`` of a composition request."""
 
     model_config = ConfigDict(extra="forbid")
-    examples: list[Example | str] = Field(default_factory=list, max_length=256, description=(
-        "prompt/answer pairs, or prompts alone; none at all: each input skill's registered example prompts with "
-        "the skill's own greedy answers as targets"))
+    examples: list[Example | str] = Field(default_factory=list, description=(
+        "prompt/answer pairs, or prompts alone (at most MOSAIC_MAX_EXAMPLES); none at all: each input skill's "
+        "registered example prompts with the skill's own greedy answers as targets"))
     budget: int = Field(default=40, ge=1, le=2000, description="loss evaluations (LoraHub: 40)")
     l1: float = Field(default=0.05, ge=0.0, description="λ of the L1 penalty on the weights (LoraHub: 0.05)")
     bound: float = Field(default=1.5, gt=0.0, le=10.0, description="each weight is searched in [-bound, bound]")
@@ -76,6 +83,8 @@ class LossModel:
 
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
         self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        # the server's searches share one model, and each merges its adapter into the weights: one at a time
+        self._lock = threading.Lock()
 
     @torch.inference_mode()
     def loss(self, adapter: LoraAdapter | None, pairs: Sequence[tuple[str, str]], batch: int = 8) -> float:
@@ -85,7 +94,7 @@ class LossModel:
         encoded = [encode_pair(self.tokenizer, p, a) for p, a in pairs]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         per_example: list[float] = []
-        with merged(self.model, adapter):
+        with self._lock, merged(self.model, adapter):
             for i in range(0, len(encoded), batch):
                 chunk = encoded[i:i + batch]
                 width = max(len(ids) for ids, _ in chunk)
@@ -99,10 +108,10 @@ class LossModel:
                 per_example += (nll.sum(1) / counts).tolist()
         return float(np.mean(per_example))
 
-    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str], max_new_tokens: int = 48) -> list[str]:
+    def answers(self, adapter: LoraAdapter | None, prompts: Sequence[str], max_new_tokens: int = ANSWER_TOKENS) -> list[str]:
         from server.training import generate_greedy, merged
 
-        with merged(self.model, adapter):
+        with self._lock, merged(self.model, adapter):
             return generate_greedy(self.model, self.tokenizer, list(prompts), max_new_tokens, batch_size=8)
 
 
@@ -113,11 +122,10 @@ def training_pairs(options: OptimizeOptions, skills: Sequence[tuple[str, LoraAda
     if not options.examples:
         pairs = []
         for ref, adapter, prompts in skills:
-            prompts = [p for p in prompts if p.strip()][: options.examples_per_skill]
+            prompts = registered_prompts(prompts, options)
             pairs += zip(prompts, model.answers(adapter, prompts))
         if not pairs:
-            raise InvalidRequestError("no examples given and the input skills have no example prompts: send "
-                                      "optimize.examples", param="optimize.examples")
+            raise _no_examples()
         return pairs, "skills' own answers"
     given = [(e.prompt, e.answer) for e in options.examples if e.answer is not None]
     bare = [e.prompt for e in options.examples if e.answer is None]
@@ -129,14 +137,77 @@ def training_pairs(options: OptimizeOptions, skills: Sequence[tuple[str, LoraAda
     return given, "given" if not bare else ("skills' own answers" if len(bare) == len(options.examples) else "mixed")
 
 
+def _no_examples() -> InvalidRequestError:
+    return InvalidRequestError("no examples given and the input skills have no example prompts: send optimize.examples",
+                               param="optimize.examples")
+
+
+def registered_prompts(prompts: Sequence[str], options: OptimizeOptions) -> list[str]:
+    """The registered example prompts of one input skill that a search without examples scores."""
+    return [p for p in prompts if p.strip()][: options.examples_per_skill]
+
+
+@lru_cache(maxsize=2)
+def base_tokenizer(base_dir: str | Path):
+    """The base model's tokenizer alone (what a search's examples are counted with before it starts)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+def check_job(options: OptimizeOptions, infos: Sequence[SkillInfo], settings: Settings, tokenizer) -> None:
+    """A 400 naming the field and the setting, before the search starts, when it would score too many examples
+    (MOSAIC_MAX_EXAMPLES), one too long (MOSAIC_MAX_PROMPT_CHARS, counted first; MOSAIC_MAX_PROMPT_TOKENS), or
+    read too many tokens in all (budget × examples × the longest, MOSAIC_MAX_JOB_TOKENS). A prompt without an
+    answer counts ANSWER_TOKENS for the answer a skill will give it."""
+    from server.training import encode_pair
+
+    if options.examples:
+        count_param = "optimize.examples"
+        examples = [(e.prompt, e.answer, f"optimize.examples[{i}]", f"optimize.examples[{i}]")
+                    for i, e in enumerate(options.examples)]
+    else:
+        count_param = "optimize.examples_per_skill"
+        examples = [(p, None, f"{info.ref}'s example prompt {j}", "skills")
+                    for info in infos for j, p in enumerate(registered_prompts(info.examples, options))]
+    if not examples:
+        raise _no_examples()
+    if len(examples) > settings.max_examples:
+        raise InvalidRequestError(f"the search would score {len(examples)} examples; the limit is {settings.max_examples} "
+                                  "(setting MOSAIC_MAX_EXAMPLES)", param=count_param)
+    for prompt, answer, what, param in examples:
+        if (n := len(prompt) + len(answer or "")) > settings.max_prompt_chars:
+            raise InvalidRequestError(f"{what} has {n} characters; the limit is {settings.max_prompt_chars} "
+                                      "(setting MOSAIC_MAX_PROMPT_CHARS)", param=param)
+    limit = min(settings.max_prompt_tokens, settings.max_model_len - 1)
+    longest = 0
+    for prompt, answer, what, param in examples:
+        n = len(encode_pair(tokenizer, prompt, answer or "")[0]) + (ANSWER_TOKENS if answer is None else 0)
+        if n > limit:
+            raise InvalidRequestError(f"{what} has {n} tokens with its answer; the limit is {limit} (context "
+                                      f"{settings.max_model_len}, setting MOSAIC_MAX_PROMPT_TOKENS)", param=param)
+        longest = max(longest, n)
+    if (work := options.budget * len(examples) * longest) > settings.max_job_tokens:
+        raise InvalidRequestError(
+            f"the search would read about {work} tokens ({options.budget} evaluations × {len(examples)} examples × "
+            f"{longest} tokens, the longest); the limit is {settings.max_job_tokens} (setting MOSAIC_MAX_JOB_TOKENS): "
+            "ask for a smaller budget, fewer or shorter examples", param="optimize.budget")
+
+
 def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Sequence[tuple[str, str]],
                   options: OptimizeOptions, model: LossModel, *, max_rank: int, targets: str = "given",
                   progress: Callable[[int, Trial, Trial], None] | None = None,
-                  cancelled: Callable[[], bool] = lambda: False) -> OptimizeResult:
+                  cancelled: Callable[[], bool] = lambda: False,
+                  compose_with: Callable[[Composition], LoraAdapter] | None = None) -> OptimizeResult:
     """LoraHub's search. The start point is the request's weights if it gave numbers, else 0 (the base model,
     as LoraHub). ``progress(done, trial, best)`` after each evaluation; ``cancelled()`` stops the search
-    between evaluations (the result so far is returned, marked cancelled)."""
+    between evaluations (the result so far is returned, marked cancelled). ``compose_with(candidate)`` builds
+    each candidate (default: composer.compose here, in this thread)."""
     import nevergrad as ng
+
+    if compose_with is None:
+        def compose_with(c: Composition) -> LoraAdapter:
+            return compose(list(adapters), max_rank=max_rank, **c.compose_kwargs())[0]
 
     k = len(adapters)
     init = np.clip(np.array(comp.weights if isinstance(comp.weights, tuple) else [0.0] * k, dtype=np.float64),
@@ -147,7 +218,7 @@ def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Seq
     def evaluate(w: np.ndarray) -> Trial:
         w = [round(float(x), 6) for x in w]
         if any(w):
-            adapter, _ = compose(list(adapters), max_rank=max_rank, **comp.with_weights(w).compose_kwargs())
+            adapter = compose_with(comp.with_weights(w))
         else:
             adapter = None  # every weight 0: the base model
         loss = model.loss(adapter, pairs)
@@ -182,17 +253,24 @@ def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Seq
 def optimize_composition(registry, comp: Composition, options: OptimizeOptions, model: LossModel,
                          pick_for: Callable[[Composition], Callable[[str], int]], *, max_rank: int,
                          progress: Callable[[int, Trial, Trial], None] | None = None,
-                         cancelled: Callable[[], bool] = lambda: False) -> tuple[Composition, OptimizeResult]:
+                         stop: threading.Event | None = None,
+                         composer: Composer | None = None) -> tuple[Composition, OptimizeResult]:
     """The whole search for a composition in the registry: skills pinned to their current versions, the
     training pairs, LoraHub's search. Returns the composition with the best weights, and the result (with its
-    trace). ``pick_for(template)(prompt)`` is the input skill answering a prompt sent without an answer."""
+    trace). ``pick_for(template)(prompt)`` is the input skill answering a prompt sent without an answer.
+    Each candidate is composed by ``composer`` (the server's: within its budget, on its threads; none: an
+    unbounded one); ``stop`` set ends the search after the evaluation in progress, or during its composition
+    (composer.CompositionCancelled)."""
+    composer = composer or Composer()
     loaded = [registry.load(ref) for ref in comp.skills]
     pinned = comp.model_validate({**comp.model_dump(), "skills": [info.ref for info, _ in loaded]})
-    adapters = [a for _, a in loaded]
+    infos, adapters = [i for i, _ in loaded], [a for _, a in loaded]
     template = pinned.model_validate({**pinned.model_dump(), "weights": "auto"})
     pairs, targets = training_pairs(options, [(i.ref, a, i.examples) for i, a in loaded], model, pick_for(template))
-    result = learn_weights(pinned, adapters, pairs, options, model, max_rank=max_rank, targets=targets,
-                           progress=progress, cancelled=cancelled)
+    result = learn_weights(
+        pinned, adapters, pairs, options, model, max_rank=max_rank, targets=targets, progress=progress,
+        cancelled=stop.is_set if stop is not None else (lambda: False),
+        compose_with=lambda c: composer.compose_blocking(c, infos, adapters, max_rank=max_rank, stop=stop)[0])
     return pinned.with_weights(result.weights), result
 
 

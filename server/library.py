@@ -8,10 +8,12 @@ from typing import Annotated
 
 from fastapi import Query
 
+from adapter_store.adapter import LoraAdapter
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import BaseModelSpec, validate_adapter
-from composer import Composition, compose
+from composer import ComposeReport, Composition
+from server.compose_budget import Composer
 from server.quality import Answer, Weigh, check_min_agreement, quality_report
 
 MAX_PAGE = 1000
@@ -26,18 +28,19 @@ async def page(registry: Registry, namespace: str | None, after: str | None,
     return skills[:limit], limit is not None and len(skills) > limit
 
 
-def store_composition(
-    registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
-    examples: list[str] | None = None, *, max_rank: int, quality: dict | None = None, extra: dict | None = None,
-) -> SkillInfo:
-    """Compose ``comp`` from the registry, validate it like an upload, and store it as a new skill.
+def stored_form(comp: Composition) -> Composition:
+    """What is composed and stored for ``comp``: a context-aware template (``weights="auto"``) is stored as the
+    plain sum, every skill at weight 1 (what a download gets); it is served with weights chosen per prompt."""
+    return comp.with_weights([1.0] * len(comp.skills)) if comp.context_aware else comp
 
-    A context-aware composition (``weights="auto"``) is stored as a template: its skills pinned to
-    the versions read now, served with weights chosen per prompt; its stored weights (what a
-    download gets) are the plain sum, every skill at weight 1."""
-    infos, adapters = zip(*(registry.load(ref) for ref in comp.skills))
-    concrete = comp.with_weights([1.0] * len(comp.skills)) if comp.context_aware else comp
-    adapter, report = compose(list(adapters), max_rank=max_rank, **concrete.compose_kwargs())
+
+def store_composed(
+    registry: Registry, spec: BaseModelSpec, comp: Composition, infos: list[SkillInfo],
+    composed: tuple[LoraAdapter, ComposeReport], name: str, description: str = "", examples: list[str] | None = None,
+    *, max_rank: int, quality: dict | None = None, extra: dict | None = None,
+) -> SkillInfo:
+    """Validate ``comp``'s result (composed from ``infos``) like an upload, and store it as a new skill."""
+    adapter, report = composed
     validate_adapter(adapter, spec, max_rank=max_rank, name=name)
     examples = examples or [e for i in infos for e in i.examples]
     if comp.context_aware:
@@ -59,18 +62,24 @@ async def create_and_store(
     registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
     examples: list[str] | None = None, *, max_rank: int, answer: Answer, weigh: Callable[[Composition], Weigh],
     engine: str, quality_prompts: int = 8, min_agreement: float | None = None, extra: dict | None = None,
+    composer: Composer | None = None,
 ) -> SkillInfo:
-    """Pin the skills to their current versions, measure the quality report (unless ``quality_prompts`` is 0
-    and no ``min_agreement`` is asked), refuse below ``min_agreement``, then store. ``answer`` generates
-    greedily (the server's engine or the reference engine); ``weigh(comp)`` gives a context-aware
-    composition's per-prompt plans."""
+    """Pin the skills to their current versions, check the composition against ``composer``'s budget (none: the
+    CLI's, unbounded), measure the quality report (unless ``quality_prompts`` is 0 and no ``min_agreement`` is
+    asked), refuse below ``min_agreement``, then compose on ``composer``'s threads and store. ``answer``
+    generates greedily (the server's engine or the reference engine); ``weigh(comp)`` gives a context-aware
+    composition's per-prompt plans. Cancelled (the client left), the composition stops and nothing is stored."""
+    composer = composer or Composer()
     infos = [await asyncio.to_thread(registry.info, ref) for ref in comp.skills]
     comp = comp.model_validate({**comp.model_dump(), "skills": [i.ref for i in infos]})  # what is measured is stored
+    composer.check(stored_form(comp), infos)  # before any work
     quality = None
     if quality_prompts or min_agreement is not None:
         report = await quality_report(comp, infos, answer, weigh(comp) if comp.context_aware else None, engine=engine,
                                       max_prompts=quality_prompts or 8)
         check_min_agreement(report, min_agreement)
         quality = report.model_dump()
-    return await asyncio.to_thread(store_composition, registry, spec, comp, name, description, examples,
-                                   max_rank=max_rank, quality=quality, extra=extra)
+    infos, adapters = zip(*[await asyncio.to_thread(registry.load, i.ref) for i in infos])
+    composed = await composer.compose(stored_form(comp), infos, adapters, max_rank=max_rank)
+    return await asyncio.to_thread(store_composed, registry, spec, comp, list(infos), composed, name, description,
+                                   examples, max_rank=max_rank, quality=quality, extra=extra)

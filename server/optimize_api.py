@@ -3,16 +3,20 @@
 ``POST /v1/compositions`` with ``"optimize"`` answers 202 with a job; ``GET /v1/compositions/jobs/{id}``
 tells how it goes (evaluations done, best objective and weights so far); ``DELETE`` cancels it between
 two evaluations. When the search ends the composition is stored with the best weights, its quality
-report and the search trace. One search runs at a time per server (409 otherwise): it uses the
-server's reference model and both CPU cores' worth of work.
+report and the search trace. One search runs at a time per namespace (409 otherwise; keys without a
+namespace share one); searches of different namespaces take turns on the server's reference model,
+one evaluation at a time. What one search may cost is checked before it starts (learned_weights.check_job).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -21,11 +25,13 @@ from pydantic import BaseModel, Field
 
 from adapter_store.errors import ConflictError, MosaicError, NotFoundError
 from adapter_store.skill_info import SkillInfo
+from composer import CompositionCancelled
 from composer.spec import Composition
 from adapter_store.validation import in_namespace
 from server import auth
 from server.auth import require_scope
-from server.learned_weights import OptimizeOptions, Trial, optimize_composition, optimize_record
+from server.learned_weights import (OptimizeOptions, Trial, base_tokenizer, check_job, optimize_composition,
+                                    optimize_record)
 from server.library import create_and_store
 from server.quality import engine_answerer
 from server.state import Service
@@ -45,6 +51,8 @@ class OptimizeJob(BaseModel):
     progress: dict = Field(default_factory=dict, description="evaluations done of the budget, best objective and weights")
     result: SkillInfo | None = None
     error: str | None = None
+    # whose slot it holds: the caller key's namespace (None: keys without one); not sent
+    namespace: str | None = Field(default=None, exclude=True)
 
 
 KEEP_JOBS = 100  # finished jobs kept for GET /v1/compositions/jobs
@@ -53,58 +61,76 @@ KEEP_JOBS = 100  # finished jobs kept for GET /v1/compositions/jobs
 def _jobs(request: Request) -> dict[str, OptimizeJob]:
     state = request.app.state
     if not hasattr(state, "optimize_jobs"):
-        state.optimize_jobs = {}
+        state.optimize_jobs, state.optimize_cancel = {}, {}
     return state.optimize_jobs
 
 
-def start(request: Request, service: Service, comp: Composition, options: OptimizeOptions, *, name: str, description: str,
-          examples: list[str], quality_prompts: int, min_agreement: float | None) -> OptimizeJob:
-    """Start a search (claimed before any await, so two requests cannot both run one)."""
-    jobs = _jobs(request)
-    if any(j.state == "running" for j in jobs.values()):
-        raise ConflictError("a weight search is already running on this server: wait for it or cancel it")
+def _check_slot(jobs: dict[str, OptimizeJob], namespace: str | None) -> None:
+    """One search at a time per namespace (keys without one, the root's included, share theirs)."""
+    if any(j.state == "running" and j.namespace == namespace for j in jobs.values()):
+        whose = f"namespace {namespace!r}" if namespace is not None else "keys without a namespace"
+        raise ConflictError(f"a weight search is already running for {whose}: wait for it or cancel it")
+
+
+async def start(request: Request, service: Service, comp: Composition, options: OptimizeOptions, *, name: str,
+                description: str, examples: list[str], quality_prompts: int, min_agreement: float | None) -> OptimizeJob:
+    """Check the search (its skills exist, each evaluation's composition is within the compose budget, its
+    examples within their limits), then start it: the namespace's slot is claimed after the last await, so two
+    requests cannot both run one."""
+    jobs, namespace = _jobs(request), auth.namespace(request)
+    _check_slot(jobs, namespace)
+    infos = [await service.cache.resolve(ref) for ref in comp.skills]  # a missing skill is a 404 now, not a failed job later
+    service.cache.composer.check(comp, infos)  # each evaluation composes it
+    tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
+    await asyncio.to_thread(check_job, options, infos, service.settings, tokenizer)
+    _check_slot(jobs, namespace)
     job = OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills), started=time.time(),
-                      progress={"done": 0, "budget": options.budget})
+                      progress={"done": 0, "budget": options.budget}, namespace=namespace)
     jobs[job.id] = job
+    cancels: dict[str, threading.Event] = request.app.state.optimize_cancel
     for old in [j.id for j in jobs.values() if j.state != "running"][:-KEEP_JOBS]:  # finished ones: the last few
         jobs.pop(old, None)
-        getattr(request.app.state, "optimize_cancel", {}).pop(old, None)
-    cancel = {"asked": False}
-    request.app.state.optimize_cancel = getattr(request.app.state, "optimize_cancel", {})
-    request.app.state.optimize_cancel[job.id] = cancel
+        cancels.pop(old, None)
+    cancels[job.id] = threading.Event()
+    store = partial(  # the learned composition, stored as the request asked
+        create_and_store, service.registry, service.base_spec, name=name, description=description, examples=examples,
+        max_rank=service.settings.max_adapter_rank, answer=engine_answerer(service),
+        weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
+        quality_prompts=quality_prompts, min_agreement=min_agreement, composer=service.cache.composer)
+    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, cancels[job.id], store)))
+    return job
 
+
+async def _run(service: Service, job: OptimizeJob, comp: Composition, options: OptimizeOptions, stop: threading.Event,
+               store: Callable[..., Awaitable[SkillInfo]]) -> None:
+    """The search in a worker thread (each candidate composed on the server's compose threads), then
+    ``store(learned, extra=...)``; DELETE sets ``stop``."""
     def progress(done: int, trial: Trial, best: Trial) -> None:
         job.progress = {"done": done, "budget": options.budget, "last": trial.model_dump(), "best": best.model_dump()}
 
-    async def run() -> None:
-        try:
-            model = await asyncio.to_thread(service.reference_model)
+    def pick_for(template: Composition):
+        skills = service.skills()
+        return lambda prompt: int(np.argmax(service.policy.route_within(prompt, template, skills, 0).alpha))
 
-            def pick_for(template: Composition):
-                skills = service.skills()
-                return lambda prompt: int(np.argmax(service.policy.route_within(prompt, template, skills, 0).alpha))
-
-            learned, result = await asyncio.to_thread(
-                optimize_composition, service.registry, comp, options, model, pick_for, max_rank=service.settings.max_adapter_rank,
-                progress=progress, cancelled=lambda: cancel["asked"])
-            if result.cancelled:
-                job.state = "cancelled"
-                return
-            job.result = await create_and_store(
-                service.registry, service.base_spec, learned, name, description, examples, max_rank=service.settings.max_adapter_rank,
-                answer=engine_answerer(service), weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
-                quality_prompts=quality_prompts, min_agreement=min_agreement, extra={"optimize": optimize_record(options, result)})
-            job.state = "done"
-        except MosaicError as exc:
-            job.state, job.error = "failed", exc.message
-        except Exception as exc:  # reported to whoever polls (and logged); nothing is stored before the search ends
-            log.exception("weight search %s failed", job.id)
-            job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            job.finished = time.time()
-
-    service.tasks.append(asyncio.get_running_loop().create_task(run()))
-    return job
+    try:
+        model = await asyncio.to_thread(service.reference_model)
+        learned, result = await asyncio.to_thread(
+            optimize_composition, service.registry, comp, options, model, pick_for,
+            max_rank=service.settings.max_adapter_rank, progress=progress, stop=stop, composer=service.cache.composer)
+        if result.cancelled:
+            job.state = "cancelled"
+            return
+        job.result = await store(learned, extra={"optimize": optimize_record(options, result)})
+        job.state = "done"
+    except CompositionCancelled:  # cancelled while a candidate was being composed
+        job.state = "cancelled"
+    except MosaicError as exc:
+        job.state, job.error = "failed", exc.message
+    except Exception as exc:  # reported to whoever polls (and logged); nothing is stored before the search ends
+        log.exception("weight search %s failed", job.id)
+        job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        job.finished = time.time()
 
 
 @router.get("/v1/compositions/jobs", response_model=list[OptimizeJob], dependencies=admin)
@@ -127,5 +153,5 @@ async def cancel_job(job_id: str, request: Request) -> OptimizeJob:
     """Cancel a running search (it stops after the evaluation in progress; nothing is stored)."""
     job = await get_job(job_id, request)
     if job.state == "running":
-        request.app.state.optimize_cancel[job_id]["asked"] = True
+        request.app.state.optimize_cancel[job_id].set()
     return job

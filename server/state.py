@@ -119,7 +119,7 @@ def build(settings: Settings) -> Service:
     except UnavailableError as e:  # the server starts without Redis, and serves what it can
         log.warning("registry not checked for older data: %s", e)
     engine = make_engine(settings, model_dir, model_id)
-    budget = ComposeBudget(spec.shapes, settings.max_compose_work, settings.max_compose_gib * 2**30)
+    budget = ComposeBudget(spec.shapes, settings=settings)  # the settings' limits, read at each check
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
                          workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20)
     keys = KeyStore(registry.r, prefix=settings.redis_prefix)
