@@ -6,8 +6,9 @@ folder comes from a Redis counter (``Registry.engine_ids``), the same on every r
 A composition is computed once: the result goes to Redis (for other replicas) and to local
 disk (for the engine); concurrent first requests for the same key wait for one computation.
 Both are bounded: Redis by MOSAIC_COMPOSITION_CACHE_MB (adapter_store/composition_cache.py), the
-folders by MOSAIC_ADAPTER_DISK_MB (server/folders.py), least recently used out first; deleting a
-skill removes what only it used. The in-memory maps are bounded too (``MEMO``).
+folders by MOSAIC_ADAPTER_DISK_MB (server/folders.py), least recently used out first, never one in
+use (the adapter handed out holds its folder on disk while it lives); deleting a skill removes what only
+it used. The in-memory maps are bounded too (``MEMO``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import shutil
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachetools import LRUCache
 
-from adapter_store.adapter import LoraAdapter
+from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
 from adapter_store.errors import UnavailableError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
@@ -31,9 +32,17 @@ from composer import Composition
 from server import metrics
 from server.compose_budget import ComposeBudget, Composer
 from server.engine import EngineAdapter
-from server.folders import Folders
+from server.folders import Folders, Hold
 
 MEMO = 10_000  # entries kept per in-memory map (refs resolved, engine ids)
+
+
+@dataclass(frozen=True)
+class HeldAdapter(EngineAdapter):
+    """An adapter whose folder stays on disk while this object lives (or until ``hold.release()``): a request
+    that keeps it until its response is sent never has its folder removed under it (server/folders.py)."""
+
+    hold: Hold | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -56,11 +65,11 @@ class Served:
 
 class AdapterCache:
     def __init__(self, registry: Registry, data_dir: Path, max_rank: int, budget: ComposeBudget | None = None,
-                 workers: int = 1, disk_bytes: int | None = 8 << 30) -> None:
+                 workers: int = 1, disk_bytes: int | None = 8 << 30, grace: float = 60.0) -> None:
         self.registry = registry
         self.dir = data_dir
         self.max_rank = max_rank
-        self.folders = Folders(data_dir, disk_bytes)
+        self.folders = Folders(data_dir, disk_bytes, grace)
         # every composition the server computes (here, stored compositions, learned-weight searches) goes through it
         self.composer = Composer(budget, workers)
         # a key's lock lives while a request holds or waits for it
@@ -120,15 +129,30 @@ class AdapterCache:
             return []
         return await asyncio.to_thread(self.folders.forget, unused)
 
+    async def _store(self, folder: Path, adapter: LoraAdapter, inputs: list[str], meta: dict | None = None,
+                     param: str | None = None) -> Hold:
+        """Write the folder within the disk budget (its bytes admitted first: refused, it is not written); held."""
+        files = await asyncio.to_thread(_files, adapter, meta)
+
+        def admit_and_write() -> Hold:  # one thread: a request that goes away does not stop it half-way
+            hold = self.folders.admit(folder, sum(map(len, files.values())), inputs, param)
+            try:
+                self._write(folder, files)
+            except BaseException:
+                hold.release()  # its entry goes with it (nothing on disk)
+                raise
+            return hold
+
+        return await asyncio.to_thread(admit_and_write)
+
     @staticmethod
-    def _write(folder: Path, adapter: LoraAdapter, meta: dict | None = None) -> None:
+    def _write(folder: Path, files: dict[str, bytes]) -> None:
         """Write the folder under a temporary name and rename it: readers never see half of it."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            adapter.save_dir(tmp)
-            if meta is not None:
-                (tmp / "mosaic.json").write_text(json.dumps(meta))
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
             tmp.chmod(0o755)
             tmp.rename(folder)
         except OSError:
@@ -147,7 +171,8 @@ class AdapterCache:
         folder = self._skill_folder(info)
         refactored, rel, rank = False, 0.0, info.rank
         async with self._lock(folder.name):
-            if not await asyncio.to_thread(self.folders.claim, folder):
+            hold = await asyncio.to_thread(self.folders.claim, folder)
+            if hold is None:
                 loaded, adapter = await asyncio.to_thread(self.registry.load, info.ref)
                 if loaded.content_id != info.content_id:  # re-encoded in between: name the folder by what was read
                     info = self._served[ref] = loaded
@@ -158,9 +183,8 @@ class AdapterCache:
                     adapter, report = await self.composer.compose(
                         Composition(skills=(info.ref,), method="linear"), [info], [adapter], max_rank=self.max_rank)
                     refactored, rel, rank = report.refactored, report.relative_error, report.rank
-                await asyncio.to_thread(self._write, folder, adapter)
-                await asyncio.to_thread(self.folders.added, folder, [info.content_id])
-        engine_adapter = EngineAdapter(name=info.ref, int_id=await self.engine_id(folder.name), path=str(folder))
+                hold = await self._store(folder, adapter, [info.content_id], param="model")
+        engine_adapter = HeldAdapter(info.ref, await self.engine_id(folder.name), str(folder), hold)
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
     async def composition(self, comp: Composition) -> Served:
@@ -170,7 +194,8 @@ class AdapterCache:
         folder = self.dir / "compositions" / key
         async with self._lock(key):
             meta: dict
-            if await asyncio.to_thread(self.folders.claim, folder) and (folder / "mosaic.json").exists():
+            hold = await asyncio.to_thread(self.folders.claim, folder)
+            if hold is not None and (folder / "mosaic.json").exists():
                 cache, meta = "hit", _read_meta(folder)
             else:
                 stored = await asyncio.to_thread(self.registry.compositions.get, key)
@@ -192,13 +217,20 @@ class AdapterCache:
                     }
                     await asyncio.to_thread(self.registry.compositions.put, key, adapter, meta, inputs)
                 meta = {**meta, "inputs": inputs}  # (results cached before inputs were recorded lack them)
-                await asyncio.to_thread(self._write, folder, adapter, meta)
-                await asyncio.to_thread(self.folders.added, folder, inputs)
-        engine_adapter = EngineAdapter(name=f"composition-{key}", int_id=await self.engine_id(key), path=str(folder))
+                hold = await self._store(folder, adapter, inputs, meta, param="composition")
+        engine_adapter = HeldAdapter(f"composition-{key}", await self.engine_id(key), str(folder), hold)
         return Served(
             engine_adapter, [i.ref for i in infos], meta.get("weights", list(comp.resolved_weights)), comp.method, cache,
             int(meta["rank"]), bool(meta["refactored"]), float(meta["relative_error"]),
         )
+
+
+def _files(adapter: LoraAdapter, meta: dict | None) -> dict[str, bytes]:
+    """The folder's files, as bytes (their sizes are what it takes on disk)."""
+    files = {CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}
+    if meta is not None:
+        files["mosaic.json"] = json.dumps(meta).encode()
+    return files
 
 
 def _read_meta(folder: Path) -> dict:

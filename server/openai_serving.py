@@ -77,6 +77,9 @@ async def serve(request: Request, kind: str) -> Response:
         adapter, info = await unless_disconnected(request, serve_plan(service, plan))
     except ClientGone:
         return Response(status_code=499)
+    # the adapter holds its folder on disk while it lives (server/folders.py): kept with the request, it lives
+    # until the response has been sent, a stream's last event included (the engine reads the folder then)
+    request.state.adapter = adapter
     mosaic = info.model_dump(mode="json", exclude_none=True)
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
     observed = Observation(info.plan, _target(service, info))

@@ -121,7 +121,8 @@ def build(settings: Settings) -> Service:
     engine = make_engine(settings, model_dir, model_id)
     budget = ComposeBudget(spec.shapes, settings=settings)  # the settings' limits, read at each check
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
-                         workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20)
+                         workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20,
+                         grace=settings.adapter_grace_seconds)
     keys = KeyStore(registry.r, prefix=settings.redis_prefix)
     return Service(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 
