@@ -36,14 +36,22 @@ class InvalidRequestError(MosaicError, ValueError):
 
 
 class AdapterValidationError(InvalidRequestError):
-    """An adapter failed validation; ``problems`` lists every problem found, not just the first."""
+    """An adapter failed validation; ``problems`` lists every problem found, not just the first. The message
+    names the first ``LISTED`` (each cut to ``PROBLEM_CHARS``) and counts the rest, so its size is bounded."""
 
     code = "invalid_adapter"
+    LISTED = 20
+    PROBLEM_CHARS = 300
 
     def __init__(self, problems: list[str], *, param: str | None = None) -> None:
         self.problems = list(problems)
-        summary = f"adapter refused ({len(problems)} problem{'s' if len(problems) != 1 else ''}): "
-        super().__init__(summary + "; ".join(problems), param=param)
+        n = len(self.problems)
+        cut = self.PROBLEM_CHARS
+        listed = [p if len(p) <= cut else p[:cut - 1] + "…" for p in self.problems[:self.LISTED]]
+        if n > self.LISTED:
+            listed.append(f"and {n - self.LISTED:,} more")
+        summary = f"adapter refused ({n} problem{'s' if n != 1 else ''}): "
+        super().__init__(summary + "; ".join(listed), param=param)
 
 
 class ConflictError(MosaicError, ValueError):

@@ -61,6 +61,14 @@ class AuxStore:
     def add_fields(self, key: str, mapping: dict[str, bytes | str]) -> None:
         self.r.hset(self.keys.aux(key), mapping=mapping)
 
+    def field_names(self, key: str) -> set[str]:
+        """The names of the hash's fields (not their values)."""
+        return {f.decode() for f in self.r.hkeys(self.keys.aux(key))}
+
+    def delete_fields(self, key: str, fields: list[str], batch: int = 10_000) -> int:
+        """Delete ``fields`` from the hash (a batch per command, so Redis never stalls on one); how many were there."""
+        return sum(self.r.hdel(self.keys.aux(key), *fields[i:i + batch]) for i in range(0, len(fields), batch))
+
     def lock(self, name: str, seconds: float) -> redis.lock.Lock:
         """A Redis lock named ``name`` beside this state, shared by replicas (it expires after ``seconds``)."""
         return self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, compile_pattern, config_rank, parse_key
-from adapter_store.errors import AdapterValidationError
+from adapter_store.errors import AdapterValidationError, InvalidRequestError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would also accept a trailing newline
 RESERVED_NAMES = {"auto", "base"}
@@ -25,6 +27,11 @@ RESERVED_NAMES = {"auto", "base"}
 SKILL_NAME_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,63}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 RESERVED_IN_NAMESPACE = {"download"}  # GET /v1/adapters/team/download would read as team's download
 MAX_PATTERNS = 1024  # entries of rank_pattern / alpha_pattern
+# tensors in one weights file, counted from its header before anything is loaded (setting MOSAIC_MAX_TENSORS): a
+# LoRA on the 7 linear modules of every layer of an 80-layer model has 80 × 7 × 2 = 1,120
+MAX_TENSORS = 4096
+HEADER_BYTES_PER_TENSOR = 256  # a header entry is a name and about 70 bytes of dtype, shape and offsets
+HEADER_ROOM = 64 * 1024  # the header's __metadata__
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")  # 2-D weights that are not linear layers a LoRA may target
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Config fields whose non-default value changes what the adapter computes and that no engine
@@ -79,15 +86,53 @@ def check_name(name: str, reserved: tuple[str, ...] = ()) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class TextLimits:
+    """What a skill's text may hold: the router embeds every example prompt and the description, and Redis
+    keeps them and their embeddings, so each is bounded by a setting (server/settings.py)."""
+
+    examples: int = 64  # MOSAIC_MAX_EXAMPLES_PER_SKILL
+    example_chars: int = 2000  # MOSAIC_MAX_EXAMPLE_CHARS
+    description_chars: int = 2000  # MOSAIC_MAX_DESCRIPTION_CHARS
+    tags: int = 32  # MOSAIC_MAX_TAGS
+    tag_chars: int = 64  # MOSAIC_MAX_TAG_CHARS
+
+
+def check_text(limits: TextLimits, *, description: str = "", examples: Sequence[str] = (),
+               tags: Sequence[str] = ()) -> None:
+    """Refuse a skill's description, example prompts or tags over ``limits`` (InvalidRequestError naming the
+    first field over its limit; the message names every problem and its setting)."""
+    problems: list[tuple[str, str]] = []
+    if len(examples) > limits.examples:
+        problems.append(("examples", f"{len(examples):,} example prompts; at most {limits.examples:,} are accepted "
+                                     "(setting MOSAIC_MAX_EXAMPLES_PER_SKILL)"))
+    if long := [i for i, e in enumerate(examples) if len(e) > limits.example_chars]:
+        problems.append(("examples", f"{len(long):,} example prompt{'s' if len(long) > 1 else ''} longer than "
+                                     f"{limits.example_chars:,} characters (the first: examples[{long[0]}], "
+                                     f"{len(examples[long[0]]):,}; setting MOSAIC_MAX_EXAMPLE_CHARS)"))
+    if len(description) > limits.description_chars:
+        problems.append(("description", f"a description of {len(description):,} characters; at most "
+                                        f"{limits.description_chars:,} (setting MOSAIC_MAX_DESCRIPTION_CHARS)"))
+    if len(tags) > limits.tags:
+        problems.append(("tags", f"{len(tags):,} tags; at most {limits.tags:,} (setting MOSAIC_MAX_TAGS)"))
+    if long := [t for t in tags if len(t) > limits.tag_chars]:
+        problems.append(("tags", f"{len(long):,} tag{'s' if len(long) > 1 else ''} longer than {limits.tag_chars:,} "
+                                 "characters (setting MOSAIC_MAX_TAG_CHARS)"))
+    if problems:
+        raise InvalidRequestError("; ".join(m for _, m in problems), param=problems[0][0])
+
+
 def in_namespace(name: str, namespace: str) -> bool:
     """Whether the skill ``name`` (or ``name@N``) is in ``namespace`` (names are ``namespace/…``)."""
     return name.partition("@")[0].startswith(f"{namespace}/")
 
 
 def validate_files(
-    files: dict[str, bytes], spec: BaseModelSpec, *, max_rank: int, name: str | None = None
+    files: dict[str, bytes], spec: BaseModelSpec, *, max_rank: int, name: str | None = None,
+    max_tensors: int = MAX_TENSORS,
 ) -> LoraAdapter:
-    """Check an uploaded PEFT folder (file name -> bytes); return the adapter or raise with all problems."""
+    """Check an uploaded PEFT folder (file name -> bytes); return the adapter or raise with all problems.
+    The weights file's tensors are counted from its header first: over ``max_tensors``, nothing is loaded."""
     problems: list[str] = check_name(name, reserved=(spec.model_id,)) if name is not None else []
     if name is not None and name == spec.model_id:
         problems.append(f"name {name!r} is the base model's id")
@@ -112,6 +157,8 @@ def validate_files(
     tensors: dict[str, torch.Tensor] | None = None
     if WEIGHTS_FILE not in files:
         problems.append(f"{WEIGHTS_FILE} is missing")
+    elif header_problems := _check_header(files[WEIGHTS_FILE], max_tensors):
+        problems += header_problems
     else:
         try:
             tensors = st_load(files[WEIGHTS_FILE])
@@ -132,6 +179,28 @@ def validate_adapter(adapter: LoraAdapter, spec: BaseModelSpec, *, max_rank: int
     validate_files(
         {CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, spec, max_rank=max_rank, name=name
     )
+
+
+def _check_header(data: bytes, max_tensors: int) -> list[str]:
+    """The tensors a safetensors file declares, counted in its header (8 bytes of length, then JSON naming each
+    tensor's dtype, shape and data_offsets) without parsing or loading anything: a file of 100,000 one-value
+    tensors took seconds to load and check, and its error listed every one. A header too large for
+    ``max_tensors`` entries is refused too (whatever it holds); one that runs past the file is left to the
+    safetensors reader, which reports it."""
+    if len(data) < 8:
+        return []
+    (length,) = struct.unpack("<Q", data[:8])
+    if length > len(data) - 8:
+        return []
+    tensors = data.count(b'"data_offsets"', 8, 8 + length)
+    if tensors > max_tensors:
+        return [f"{WEIGHTS_FILE} holds {tensors:,} tensors; at most {max_tensors:,} are accepted "
+                "(setting MOSAIC_MAX_TENSORS)"]
+    room = max_tensors * HEADER_BYTES_PER_TENSOR + HEADER_ROOM
+    if length > room:
+        return [f"{WEIGHTS_FILE} has a header of {length:,} bytes; {max_tensors:,} tensors "
+                f"(setting MOSAIC_MAX_TENSORS) need at most {room:,}"]
+    return []
 
 
 def _check_config(config: dict, max_rank: int) -> list[str]:

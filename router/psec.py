@@ -23,7 +23,8 @@ The thresholds (:class:`router.policy.RouterConfig`) come from the server's sett
 measures where they sit between held-out, two-skill and out-of-distribution prompts, bench/scale.py what
 the router costs up to 10,000 skills (bench/reports/REPORT.md).
 
-Example embeddings are cached in Redis by text, so a text is encoded once for all replicas and restarts.
+Example embeddings are cached in Redis by text, so a text is encoded once for all replicas and restarts,
+and deleted once no skill has that text (router/embeddings.py).
 The trained network is stored in Redis next to the library, keyed by a hash of every skill's profile and
 of what shapes the model (its format version, the encoder, whether α comes from a network, C), so other
 replicas load it instead of retraining, and a replica with other settings or older code trains its own. A library change is taken up in a background thread: the
@@ -35,7 +36,6 @@ the index (no fit) and routes by nearest example similarity.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import threading
 import time
 from collections.abc import Sequence
@@ -47,15 +47,15 @@ from sklearn.linear_model import LogisticRegression
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo, parse_ref
 from composer.spec import Composition
+from router.embeddings import EMB_KEY, EmbeddingCache  # noqa: F401 (EMB_KEY: also read from here)
 from router.encoder import Encoder, MiniLMEncoder
 from router.model import RouterModel, has_network, profile_key
 from router.plan import Plan
 from router.policy import RouterConfig, nothing_to_route
-from router.retrieval import DIM, ProfileDigests, ProfileIndex, blas_on_one_thread
+from router.retrieval import ProfileDigests, ProfileIndex, blas_on_one_thread
 from router.weights import contextual_plan, restrict, weights_from_alpha
 
 MODEL_KEY = "router-model"
-EMB_KEY = "router-embeddings"
 TRAIN_LOCK = "router-training"  # one replica trains at a time; the others wait for its model
 TRAIN_LOCK_SECONDS = 600  # a trainer that died frees the lock after this
 
@@ -70,6 +70,7 @@ class PsecRouter:
         self.config = config
         self.registry = registry
         self.encoder = encoder or MiniLMEncoder()
+        self._embeddings = EmbeddingCache(registry, self.encoder)
         blas_on_one_thread()  # the encoder's torch threads get the cores
         self.C = C
         self._model: RouterModel | None = None
@@ -84,23 +85,11 @@ class PsecRouter:
         self._live: tuple[RouterModel, Sequence[SkillInfo], np.ndarray | None] | None = None  # see _live_mask
 
     # ---- training -----------------------------------------------------------------
-    def _embed(self, texts: list[str]) -> np.ndarray:
-        """Embeddings with a Redis cache keyed by (encoder, text)."""
-        keys = [hashlib.sha1(f"{self.encoder.name}\0{t}".encode()).hexdigest() for t in texts]
-        cached = self.registry.aux.get(EMB_KEY, keys) if self.registry else {}
-        missing = [i for i, k in enumerate(keys) if k not in cached]
-        out = {k: np.frombuffer(v, dtype=np.float32) for k, v in cached.items()}
-        if missing:
-            fresh = self.encoder.encode([texts[i] for i in missing])
-            for i, row in zip(missing, fresh):
-                out[keys[i]] = row
-            if self.registry:
-                self.registry.aux.add_fields(EMB_KEY, {keys[i]: out[keys[i]].tobytes() for i in missing})
-        return np.stack([out[k] for k in keys]) if keys else np.zeros((0, DIM), np.float32)
-
     def index(self, skills: Sequence[SkillInfo]) -> ProfileIndex:
-        """The profile index of ``skills``, reusing the last one's rows (only changed profiles are embedded)."""
-        self._index = ProfileIndex.build(skills, self._embed, previous=self._index, digest=self._digests)
+        """The profile index of ``skills``, reusing the last one's rows (only changed profiles are embedded);
+        the cached embeddings of texts no skill has any more are deleted."""
+        self._index = ProfileIndex.build(skills, self._embeddings.embed, previous=self._index, digest=self._digests)
+        self._embeddings.keep(self._index.names, self._index.digests, skills)
         return self._index
 
     def key(self, skills: Sequence[SkillInfo]) -> str:
@@ -258,6 +247,8 @@ class PsecRouter:
         return model.index.nearest(e, k, coarse=max(64, 4 * k), allowed=self._live_mask(model, skills))
 
     def route(self, text: str, skills: Sequence[SkillInfo], generation: int) -> Plan:
+        if not skills:  # no index to build: the last skill's embeddings go here
+            self._embeddings.keep([], [], skills)
         if plan := nothing_to_route(text, skills):
             return plan
         c = self.config

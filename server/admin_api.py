@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
 from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.skill_info import SkillInfo
-from adapter_store.validation import check_name, validate_files
+from adapter_store.validation import check_name, check_text, validate_files
 from composer.spec import Composition
 from server import limits, optimize_api
 from server import auth
@@ -78,8 +78,10 @@ async def upload_adapter(
     limit = service.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
     raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
+    check_text(service.settings.text_limits(), description=description, examples=example_list, tags=tag_list)
     payload = await asyncio.to_thread(unpack, raw, limit)
-    adapter = await asyncio.to_thread(validate_files, payload, service.base_spec, max_rank=service.settings.max_adapter_rank, name=name)
+    adapter = await asyncio.to_thread(validate_files, payload, service.base_spec, max_rank=service.settings.max_adapter_rank,
+                                      name=name, max_tensors=service.settings.max_tensors)
     return await asyncio.to_thread(
         service.registry.add, name, adapter, description=description, examples=example_list, tags=tag_list
     )
@@ -145,6 +147,7 @@ async def create_composition(body: CompositionRequest, request: Request):
     service = _state(request)
     if problems := check_name(body.name, reserved=(service.base_id,)):
         raise InvalidRequestError("; ".join(problems), param="name")
+    check_text(service.settings.text_limits(), description=body.description, examples=body.examples)
     auth.check_names(request, [body.name])
     auth.check_names(request, body.skills, param="skills")
     comp = Composition(**body.model_dump(include=set(Composition.model_fields)))

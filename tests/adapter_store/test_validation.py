@@ -122,3 +122,61 @@ def test_patterns_whose_order_would_matter_are_refused(base_spec):
         assert any("several" in p for p in e.value.problems), e.value.problems
     same = {**adapter.config, "alpha_pattern": {"q_proj": 4, ".*_proj": 4}}  # agreeing patterns are fine
     validate_files({CONFIG_FILE: json.dumps(same).encode(), WEIGHTS_FILE: adapter.weights_bytes()}, base_spec, max_rank=64)
+
+
+def test_tensors_are_counted_from_the_header_before_anything_is_loaded(base_spec):
+    """The exact file seen: 100,000 one-value tensors once took 2.3 s and came back as a 9 MB error."""
+    import io
+    import tarfile
+    import time
+    from pathlib import Path
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "hostile" / "safetensors" / "many_tensors.tar.xz"
+    with tarfile.open(fileobj=io.BytesIO(corpus.read_bytes()), mode="r:xz") as t:
+        files = {m.name: t.extractfile(m).read() for m in t}
+    t0 = time.monotonic()
+    with pytest.raises(AdapterValidationError) as e:
+        validate_files(files, base_spec, max_rank=64)
+    assert time.monotonic() - t0 < 0.2
+    assert e.value.problems == [f"{WEIGHTS_FILE} holds 100,000 tensors; at most 4,096 are accepted "
+                                "(setting MOSAIC_MAX_TENSORS)"]
+    few = {CONFIG_FILE: files[CONFIG_FILE], WEIGHTS_FILE: save({f"x{i}": torch.zeros(1) for i in range(11)})}
+    with pytest.raises(AdapterValidationError, match="holds 11 tensors; at most 10"):
+        validate_files(few, base_spec, max_rank=64, max_tensors=10)
+
+
+def test_a_header_larger_than_the_tensors_allowed_need_is_refused(base_spec):
+    from safetensors.torch import save as save_with_metadata
+
+    adapter = random_adapter({Q: base_spec.shapes[Q]}, r=2)
+    padded = save_with_metadata(adapter.tensors, metadata={"filler": "x" * 100_000})
+    with pytest.raises(AdapterValidationError, match="has a header of .* bytes; 2 tensors .*MOSAIC_MAX_TENSORS"):
+        validate_files({CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: padded}, base_spec, max_rank=64, max_tensors=2)
+    validate_files({CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, base_spec, max_rank=64,
+                   max_tensors=2)  # the same tensors with a plain header: accepted at exactly the limit
+
+
+def test_an_error_names_at_most_20_problems(base_spec):
+    tensors = {f"not.a.factor.{i}.{'n' * 1000}": torch.zeros(1) for i in range(30)}
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj"]}
+    with pytest.raises(AdapterValidationError) as e:
+        validate_files({CONFIG_FILE: json.dumps(config).encode(), WEIGHTS_FILE: save(tensors)}, base_spec, max_rank=64)
+    assert len(e.value.problems) == 30 and e.value.message.endswith("; and 10 more")
+    assert e.value.message.startswith("adapter refused (30 problems): ") and len(e.value.message) < 20 * 310
+
+
+def test_text_limits_name_every_problem_and_the_first_field():
+    from adapter_store.errors import InvalidRequestError
+    from adapter_store.validation import TextLimits, check_text
+
+    limits = TextLimits(examples=2, example_chars=5, description_chars=10, tags=1, tag_chars=3)
+    check_text(limits, description="d" * 10, examples=["12345", "ok"], tags=["abc"])  # at every limit
+    with pytest.raises(InvalidRequestError) as e:
+        check_text(limits, description="d" * 11, examples=["123456", "a", "b"], tags=["abcd", "e"])
+    assert e.value.param == "examples"
+    for setting in ("MOSAIC_MAX_EXAMPLES_PER_SKILL", "MOSAIC_MAX_EXAMPLE_CHARS", "MOSAIC_MAX_DESCRIPTION_CHARS",
+                    "MOSAIC_MAX_TAGS", "MOSAIC_MAX_TAG_CHARS"):
+        assert setting in e.value.message, setting
+    with pytest.raises(InvalidRequestError) as e:
+        check_text(limits, tags=["abcd"])
+    assert e.value.param == "tags"
