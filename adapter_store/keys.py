@@ -3,7 +3,8 @@
 A key is shown once, at creation; Redis keeps only its SHA-256. Each key has a name and scopes:
 ``admin`` (change the library: upload, delete, compose, retrain the router; implies the others),
 ``read`` (listings, details, downloads, metrics) and ``inference``. Creating a key locks the library for
-good (``locked``): revoking the last key does not open it again.
+good (``locked``): revoking the last key does not open it again, and neither does a Redis that forgot it
+(flushed, restored): the data dir remembers too (adapter_store/high_water.py).
 
 A key may be limited to a namespace: it then reaches only skills named ``NAMESPACE/…`` (and the base
 model), and none of the operations that span the whole library (server/auth.py says which).
@@ -20,9 +21,11 @@ import redis
 from pydantic import BaseModel
 
 from adapter_store.errors import ConflictError, NotFoundError
+from adapter_store.high_water import HighWater
 from adapter_store.validation import NAME_RE
 
 SCOPES = ("admin", "read", "inference")
+KEY_PREFIX = "mk-"  # every key made here starts so (tells a key from an OpenAI client's placeholder)
 
 
 class KeyInfo(BaseModel):
@@ -38,8 +41,9 @@ def _digest(key: str) -> str:
 
 
 class KeyStore:
-    def __init__(self, client: redis.Redis, prefix: str = "mosaic") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "mosaic", high_water: HighWater | None = None) -> None:
         self.r = client
+        self.high_water = high_water  # the data dir's memory that keys were made (None: Redis's alone)
         self.k_hashes = f"{prefix}:keys:by-hash"  # sha256 -> name
         self.k_info = f"{prefix}:keys:info"  # name -> KeyInfo JSON (+ hash)
         self.k_locked = f"{prefix}:keys:locked"  # set when the first key is created; never unset
@@ -52,7 +56,7 @@ class KeyStore:
         bad = sorted(set(scopes) - set(SCOPES))
         if bad or not scopes:
             raise ValueError(f"scopes must be among {list(SCOPES)}, got {scopes!r}")
-        key = "mk-" + secrets.token_hex(24)
+        key = KEY_PREFIX + secrets.token_hex(24)
         info = KeyInfo(name=name, scopes=sorted(set(scopes)), created=time.time(), prefix=key[:7], namespace=namespace)
 
         def write(pipe: redis.client.Pipeline) -> None:
@@ -64,6 +68,8 @@ class KeyStore:
             pipe.set(self.k_locked, "1")
 
         self.r.transaction(write, self.k_info)  # another key created or revoked meanwhile: check again
+        if self.high_water is not None:
+            self.high_water.saw_keys()
         return key, info
 
     def list(self) -> list[KeyInfo]:
@@ -73,13 +79,27 @@ class KeyStore:
         return bool(self.r.hlen(self.k_info))
 
     def locked(self) -> bool:
-        """Whether a key was ever created here (the library then stays closed to requests without one)."""
+        """Whether a key was ever created here (the library then stays closed to requests without one), as
+        Redis or the data dir remembers."""
+        if self.high_water is not None and self.high_water.keys_seen:
+            return True
+        if self.locked_in_redis():
+            if self.high_water is not None:
+                self.high_water.saw_keys()
+            return True
+        return False
+
+    def locked_in_redis(self) -> bool:
         if self.r.exists(self.k_locked):
             return True
         if self.r.hlen(self.k_info):  # keys made before the flag existed
-            self.r.set(self.k_locked, "1")
+            self.lock()
             return True
         return False
+
+    def lock(self) -> None:
+        """Record in Redis that keys were made (the data dir remembered it, Redis had forgotten)."""
+        self.r.set(self.k_locked, "1")
 
     def revoke(self, name: str) -> KeyInfo:
         raw = self.r.hget(self.k_info, name)

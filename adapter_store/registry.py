@@ -28,6 +28,7 @@ from adapter_store.adapter import LoraAdapter
 from adapter_store.composition_cache import CompositionCache
 from adapter_store.errors import NotFoundError, UnavailableError
 from adapter_store.guard import Guarded, Observer, redis_guard
+from adapter_store.high_water import HighWater
 from adapter_store.layout import CHANGE_LOG, KeyLayout, announce
 from adapter_store.shard_store import Current, ShardStore, Stored
 from adapter_store.side_state import AuxStore, EngineIds
@@ -59,9 +60,12 @@ class Changes(NamedTuple):
 class Registry:
     def __init__(self, client: redis.Redis, prefix: str = "mosaic",
                  observer: Observer | None = None,
-                 composition_cache_bytes: int = 1 << 30) -> None:
+                 composition_cache_bytes: int = 1 << 30, high_water: HighWater | None = None) -> None:
         self.r = client
         self.prefix = prefix
+        # what the data dir remembers of this registry: a Redis that went back refuses writes, and versions
+        # are numbered above every one handed out (adapter_store/high_water.py); None: Redis alone
+        self.high_water = high_water
         self.keys = KeyLayout(prefix)
         self._changes_script = client.register_script(CHANGES_SINCE)
         self.observer: Observer | None = observer  # told (operation, outcome) after each one
@@ -118,7 +122,7 @@ class Registry:
                 # the pools changed since it was encoded: encode again (WATCH retries if they change once more;
                 # each pass follows a real pool change, and a compression is seconds apart)
                 stored = self._storage(self._shards.current(), adapter, weights)
-            version = int(pipe.get(k.skill(name, "next")) or 0) + 1
+            version = max(int(pipe.get(k.skill(name, "next")) or 0), floor) + 1
             info = SkillInfo(
                 name=name, version=version, sha256=adapter.sha256(), config_sha256=adapter.config_sha256(),
                 base_model=adapter.config.get("base_model_name_or_path"), rank=adapter.rank,
@@ -139,8 +143,11 @@ class Registry:
             return info
 
         with self._guard("add"):
+            floor = self._floor()
             stored = self._storage(self._shards.current(), adapter, weights)
-            return self.r.transaction(write, k.skill(name, "next"), k.pools_current, value_from_callable=True)
+            info = self.r.transaction(write, k.skill(name, "next"), k.pools_current, value_from_callable=True)
+            self._wrote(info.version)
+            return info
 
     def delete(self, ref: str) -> list[SkillInfo]:
         """Delete one version (``name@N``) or every version of a skill (``name``), and the cached
@@ -177,7 +184,18 @@ class Registry:
             return infos
 
         with self._guard("delete"):
-            return self.r.transaction(drop, k.skill(name, "versions"), value_from_callable=True)
+            self._floor()
+            infos = self.r.transaction(drop, k.skill(name, "versions"), value_from_callable=True)
+            self._wrote()
+            return infos
+
+    def _floor(self) -> int:
+        """Before a write: the number new versions must exceed besides Redis's count (raises when Redis went back)."""
+        return self.high_water.floor(self.r, self.keys) if self.high_water is not None else 0
+
+    def _wrote(self, version: int = 0) -> None:
+        if self.high_water is not None:
+            self.high_water.wrote(self.r, self.keys, version)
 
     def _forget_unused(self, contents: set[str]) -> None:
         """Drop the cached compositions of contents no version serves any more; a cache left as it was

@@ -9,7 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from adapter_store.errors import UnavailableError
+from adapter_store.high_water import HighWater
 from adapter_store.keys import KeyStore
 from adapter_store.library_view import LibraryView
 from adapter_store.redis_conn import connect
@@ -104,8 +107,21 @@ class Service:
 
 def open_registry(settings: Settings) -> Registry:
     client = connect(settings.redis_url, managed_dir=settings.data_dir / "redis" if settings.managed_redis else None)
+    marks = HighWater.for_registry(settings.data_dir, settings.redis_url, settings.redis_prefix,
+                                   accept_reset=settings.accept_registry_reset,
+                                   reset_hint="start the server once with MOSAIC_ACCEPT_REGISTRY_RESET=true")
     return Registry(client, prefix=settings.redis_prefix, observer=metrics.registry_observer,
-                    composition_cache_bytes=settings.composition_cache_mb << 20)
+                    composition_cache_bytes=settings.composition_cache_mb << 20, high_water=marks)
+
+
+def check_registry(registry: Registry, keys: KeyStore) -> None:
+    """At start: a Redis behind what the data dir remembers (flushed, restored) stops the server here, unless
+    MOSAIC_ACCEPT_REGISTRY_RESET is set (adapter_store/high_water.py); a Redis that is away is checked by
+    each write instead."""
+    try:
+        registry.high_water.check_at_start(registry.r, registry.keys, keys)
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        log.warning("registry not checked against the data dir's marks: %s", e)
 
 
 def build(settings: Settings) -> Service:
@@ -118,12 +134,13 @@ def build(settings: Settings) -> Service:
             log.info("registry brought up to date: %s", done)
     except UnavailableError as e:  # the server starts without Redis, and serves what it can
         log.warning("registry not checked for older data: %s", e)
+    keys = KeyStore(registry.r, prefix=settings.redis_prefix, high_water=registry.high_water)
+    check_registry(registry, keys)
     engine = make_engine(settings, model_dir, model_id)
     budget = ComposeBudget(spec.shapes, settings=settings)  # the settings' limits, read at each check
     cache = AdapterCache(registry, settings.data_dir, max_rank=settings.max_lora_rank, budget=budget,
                          workers=settings.compose_workers, disk_bytes=settings.adapter_disk_mb << 20,
                          grace=settings.adapter_grace_seconds)
-    keys = KeyStore(registry.r, prefix=settings.redis_prefix)
     return Service(settings, registry, spec, engine, cache, make_policy(settings, registry), model_dir, keys)
 
 

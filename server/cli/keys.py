@@ -19,7 +19,8 @@ app = typer.Typer(help="API keys (stored hashed in Redis).", no_args_is_help=Tru
 def _keys() -> KeyStore:
     from adapter_store.keys import KeyStore
 
-    return KeyStore(registry().r, prefix=settings().redis_prefix)
+    reg = registry()
+    return KeyStore(reg.r, prefix=settings().redis_prefix, high_water=reg.high_water)
 
 
 @app.command("create")

@@ -61,6 +61,7 @@ def _keys_locked(s: Settings) -> bool:
     from server.state import open_registry
 
     try:
-        return KeyStore(open_registry(s).r, s.redis_prefix).locked()
+        registry = open_registry(s)
+        return KeyStore(registry.r, s.redis_prefix, high_water=registry.high_water).locked()
     except MosaicError:
         return False
