@@ -6,7 +6,8 @@ Scopes: ``admin`` changes the library (upload, delete, compose, compress, optimi
 other two.
 
 The server is **locked** once keys are in use: ``MOSAIC_API_KEY`` is set, ``MOSAIC_REQUIRE_INFERENCE_KEY``
-is set, or a key was ever created (revoking the last key does not unlock it: the store remembers).
+is set, or a key was ever created (revoking the last key does not unlock it, and neither does a Redis that
+forgot it: Redis and the data dir both remember, adapter_store/keys.py).
 - Locked: ``admin`` and ``read`` need a key with that scope; inference needs one when
   ``MOSAIC_REQUIRE_INFERENCE_KEY`` is set.
 - Not locked: ``admin`` and ``read`` are open to requests from this machine only (a loopback client,
@@ -22,7 +23,15 @@ base model): uploads, compositions (name and inputs), details, downloads, delete
 every name they touch (:func:`check_names`, 403 otherwise); listings show only the namespace; and what
 spans the whole library is refused (:func:`whole_library`): compression, ``/metrics``, and ``auto``
 routing (the router chooses among every skill: such a key sends a composition with ``weights: "auto"``
-over its own skills instead). The root key and keyless access are not limited.
+over its own skills instead). The root key and keyless access are not limited. Where inference is open
+(no ``MOSAIC_REQUIRE_INFERENCE_KEY``) a key is not needed, but one that is sent still limits the request.
+
+**What inference shows of the library** to a caller who may not read it (:func:`may_read`: no ``read``
+scope, e.g. an anonymous client of a locked server, or of a keyless one from another machine): ``/v1/models``
+lists the base model and ``auto`` but no skill, and a plan (``/v1/route``, the ``mosaic`` field and
+``x-mosaic-plan`` header of an answer) says what serves the request, not the router's per-skill scores,
+similarities and α (:func:`shown`): those name skills and measure a prompt against their example prompts.
+A skill is still served to whoever names it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match, Mount
 
 from adapter_store.errors import MosaicError, UnavailableError
+from adapter_store.keys import KEY_PREFIX
 from adapter_store.validation import in_namespace
 from server.errors import AuthError, ForbiddenError, error_payload
 
@@ -83,7 +93,7 @@ def check(service, scope: str, headers, client_host: str | None) -> str | None:
     """Raise AuthError (401) or ForbiddenError (403) unless the request may use ``scope``; returns the
     namespace the request is limited to (None: not limited)."""
     if scope == "inference" and not service.settings.require_inference_key:
-        return None
+        return _offered_namespace(service, headers)
     if not locked(service):
         if service.settings.open_admin or _same_machine(headers, client_host):
             return None
@@ -101,6 +111,40 @@ def check(service, scope: str, headers, client_host: str | None) -> str | None:
     if scope not in key.scopes and "admin" not in key.scopes:
         raise ForbiddenError(f"the API key lacks the '{scope}' scope (it has {key.scopes})")
     return key.namespace
+
+
+def _offered_namespace(service, headers) -> str | None:
+    """Open inference needs no key, but a key that is sent still limits the request to its namespace (a
+    token that is no key of Mosaic's, such as an OpenAI client's placeholder, is ignored)."""
+    token = _presented_key(headers)
+    if not token.startswith(KEY_PREFIX):
+        return None
+    key = service.keys.lookup(token)
+    return key.namespace if key is not None else None
+
+
+def may_read(service, scope) -> tuple[bool, str | None]:
+    """Whether the request (its ASGI ``scope``) may read the library, as a ``read`` route would let it, and
+    the namespace its reading is limited to. Inference routes ask, to decide what of the library to show."""
+    from starlette.datastructures import Headers
+
+    client = scope.get("client")
+    try:
+        return True, check(service, "read", Headers(scope=scope), client[0] if client else None)
+    except (MosaicError, redis.ConnectionError, redis.TimeoutError):
+        return False, None
+
+
+ROUTER_DETAIL = ("scores", "similarity", "alpha")  # a plan's numbers per skill
+
+
+def shown(service, scope, fields: dict) -> dict:
+    """``fields`` (a plan, or an answer's ``mosaic`` field) as the caller may see them: whole for a caller who
+    may read the library; for another, without the router's per-skill numbers and the reason that quotes them."""
+    if not any(fields.get(k) for k in ROUTER_DETAIL) or may_read(service, scope)[0]:
+        return fields
+    return {**{k: v for k, v in fields.items() if k not in ROUTER_DETAIL},
+            "reason": "chosen by the router (its scores are shown to callers with the 'read' scope)"}
 
 
 def namespace(request: Request) -> str | None:

@@ -87,21 +87,24 @@ async def detokenize(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def list_models(request: Request, limit: PageLimit = None, after: PageAfter = None) -> JSONResponse:
-    """vLLM's model cards: the base model, every skill (``parent`` = the base id, as vLLM's LoRA cards),
-    and ``auto``; Mosaic's own fields under ``mosaic`` (a skill's details only for callers with ``read``).
-    ``limit`` and ``after`` page through the skills."""
+    """vLLM's model cards: the base model, the skills (``parent`` = the base id, as vLLM's LoRA cards; listed
+    only to callers with ``read``) and ``auto``; Mosaic's own fields under ``mosaic``. ``limit`` and ``after``
+    page through the skills."""
     return JSONResponse(await model_list(state(request), request, after, limit))
 
 
 @router.post("/v1/route", response_model=Plan, tags=["router"])
 async def route(req: RouteRequest, request: Request) -> Plan:
     """The router's decision for a prompt, without generating (or, given a context-aware composition
-    or the name of a stored one, the weights it would be served with)."""
+    or the name of a stored one, the weights it would be served with). Its per-skill scores and
+    similarities only for callers with ``read``; others see what would serve the prompt."""
     if req.prompt is None and not req.messages:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
     service = state(request)
     text = req.prompt if req.prompt is not None else last_user(req.messages)
     limits.check_prompt_chars(service.settings, [text], "prompt" if req.prompt is not None else "messages")
     if req.composition is not None or req.model not in (None, "auto") or auth.namespace(request) is not None:
-        return await plan_for(service, req.model or "auto", req.composition, text, auth.namespace(request))
-    return await service.route(text)
+        plan = await plan_for(service, req.model or "auto", req.composition, text, auth.namespace(request))
+    else:
+        plan = await service.route(text)
+    return Plan.model_validate(auth.shown(service, request.scope, plan.model_dump()))

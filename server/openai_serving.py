@@ -80,7 +80,7 @@ async def serve(request: Request, kind: str) -> Response:
     # the adapter holds its folder on disk while it lives (server/folders.py): kept with the request, it lives
     # until the response has been sent, a stream's last event included (the engine reads the folder then)
     request.state.adapter = adapter
-    mosaic = info.model_dump(mode="json", exclude_none=True)
+    mosaic = auth.shown(service, request.scope, info.model_dump(mode="json", exclude_none=True))  # scores: readers'
     headers = {PLAN_HEADER: json.dumps(mosaic, separators=(",", ":"))}
     observed = Observation(info.plan, _target(service, info))
     if service.engine.serving is None:

@@ -37,8 +37,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from server.auth import require_scope
-from server.ray_routing import (ADAPTER_HEADER, INFO_PATH, REPLICA_HEADER, RayOptions, admitted_body, cpu_list, failed,
+from server.auth import require_scope, whole_library
+from server.ray_routing import (INFO_PATH, REPLICA_HEADER, RayOptions, adapter_header, admitted_body, cpu_list, failed,
                                 redis_elsewhere, rest, routing_key)
 
 log = logging.getLogger("mosaic.ray")
@@ -50,7 +50,9 @@ info_router = APIRouter()
 
 @info_router.get(INFO_PATH, tags=["ops"], dependencies=[Depends(require_scope("read"))])
 async def replica_info(request: FastAPIRequest) -> dict[str, Any]:
-    """This replica: its Ray id, process, the adapters Ray routes here and the engine's loads so far."""
+    """This replica: its Ray id, process, the adapters Ray routes here and the engine's loads so far (the
+    adapters of every namespace: refused to a key limited to one)."""
+    whole_library(request, "the list of adapters a replica holds")
     return await request.app.state.ray_replica.info()
 
 
@@ -109,8 +111,7 @@ class MosaicIngress:
         timeout = self.options.request_timeout_s
         try:
             status, headers = await asyncio.wait_for(answer.__anext__(), timeout)
-            if status < 400:  # a refused request learns nothing of the library from the routing
-                headers = {**headers, ADAPTER_HEADER: key}
+            headers = {**headers, **adapter_header(self.service, request.scope, status, key)}
             if not headers.get("content-type", "").startswith("text/event-stream"):
                 chunks = []
                 while True:  # a whole answer, or the 503 below: never half of one under a 200

@@ -21,7 +21,8 @@ from server.errors import error_response
 log = logging.getLogger("mosaic.ray")
 
 REPLICA_HEADER = "x-mosaic-replica"  # which replica served the request (its Ray replica id)
-ADAPTER_HEADER = "x-mosaic-adapter"  # the multiplexed model id the ingress routed by ("" : any replica)
+# the multiplexed model id the ingress routed by ("" : any replica), on answers to callers who may read the library
+ADAPTER_HEADER = "x-mosaic-adapter"
 INFO_PATH = "/v1/ray/replica"  # a replica's own state: GET ...?model=NAME asks the replica that holds NAME
 INFERENCE = {"/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/responses": "responses"}
 
@@ -66,10 +67,12 @@ async def admitted_body(app, request: Request) -> bytes | Response:
 # ---- the ingress's choice of replica ----------------------------------------------------------------------
 async def routing_key(service, request: Request, body: bytes, timeout: float) -> str:
     """The multiplexed model id ``request`` goes out with ("" : any replica), decided within ``timeout``
-    seconds (a router still loading must not hold the request: the replica plans it again anyway)."""
+    seconds (a router still loading must not hold the request: the replica plans it again anyway), with
+    the namespace of the request's key, as the replica plans it: a name outside it gets no id."""
+    ns = request.scope.get(auth.NAMESPACE)
     if request.method == "POST":
-        planned = adapter_key(service, request.url.path, body)
-    elif request.url.path == INFO_PATH and request.query_params.get("model"):
+        planned = adapter_key(service, request.url.path, body, ns)
+    elif request.url.path == INFO_PATH and request.query_params.get("model") and ns is None:
         planned = model_key(service, request.query_params["model"])
     else:
         return ""
@@ -82,10 +85,10 @@ async def routing_key(service, request: Request, body: bytes, timeout: float) ->
     return ""
 
 
-async def adapter_key(service, path: str, body: bytes) -> str:
+async def adapter_key(service, path: str, body: bytes, namespace: str | None = None) -> str:
     """The multiplexed model id of an inference request: the content id of the adapter that will serve
-    it ("" for the base model, a route that does not generate, or a request the replica will refuse:
-    any replica then answers it, with its error)."""
+    it ("" for the base model, a route that does not generate, or a request the replica will refuse,
+    such as one naming a skill outside the key's ``namespace``: any replica then answers it, with its error)."""
     kind = INFERENCE.get(path)
     if kind is None:
         return ""
@@ -103,7 +106,7 @@ async def adapter_key(service, path: str, body: bytes) -> str:
         raw = data.pop("composition", None)
         req = ep.protocol(data).model_validate(data)
         composition = None if raw is None else Composition.model_validate(raw)
-        plan = await plan_for(service, req.model or service.base_id, composition, ep.routed(service, req))
+        plan = await plan_for(service, req.model or service.base_id, composition, ep.routed(service, req), namespace)
         return await plan_key(service, plan)
     except (MosaicError, ValueError, VLLMClientError) as exc:  # not found, refused, malformed: the replica says so
         log.debug("no adapter key for %s: %s", path, exc)
@@ -119,6 +122,15 @@ async def model_key(service, model: str) -> str:
     except MosaicError as exc:
         log.debug("no adapter key for %s: %s", model, exc)
         return ""
+
+
+def adapter_header(service, scope, status: int, key: str) -> dict[str, str]:
+    """The ``x-mosaic-adapter`` header of an answer: the id the ingress routed by (a skill's content id),
+    told only on a success (a refused request learns nothing of the library from the routing) and only to
+    a caller who may read the library (server/auth.py)."""
+    if status >= 400 or not auth.may_read(service, scope)[0]:
+        return {}
+    return {ADAPTER_HEADER: key}
 
 
 async def plan_key(service, plan: Plan) -> str:

@@ -2,6 +2,7 @@
 library is open to loopback clients only."""
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -14,13 +15,14 @@ from server.app import create_app
 from server.settings import Settings
 from server.launch import mosaic_cli
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
+from tests.server.test_serving_layer import engine, served  # noqa: F401 - the app over a mocked vLLM engine
 
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
 
 
 @pytest.fixture
-def app_factory(monkeypatch, redis_client):
+def app_factory(monkeypatch, redis_client, tmp_path, base_model_dir, base_spec):
     async def idle(self):  # the library API is what is tested here; the engine stays down
         return None
 
@@ -30,7 +32,9 @@ def app_factory(monkeypatch, redis_client):
     def make(client=LOCAL, **kw):
         prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
         prefixes.append(prefix)
-        settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, **kw)
+        # a data dir of its own (it remembers the registry: adapter_store/high_water.py)
+        settings = Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, data_dir=tmp_path / prefix,
+                            base_model=str(base_model_dir), base_model_id=base_spec.model_id, **kw)
         return TestClient(create_app(settings), client=client, base_url=LOCAL_URL), KeyStore(redis_client, prefix)
 
     yield make
@@ -70,7 +74,7 @@ def test_without_keys_a_web_page_cannot_act_for_the_local_user(app_factory):
         assert client.get("/v1/adapters", headers={"origin": "http://127.0.0.1:8000"}).status_code == 200
 
 
-def test_model_cards_show_a_skills_details_only_to_readers(app_factory, redis_client):
+def test_model_cards_list_skills_only_to_readers(app_factory, redis_client):
     client, keys = app_factory()
     with client:
         from tests.helpers import random_adapter
@@ -82,8 +86,12 @@ def test_model_cards_show_a_skills_details_only_to_readers(app_factory, redis_cl
         assert card["mosaic"]["description"] == "secret sauce"  # on this machine, without keys: readable
         keys.create("ops", ["admin"])
         user_key, _ = keys.create("app", ["inference"])
-        card = next(c for c in client.get("/v1/models", headers=_bearer(user_key)).json()["data"] if c["id"] == "tiny")
-        assert card["parent"] and "description" not in card["mosaic"] and "content_id" not in card["mosaic"]
+        reader_key, _ = keys.create("viewer", ["read"])
+        ids = [c["id"] for c in client.get("/v1/models", headers=_bearer(user_key)).json()["data"]]
+        assert ids == [service.base_id, "auto"]  # inference without 'read': the base model and the router
+        cards = client.get("/v1/models", headers=_bearer(reader_key)).json()["data"]
+        card = next(c for c in cards if c["id"] == "tiny")
+        assert card["parent"] == service.base_id and card["mosaic"]["description"] == "secret sauce"
 
 
 def test_keys_lock_the_library_for_good_and_scopes_are_checked(app_factory, redis_client):
@@ -248,3 +256,89 @@ def test_a_key_limited_to_a_namespace_reaches_only_its_skills(app_factory, tmp_p
         assert models == {service.base_id, "b/two", "b/ctx"}
         assert client.delete("/v1/adapters/a/one", headers=_bearer(team_a)).status_code == 200
         assert names(admin) == ["b/ctx", "b/two", "plain"]
+
+
+def _library_of_two(service) -> None:
+    from tests.helpers import random_adapter
+
+    q = "model.layers.0.self_attn.q_proj"
+    for name, about in (("reviews", "classify the sentiment of a product review"),
+                        ("hidden", "summarise the quarterly merger plans of the board")):
+        service.registry.add(name, random_adapter({q: service.base_spec.shapes[q]}, r=1), description=about,
+                             examples=[about])
+
+
+def test_what_inference_shows_of_the_library_to_callers_who_may_not_read_it(app_factory):
+    """/v1/models lists no skill, and /v1/route gives no per-skill scores, to a caller without 'read': a client
+    from another machine on a keyless server, an anonymous one on a locked server; loopback on a keyless
+    server and a read key see everything."""
+    local, keys = app_factory(router="lexical")
+    with local:
+        service = local.app.state.mosaic
+        _library_of_two(service)
+        remote = TestClient(local.app, client=REMOTE, base_url=LOCAL_URL)  # the same server, from elsewhere
+        prompt = {"prompt": "classify the sentiment of this product review"}
+
+        def models(client, key=None):
+            return [c["id"] for c in client.get("/v1/models", headers=_bearer(key)).json()["data"]]
+
+        def route(client, key=None):
+            r = client.post("/v1/route", json=prompt, headers=_bearer(key))
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        assert models(local) == [service.base_id, "hidden", "reviews", "auto"]
+        assert set(route(local)["scores"]) == {"hidden", "reviews"}
+        # the exact requests: an anonymous client lists the library and reads the router's scores
+        for anonymous in (remote, local):
+            if anonymous is local:  # locked from here on: loopback no longer reads without a key
+                keys.create("ops", ["admin"])
+            assert models(anonymous) == [service.base_id, "auto"]
+            assert models(anonymous, "test") == [service.base_id, "auto"]  # an OpenAI client's placeholder key
+            plan = route(anonymous)
+            assert plan["kind"] == "skill" and plan["skill"] == "reviews"  # what serves the prompt, still
+            assert plan["scores"] == {} and plan["similarity"] == {} and "hidden" not in json.dumps(plan)
+            assert models(anonymous, "mk-unknown") == [service.base_id, "auto"]
+        reader, _ = keys.create("viewer", ["read"])
+        assert models(remote, reader) == [service.base_id, "hidden", "reviews", "auto"]
+        assert set(route(remote, reader)["scores"]) == {"hidden", "reviews"}
+
+
+def test_a_key_sent_to_open_inference_limits_it_to_its_namespace(app_factory):
+    """Inference is open (no MOSAIC_REQUIRE_INFERENCE_KEY), yet a namespaced key that is sent is applied."""
+    local, keys = app_factory(router="lexical")
+    with local:
+        service = local.app.state.mosaic
+        _library_of_two(service)
+        from tests.helpers import random_adapter
+
+        q = "model.layers.0.self_attn.q_proj"
+        service.registry.add("a/one", random_adapter({q: service.base_spec.shapes[q]}, r=1), description="team a's")
+        team_a, _ = keys.create("team-a", ["read", "inference"], namespace="a")
+        remote = TestClient(local.app, client=REMOTE, base_url=LOCAL_URL)
+        ids = [c["id"] for c in remote.get("/v1/models", headers=_bearer(team_a)).json()["data"]]
+        assert ids == [service.base_id, "a/one"]
+        for body in ({"prompt": "hi", "model": "reviews"}, {"prompt": "hi"}, {"prompt": "hi", "model": "auto"}):
+            r = remote.post("/v1/route", json=body, headers=_bearer(team_a))
+            assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope", r.text
+        r = remote.post("/v1/route", json={"prompt": "hi", "model": "a/one"}, headers=_bearer(team_a))
+        assert r.status_code == 200 and r.json()["skill"] == "a/one"
+        body = {"model": "reviews", "messages": [{"role": "user", "content": "hi"}]}
+        service.engine.ready = lambda: True  # past the engine check: the plan refuses before any generation
+        r = remote.post("/v1/chat/completions", json=body, headers=_bearer(team_a))
+        assert r.status_code == 403 and "reviews" in r.json()["error"]["message"], r.text
+
+
+def test_an_answer_shows_the_routers_scores_only_to_readers(served, engine):  # noqa: F811
+    """``model: "auto"``: the answer's ``mosaic`` field and ``x-mosaic-plan`` header name the skill that
+    served, and the router's per-skill scores only to a caller who may read the library."""
+    client, _ = served
+    remote = TestClient(client.app, client=REMOTE, base_url=LOCAL_URL)  # keyless server, another machine
+    body = {"model": "auto", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "Is this review positive or negative? I found the pizza delightful."}]}
+    scores = client.post("/v1/chat/completions", json=body).json()["mosaic"]["scores"]  # this machine, keyless
+    assert {"sentiment", "json_extract"} <= set(scores)
+    r = remote.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    for shown in (r.json()["mosaic"], json.loads(r.headers["x-mosaic-plan"])):
+        assert shown["skills"] == ["sentiment@1"] and "scores" not in shown and "json_extract" not in json.dumps(shown)

@@ -88,7 +88,7 @@ def test_adapter_key_names_what_serves_the_request(planner):
     assert _key(planner, chat, {"model": "sentiment@1", "messages": msg}) == sentiment
 
 
-def _request(method: str, path: str, headers: dict[str, str], chunks: list[bytes]):
+def _request(method: str, path: str, headers: dict[str, str], chunks: list[bytes], query: str = ""):
     """A request from another machine whose body arrives in ``chunks``; the list it returns counts reads."""
     from starlette.requests import Request
 
@@ -100,7 +100,7 @@ def _request(method: str, path: str, headers: dict[str, str], chunks: list[bytes
         return {"type": "http.request", "body": body, "more_body": bool(chunks)}
 
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "scheme": "http", "http_version": "1.1", "server": ("10.0.0.1", 8000),
+             "query_string": query.encode(), "scheme": "http", "http_version": "1.1", "server": ("10.0.0.1", 8000),
              "client": ("10.0.0.9", 40000), "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
     return Request(scope, receive), reads
 
@@ -162,6 +162,57 @@ def test_planning_at_the_ingress_is_bounded(planner):
     named = json.dumps({"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}).encode()
     req, _ = _request("POST", "/v1/chat/completions", {}, [named])
     assert asyncio.run(routing_key(planner, req, named, 5)) == planner.registry.info("sentiment").content_id
+
+
+def test_a_key_limited_to_a_namespace_learns_nothing_of_another_at_the_ingress(planner):
+    """`GET /v1/ray/replica?model=b/secret` with a key for namespace a: no adapter id is planned (the same
+    answer as for a skill that does not exist), and the replica's list of every adapter it holds is refused;
+    inference is planned with the key's namespace, as the replica plans it."""
+    from fastapi.testclient import TestClient
+
+    from server.ray_app import mosaic_app
+    from server.ray_routing import ADAPTER_HEADER, INFO_PATH, adapter_header, admitted_body, routing_key
+
+    app = mosaic_app(planner.settings)
+    app.state.mosaic = planner
+    planner.registry.add("a/mine", LoraAdapter.from_dir(DEMO / "uppercase"))
+    planner.registry.add("b/secret", LoraAdapter.from_dir(DEMO / "json_extract"))
+    secret, mine = planner.registry.info("b/secret").content_id, planner.registry.info("a/mine").content_id
+    team_a, _ = planner.keys.create("team-a", ["read", "inference"], namespace="a")
+    reader, _ = planner.keys.create("viewer", ["read", "inference"])
+    as_a, as_reader = {"authorization": f"Bearer {team_a}"}, {"authorization": f"Bearer {reader}"}
+
+    def key_for(headers, method="GET", path=INFO_PATH, query="", body=b""):
+        req, _ = _request(method, path, headers, [body], query)
+        assert asyncio.run(admitted_body(app, req)) == body  # past the key check (both keys may read and infer)
+        return asyncio.run(routing_key(planner, req, body, 5)), req.scope
+
+    # the exact request, and its control: a skill of another namespace, and one that does not exist
+    assert key_for(as_a, query="model=b/secret")[0] == "" and key_for(as_a, query="model=b/ghost")[0] == ""
+    assert key_for(as_reader, query="model=b/secret")[0] == secret  # a key for the whole library: routed
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for model in ("b/secret", "sentiment", "auto"):
+        body = json.dumps({**chat, "model": model}).encode()
+        assert key_for(as_a, "POST", "/v1/chat/completions", body=body)[0] == ""
+    own = json.dumps({**chat, "model": "a/mine"}).encode()
+    assert key_for(as_a, "POST", "/v1/chat/completions", body=own)[0] == mine
+    # the replica's own answer: every adapter it holds spans the library
+    class Replica:  # what MosaicReplica.info tells, without Ray
+        @staticmethod
+        async def info() -> dict:
+            return {"adapters": [secret]}
+
+    app.state.ray_replica = Replica
+    replica = TestClient(app, client=("10.0.0.9", 40000))  # no lifespan: the planner is the service
+    r = replica.get(INFO_PATH, params={"model": "b/secret"}, headers=as_a)
+    assert r.status_code == 403 and secret not in r.text, r.text
+    assert replica.get(INFO_PATH, headers=as_reader).json() == {"adapters": [secret]}
+    # the routing id goes back only to callers who may read the library, and only on a success
+    _, scope = key_for(as_reader, query="model=b/secret")
+    assert adapter_header(planner, scope, 200, secret) == {ADAPTER_HEADER: secret}
+    assert adapter_header(planner, scope, 403, secret) == {}
+    _, anonymous = key_for({}, "POST", "/v1/chat/completions", body=json.dumps({**chat, "model": "sentiment"}).encode())
+    assert adapter_header(planner, anonymous, 200, "x") == {}  # inference is open, reading is not
 
 
 def test_replica_placement_rules():
