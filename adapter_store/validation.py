@@ -211,7 +211,7 @@ def _check_config(config: dict, max_rank: int) -> list[str]:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         problems.append(f"r must be a positive integer, got {r!r}")
     elif r > max_rank:
-        problems.append(f"rank r={r} exceeds the maximum {max_rank}")
+        problems.append(f"rank r={r} exceeds the maximum {max_rank} (setting MOSAIC_MAX_ADAPTER_RANK)")
     alpha = config.get("lora_alpha")
     if not _finite_number(alpha):
         problems.append(f"lora_alpha must be a finite number, got {alpha!r}")
@@ -324,6 +324,6 @@ def _check_tensors(config: dict, tensors: dict[str, torch.Tensor], spec: BaseMod
             expected = None
         if expected is not None and r != expected:
             problems.append(f"{module}: tensor rank {r} differs from the config's rank {expected}")
-        if r > max_rank:
-            problems.append(f"{module}: rank {r} exceeds the maximum {max_rank}")
+        if r > max_rank and expected is None:  # otherwise the config's r or rank_pattern already says so
+            problems.append(f"{module}: rank {r} exceeds the maximum {max_rank} (setting MOSAIC_MAX_ADAPTER_RANK)")
     return problems

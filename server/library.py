@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from itertools import zip_longest
 from typing import Annotated
 
 from fastapi import Query
@@ -11,7 +12,7 @@ from fastapi import Query
 from adapter_store.adapter import LoraAdapter
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
-from adapter_store.validation import BaseModelSpec, validate_adapter
+from adapter_store.validation import BaseModelSpec, TextLimits, validate_adapter
 from composer import ComposeReport, Composition
 from server.compose_budget import Composer
 from server.quality import Answer, Weigh, check_min_agreement, quality_report
@@ -42,7 +43,7 @@ def store_composed(
     """Validate ``comp``'s result (composed from ``infos``) like an upload, and store it as a new skill."""
     adapter, report = composed
     validate_adapter(adapter, spec, max_rank=max_rank, name=name)
-    examples = examples or [e for i in infos for e in i.examples]
+    examples = examples or inherited_examples(infos, TextLimits().examples)
     if comp.context_aware:
         description = description or "Context-aware composition of " + ", ".join(i.ref for i in infos) + \
             " (weights chosen per prompt)"
@@ -56,6 +57,12 @@ def store_composed(
             **({"quality": quality} if quality is not None else {}), **(extra or {}),
         },
     )
+
+
+def inherited_examples(infos: list[SkillInfo], limit: int) -> list[str]:
+    """The input skills' example prompts, taken in turn from each (so every input keeps a share), at most ``limit``."""
+    taken = [e for group in zip_longest(*(i.examples for i in infos)) for e in group if e is not None]
+    return list(dict.fromkeys(taken))[:limit]
 
 
 async def create_and_store(
