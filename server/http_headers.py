@@ -48,6 +48,13 @@ def _with_frame_rules(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     return out
 
 
+def forbid_framing(response):
+    """``response`` (a Starlette response) with the framing rules, for answers made outside the app's
+    middleware (the Ray ingress's own)."""
+    response.raw_headers[:] = _with_frame_rules(list(response.raw_headers))
+    return response
+
+
 class NoFraming:
     """ASGI middleware: the framing rules on every HTTP response that passes through it (placed outside
     everything else, see server/app.py, so 401s, 413s, 500s and mounted apps get them too)."""

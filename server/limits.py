@@ -134,29 +134,46 @@ class BodySizeLimit:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit, setting = body_limit(self.settings, scope)
-        if (refused := declared_too_large(scope, limit, setting)) is not None:
+        meter = BodyMeter(self.settings, scope)
+        if (refused := meter.declared()) is not None:
             return await refused(scope, receive, send)
-        seen = values = 0
-        media = _media_type(scope)  # FastAPI parses a body without a content type as JSON too
-        json_body = media == "" or media.endswith("json")
 
         async def counted():
-            nonlocal seen, values
             message = await receive()
-            if message["type"] == "http.request":
-                chunk = message.get("body", b"")
-                seen += len(chunk)
-                if seen > limit:
-                    raise BodyTooLarge(seen, limit, setting)
-                if json_body:  # an upper bound of its values, at memchr speed: parsing is what would cost
-                    values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
-                    if values > self.settings.max_json_values:
-                        raise BodyTooLarge(values, self.settings.max_json_values, "MOSAIC_MAX_JSON_VALUES",
-                                           "JSON values (commas and brackets)")
+            if message["type"] == "http.request" and (over := meter.add(message.get("body", b""))) is not None:
+                raise over
             return message
 
         await self.app(scope, counted, send)
+
+
+class BodyMeter:
+    """One request's body measured as it arrives: its bytes against the route's limit (``max_upload_mb`` or
+    ``max_request_mb``) and, for a JSON body, its values against ``max_json_values`` (an upper bound
+    counted as commas and brackets at memchr speed: parsing is what would cost)."""
+
+    def __init__(self, settings: Settings, scope) -> None:
+        self.settings, self.scope = settings, scope
+        self.limit, self.setting = body_limit(settings, scope)
+        media = _media_type(scope)  # FastAPI parses a body without a content type as JSON too
+        self.json = media == "" or media.endswith("json")
+        self.bytes = self.values = 0
+
+    def declared(self):
+        """The 413 answer when the declared Content-Length is already over the limit (None otherwise)."""
+        return declared_too_large(self.scope, self.limit, self.setting)
+
+    def add(self, chunk: bytes) -> BodyTooLarge | None:
+        """The error once the body is over a limit, counting ``chunk`` (None while it is within them)."""
+        self.bytes += len(chunk)
+        if self.bytes > self.limit:
+            return BodyTooLarge(self.bytes, self.limit, self.setting)
+        if self.json:
+            self.values += chunk.count(b",") + chunk.count(b"[") + chunk.count(b"{")
+            if self.values > self.settings.max_json_values:
+                return BodyTooLarge(self.values, self.settings.max_json_values, "MOSAIC_MAX_JSON_VALUES",
+                                    "JSON values (commas and brackets)")
+        return None
 
 
 def _media_type(scope) -> str:
@@ -180,4 +197,9 @@ def declared_too_large(scope, limit: int, setting: str):
 
 def too_large(size: int, limit: int, setting: str):
     """The 413 for a body of ``size``+ bytes over ``limit``, in OpenAI's error shape."""
-    return error_response(413, BodyTooLarge(size, limit, setting).detail, "invalid_request_error", "413")
+    return refusal(BodyTooLarge(size, limit, setting))
+
+
+def refusal(exc: BodyTooLarge):
+    """``exc`` as its 413 answer, in OpenAI's error shape."""
+    return error_response(413, exc.detail, "invalid_request_error", "413")

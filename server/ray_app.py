@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.auth import require_scope, whole_library
+from server.http_headers import forbid_framing
 from server.ray_routing import (INFO_PATH, REPLICA_HEADER, RayOptions, adapter_header, admitted_body, cpu_list, failed,
                                 redis_elsewhere, rest, routing_key)
 
@@ -94,6 +95,9 @@ class MosaicIngress:
         threading.Thread(target=_warm_router, args=(self.service,), daemon=True).start()
 
     async def __call__(self, request: Request) -> Response:
+        return forbid_framing(await self._answer(request))  # the ingress's own answers (401, 413, 503) too
+
+    async def _answer(self, request: Request) -> Response:
         body = await admitted_body(self.app, request)
         if isinstance(body, Response):
             return body

@@ -52,14 +52,13 @@ async def admitted_body(app, request: Request) -> bytes | Response:
     scope = request.scope
     if (refused := auth.refusal(app, scope)) is not None:
         return refused
-    limit, setting = limits.body_limit(app.state.mosaic.settings, scope)
-    if (refused := limits.declared_too_large(scope, limit, setting)) is not None:
+    meter = limits.BodyMeter(app.state.mosaic.settings, scope)
+    if (refused := meter.declared()) is not None:
         return refused
-    chunks, seen = [], 0
+    chunks = []
     async for chunk in request.stream():
-        seen += len(chunk)
-        if seen > limit:
-            return limits.too_large(seen, limit, setting)
+        if (over := meter.add(chunk)) is not None:
+            return limits.refusal(over)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -96,12 +95,15 @@ async def adapter_key(service, path: str, body: bytes, namespace: str | None = N
 
     from composer.spec import Composition
     from server.openai_endpoints import endpoint
+    from server.openai_front import loads
     from server.openai_plan import plan_for
 
     try:
-        data = json.loads(body)
+        data = loads(body)
         if not isinstance(data, dict):
             return ""
+        for check in (limits.check_raw_prompts, limits.check_raw_messages):  # as the replica does, before validating
+            check(service.settings, data)
         ep = endpoint(kind)
         raw = data.pop("composition", None)
         req = ep.protocol(data).model_validate(data)

@@ -192,3 +192,17 @@ def test_redoc_gets_inline_styles_and_its_search_worker_but_no_inline_script(app
     assert policy["style-src"] == "'self' 'unsafe-inline'"  # ReDoc writes its styles at run time
     assert policy["worker-src"] == "'self' blob:"  # its search index runs in a worker made from a blob
     assert "fonts.googleapis" not in r.text and '<redoc spec-url="/openapi.json">' in r.text
+
+
+def test_answers_made_outside_the_app_get_the_framing_rules_too():
+    """The Ray ingress answers some requests itself (401, 413, a replica's failure as a 503)."""
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    from server.http_headers import forbid_framing
+
+    for response in (JSONResponse({"error": {}}, status_code=413),
+                     StreamingResponse(iter([b"x"]), headers={"x-frame-options": "SAMEORIGIN",
+                                                             "content-security-policy": "default-src 'self'"})):
+        headers = forbid_framing(response).headers
+        assert headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert len(headers.getlist("x-frame-options")) == 1

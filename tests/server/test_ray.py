@@ -137,6 +137,27 @@ def test_the_ingress_checks_the_key_and_the_size_before_it_reads_a_body(planner)
     token, _ = planner.keys.create("reader", scopes=["read"])
     answer, reads = admit("POST", "/v1/adapters", {"authorization": f"Bearer {token}"}, [b"x"])
     assert answer.status_code == 403 and not reads
+    # a JSON body's values are counted as it arrives, as the replica counts them (MOSAIC_MAX_JSON_VALUES)
+    ids = json.dumps({"model": "sentiment", "prompt": [1] * 200_000}).encode()
+    answer, reads = admit("POST", "/v1/completions", {"content-type": "application/json"},
+                          [ids[i:i + 100_000] for i in range(0, len(ids), 100_000)])
+    assert answer.status_code == 413 and "MOSAIC_MAX_JSON_VALUES" in json.loads(answer.body)["error"]["message"]
+    assert len(reads) < 6  # refused once over, not after reading the rest
+
+
+def test_the_ingress_counts_a_prompt_before_it_validates_or_decodes_it(planner, monkeypatch):
+    """A body the replica refuses for its size is not validated by vLLM's model nor decoded at the ingress:
+    it goes to any replica (no model id), which answers its 400."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    def not_validated(*a, **kw):
+        raise AssertionError("validated at the ingress")
+
+    monkeypatch.setattr(CompletionRequest, "model_validate", not_validated)
+    for body in ({"model": "sentiment", "prompt": [1] * 100_000}, {"model": "sentiment", "prompt": [[1]] * 60_000},
+                 {"model": "sentiment", "prompt": "a" * 200_000}):
+        assert _key(planner, "/v1/completions", body) == ""
+    assert _key(planner, "/v1/chat/completions", {"model": "sentiment", "messages": [{"role": "user", "content": "x"}] * 2000}) == ""
 
 
 def test_planning_at_the_ingress_is_bounded(planner):
