@@ -45,7 +45,8 @@ from adapter_store.adapter import LoraAdapter, factor_key
 from adapter_store.library_view import LibraryView
 from adapter_store.registry import Registry
 from bench.scoring import percentile
-from router.psec import EMB_KEY, PsecRouter
+from router.embeddings import EMB_KEY
+from router.psec import PsecRouter
 from server.settings import get_settings
 
 REPORTS = Path(__file__).resolve().parent / "reports"

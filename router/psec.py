@@ -47,7 +47,7 @@ from sklearn.linear_model import LogisticRegression
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo, parse_ref
 from composer.spec import Composition
-from router.embeddings import EMB_KEY, EmbeddingCache  # noqa: F401 (EMB_KEY: also read from here)
+from router.embeddings import EmbeddingCache
 from router.encoder import Encoder, MiniLMEncoder
 from router.model import RouterModel, has_network, profile_key
 from router.plan import Plan

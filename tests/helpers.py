@@ -9,6 +9,7 @@ import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -68,6 +69,23 @@ def run_cli(env: dict[str, str], *args: str) -> CliResult:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+@contextmanager
+def reference_app(redis_client: redis.Redis, **settings):
+    """A test client of the whole app on the reference engine (``MOSAIC_ENGINE=hf``), under a Redis prefix of
+    its own (dropped afterwards), calling from a loopback address; ``settings`` override the defaults."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    prefix = new_prefix()
+    try:
+        with TestClient(create_app(Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix, **settings)),
+                        client=LOCAL, base_url=LOCAL_URL) as client:
+            yield client
+    finally:
+        drop_prefix(redis_client, prefix)
 
 
 def drop_prefix(client: redis.Redis, prefix: str) -> None:

@@ -3,26 +3,17 @@ exact requests; the engine is the reference one, these never reach it)."""
 
 import json
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
-from server.app import create_app
-from server.settings import Settings
-from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
+from tests.helpers import reference_app
 
 
 @pytest.fixture(scope="module")
 def client(redis_client):
-    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
-    try:
-        with TestClient(create_app(Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix)),
-                        client=LOCAL, base_url=LOCAL_URL) as c:
-            yield c
-    finally:
-        drop_prefix(redis_client, prefix)
+    with reference_app(redis_client) as c:
+        yield c
 
 
 def _refused(r, status: int = 400) -> dict:

@@ -7,17 +7,13 @@ from __future__ import annotations
 import json
 import re
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from adapter_store.adapter import LoraAdapter
-from server.app import create_app
-from server.settings import Settings
-from tests.helpers import DEMO, LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
+from tests.helpers import DEMO, reference_app
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW = re.compile(r"^\| (?P<endpoint>[^|]+) \| (?P<what>[^|]+) \| `(?P<setting>MOSAIC_[A-Z_]+)` \| (?P<default>[^|]+) \| (?P<status>\d{3}) \|$")
@@ -31,20 +27,15 @@ def table() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def client(redis_client):
-    prefix = f"mosaic-test-{uuid.uuid4().hex[:10]}"
-    try:
-        with TestClient(create_app(Settings(engine="hf", redis_url=TEST_REDIS_URL, redis_prefix=prefix)),
-                        client=LOCAL, base_url=LOCAL_URL) as c:
-            service = c.app.state.mosaic
-            for name in ("sentiment", "uppercase"):
-                service.registry.add(name, LoraAdapter.from_dir(DEMO / name))
-            deadline = time.monotonic() + 300
-            while c.get("/health").status_code != 200:
-                assert time.monotonic() < deadline, c.get("/health").text
-                time.sleep(0.5)
-            yield c
-    finally:
-        drop_prefix(redis_client, prefix)
+    with reference_app(redis_client) as c:
+        service = c.app.state.mosaic
+        for name in ("sentiment", "uppercase"):
+            service.registry.add(name, LoraAdapter.from_dir(DEMO / name))
+        deadline = time.monotonic() + 300
+        while c.get("/health").status_code != 200:
+            assert time.monotonic() < deadline, c.get("/health").text
+            time.sleep(0.5)
+        yield c
 
 
 def _chat(c, base: str, **body):
