@@ -46,7 +46,7 @@ def add(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Validate an adapter and store it as the next version of NAME."""
-    from adapter_store.validation import validate_files
+    from adapter_store.validation import check_text, validate_files
     from server.uploads import unpack
 
     if not directory.exists():
@@ -58,15 +58,17 @@ def add(
     meta = _read_dir_meta(directory) if directory.is_dir() else {}
     examples = list(example or []) + (_read_examples_file(examples_file) if examples_file else [])
     examples = examples or list(meta.get("examples", []))
+    description = description or meta.get("description", "")
     reg = registry()
-    s = settings()
+    s = settings()  # the same limits as an upload over HTTP
+    check_text(s.text_limits(), description=description, examples=examples, tags=tag or [])
     payload = unpack(files, s.max_upload_mb * 1024 * 1024)
-    adapter = validate_files(payload, base_spec(), max_rank=s.max_adapter_rank, name=name)
+    adapter = validate_files(payload, base_spec(), max_rank=s.max_adapter_rank, name=name, max_tensors=s.max_tensors)
     if if_changed and reg.exists(name) and reg.info(name).same_content(adapter):
         info = reg.info(name)
         message = f"{info.ref} unchanged"
     else:
-        info = reg.add(name, adapter, description=description or meta.get("description", ""), examples=examples, tags=tag or [])
+        info = reg.add(name, adapter, description=description, examples=examples, tags=tag or [])
         message = f"stored [bold]{info.ref}[/] (rank {info.rank}, {info.size:,} bytes, sha256 {info.sha256[:12]}…)"
     if as_json:
         print_json(info.model_dump())

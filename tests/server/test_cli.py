@@ -95,6 +95,11 @@ def test_wrong_arguments_fail_clearly(env, tmp_path, base_spec):
     r = run_cli(env, "skills", "add", str(d), "--name", "bad name")
     assert r.returncode == 1 and "not allowed" in r.stderr and "differs from the config's rank 3" in r.stderr
     assert json.loads(run_cli(env, "skills", "list", "--json").stdout) == []
+    r = run_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "x", *["--example", "e"] * 65)  # as over HTTP
+    assert r.returncode == 1 and "MOSAIC_MAX_EXAMPLES_PER_SKILL" in r.stderr
+    r = run_cli({**env, "MOSAIC_MAX_TENSORS": "4"}, "skills", "add", str(DEMO / "sentiment"), "--name", "x")
+    assert r.returncode == 1 and "MOSAIC_MAX_TENSORS" in r.stderr
+    assert json.loads(run_cli(env, "skills", "list", "--json").stdout) == []
     r = run_cli(env, "skills", "show", "ghost")
     assert r.returncode == 1 and "does not exist" in r.stderr
     methods = json.loads(run_cli(env, "compose", "--list-methods", "--json").stdout)
