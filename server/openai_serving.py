@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
-from adapter_store.errors import InvalidRequestError, UnavailableError
+from adapter_store.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server import auth, hf_openai
 from server.disconnect import ClientGone, unless_disconnected
 from server.engine import EngineAdapter
@@ -72,9 +72,9 @@ async def serve(request: Request, kind: str) -> Response:
         raise UnavailableError("the engine is not ready yet (it is starting or has failed)")
     check_limits(service, ep, req, composition, request.state.sent_fields)
     client_model = req.model or service.base_id  # the name the response reports
-    plan = await plan_for(service, client_model, composition, ep.routed(service, req), auth.namespace(request))
     try:  # a composition may take a while: if the client leaves first, its work is abandoned
-        adapter, info = await unless_disconnected(request, serve_plan(service, plan))
+        adapter, info = await unless_disconnected(request, planned(service, request, client_model, composition,
+                                                                   ep.routed(service, req)))
     except ClientGone:
         return Response(status_code=499)
     # the adapter holds its folder on disk while it lives (server/folders.py): kept with the request, it lives
@@ -105,6 +105,20 @@ async def serve(request: Request, kind: str) -> Response:
         except Exception as exc:  # vLLM's own server turns these into responses in its exception handlers
             result = vllm_error(exc)
     return respond(result, ep, served_name, client_model, mosaic, headers, observed)
+
+
+async def planned(service: Service, request: Request, model: str, composition, text: str):
+    """The plan's adapter and what serves it. ``auto`` may choose a skill that is deleted before its adapter
+    is built: the router then decides again, once, on the library as it is now (the client named a valid
+    model; a 404 for a skill it never named would be wrong)."""
+    namespace = auth.namespace(request)
+    plan = await plan_for(service, model, composition, text, namespace)
+    try:
+        return await serve_plan(service, plan)
+    except NotFoundError:
+        if model != "auto" or composition is not None:
+            raise
+    return await serve_plan(service, await plan_for(service, model, composition, text, namespace))
 
 
 def ask_usage(req) -> bool:

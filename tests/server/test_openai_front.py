@@ -327,3 +327,30 @@ def test_json_bodies_are_counted_while_they_arrive():
     assert asyncio.run(run(json.dumps({"prompt": [1] * 101}).encode())) == 413
     assert asyncio.run(run(json.dumps({"prompt": [1] * 101}).encode(), b"")) == 413  # FastAPI parses it as JSON too
     assert asyncio.run(run(b"a,b," * 100, b"multipart/form-data; boundary=x")) == 200  # an upload is not JSON
+
+
+def test_auto_decides_again_when_its_choice_is_deleted_before_it_is_served(monkeypatch):
+    """The load test's churn: ``auto`` chose a skill deleted a moment later; the client named a valid model."""
+    from adapter_store.errors import NotFoundError
+
+    decided, served = [], []
+
+    async def plan_for(service, model, composition, text, namespace):
+        decided.append(model)
+        return f"plan{len(decided)}"
+
+    async def serve_plan(service, plan):
+        served.append(plan)
+        if plan == "plan1":
+            raise NotFoundError("the skill 'churn-1' does not exist")
+        return "adapter", plan
+
+    monkeypatch.setattr(openai_serving, "plan_for", plan_for)
+    monkeypatch.setattr(openai_serving, "serve_plan", serve_plan)
+    request = SimpleNamespace(scope={})
+    assert asyncio.run(openai_serving.planned(None, request, "auto", None, "hi")) == ("adapter", "plan2")
+    assert decided == ["auto", "auto"] and served == ["plan1", "plan2"]
+    decided.clear()
+    with pytest.raises(NotFoundError):  # a skill the client named is its own mistake
+        asyncio.run(openai_serving.planned(None, request, "sentiment", None, "hi"))
+    assert decided == ["sentiment"]
