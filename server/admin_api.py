@@ -167,7 +167,8 @@ async def create_composition(body: CompositionRequest, request: Request):
             service.registry, service.base_spec, comp, body.name, body.description, body.examples,
             max_rank=service.settings.max_adapter_rank, answer=engine_answerer(service),
             weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
-            quality_prompts=body.quality_prompts, min_agreement=body.min_agreement, composer=service.cache.composer))
+            quality_prompts=body.quality_prompts, min_agreement=body.min_agreement, composer=service.cache.composer,
+            text=service.settings.text_limits()))
     except ClientGone:
         return Response(status_code=499)
 

@@ -43,6 +43,7 @@ def settle_heap() -> None:
     """Move what is alive now (the model, the engine, the imported libraries: millions of objects) out of
     the cyclic garbage collector's reach. A request that allocates many objects (a large JSON body) would
     otherwise trigger full collections that scan all of it, blocking the event loop for 100 ms or more."""
+    gc.unfreeze()  # a restarted engine: what the stopped one left behind is collected, not frozen for good
     gc.collect()
     gc.freeze()
 

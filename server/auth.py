@@ -119,7 +119,10 @@ def _offered_namespace(service, headers) -> str | None:
     token = _presented_key(headers)
     if not token.startswith(KEY_PREFIX):
         return None
-    key = service.keys.lookup(token)
+    try:
+        key = service.keys.lookup(token)
+    except (redis.RedisError, OSError):  # Redis away: open inference keeps serving what it can, unlimited as a keyless call
+        return None
     return key.namespace if key is not None else None
 
 

@@ -38,19 +38,20 @@ def stored_form(comp: Composition) -> Composition:
 def store_composed(
     registry: Registry, spec: BaseModelSpec, comp: Composition, infos: list[SkillInfo],
     composed: tuple[LoraAdapter, ComposeReport], name: str, description: str = "", examples: list[str] | None = None,
-    *, max_rank: int, quality: dict | None = None, extra: dict | None = None,
+    *, max_rank: int, quality: dict | None = None, extra: dict | None = None, text: TextLimits = TextLimits(),
 ) -> SkillInfo:
-    """Validate ``comp``'s result (composed from ``infos``) like an upload, and store it as a new skill."""
+    """Validate ``comp``'s result (composed from ``infos``) like an upload, and store it as a new skill; what
+    it inherits of its inputs' text (example prompts, a description naming them) within ``text``'s limits."""
     adapter, report = composed
     validate_adapter(adapter, spec, max_rank=max_rank, name=name)
-    examples = examples or inherited_examples(infos, TextLimits().examples)
+    examples = examples or inherited_examples(infos, text.examples)
     if comp.context_aware:
         description = description or "Context-aware composition of " + ", ".join(i.ref for i in infos) + \
             " (weights chosen per prompt)"
     else:
         description = description or "Composition of " + ", ".join(f"{w:g}×{i.ref}" for w, i in zip(comp.resolved_weights, infos))
     return registry.add(
-        name, adapter, description=description, examples=examples, origin="composition",
+        name, adapter, description=description[:text.description_chars], examples=examples, origin="composition",
         composition={
             **comp.model_dump(mode="json"), "skills": [i.ref for i in infos], "sha256": [i.sha256 for i in infos],
             "refactored": report.refactored, "relative_error": report.relative_error,
@@ -69,7 +70,7 @@ async def create_and_store(
     registry: Registry, spec: BaseModelSpec, comp: Composition, name: str, description: str = "",
     examples: list[str] | None = None, *, max_rank: int, answer: Answer, weigh: Callable[[Composition], Weigh],
     engine: str, quality_prompts: int = 8, min_agreement: float | None = None, extra: dict | None = None,
-    composer: Composer | None = None,
+    composer: Composer | None = None, text: TextLimits = TextLimits(),
 ) -> SkillInfo:
     """Pin the skills to their current versions, check the composition against ``composer``'s budget (none: the
     CLI's, unbounded), measure the quality report (unless ``quality_prompts`` is 0 and no ``min_agreement`` is
@@ -89,4 +90,4 @@ async def create_and_store(
     infos, adapters = zip(*[await asyncio.to_thread(registry.load, i.ref) for i in infos])
     composed = await composer.compose(stored_form(comp), infos, adapters, max_rank=max_rank)
     return await asyncio.to_thread(store_composed, registry, spec, comp, list(infos), composed, name, description,
-                                   examples, max_rank=max_rank, quality=quality, extra=extra)
+                                   examples, max_rank=max_rank, quality=quality, extra=extra, text=text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapter_store.errors import InvalidRequestError
@@ -155,8 +156,9 @@ class BodyMeter:
     def __init__(self, settings: Settings, scope) -> None:
         self.settings, self.scope = settings, scope
         self.limit, self.setting = body_limit(settings, scope)
-        media = _media_type(scope)  # FastAPI parses a body without a content type as JSON too
-        self.json = media == "" or media.endswith("json")
+        # JSON or not, a body is counted unless it is a form (an upload): a request with two content types, or
+        # none (FastAPI parses that as JSON), must not slip past the count
+        self.json = not _media_type(scope).startswith(("multipart/", "application/x-www-form-urlencoded"))
         self.bytes = self.values = 0
 
     def declared(self):
@@ -177,7 +179,8 @@ class BodyMeter:
 
 
 def _media_type(scope) -> str:
-    return dict(scope["headers"]).get(b"content-type", b"").split(b";", 1)[0].strip().lower().decode("latin-1")
+    """The request's media type as Starlette reads it (the first Content-Type header)."""
+    return Headers(scope=scope).get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def body_limit(settings: Settings, scope) -> tuple[int, str]:

@@ -123,13 +123,11 @@ def prompt_count(req: Any) -> int:
 
 
 def generated_tokens(settings: Settings, req: Any) -> int:
-    """The most tokens one choice may generate: the request's max_tokens (whichever field it uses, its default
-    included), or, when it has none, what the engine gives it (MOSAIC_MAX_TOKENS_LIMIT, within the context)."""
-    for name in MAX_TOKENS_FIELDS:
-        value = vars(req).get(name)
-        if isinstance(value, int):
-            return value
-    return min(settings.max_model_len - 1, settings.max_tokens_limit)
+    """The most tokens one choice may generate: the largest of the request's max_tokens fields (vLLM's chat
+    reads max_completion_tokens before max_tokens; a default counts), or, when it has none, what the engine
+    gives it (MOSAIC_MAX_TOKENS_LIMIT, within the context)."""
+    values = [v for name in MAX_TOKENS_FIELDS if isinstance(v := vars(req).get(name), int)]
+    return max(values) if values else min(settings.max_model_len - 1, settings.max_tokens_limit)
 
 
 def prompt_token_counts(service: Service, req: Any) -> list[int]:

@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Literal
 
@@ -65,11 +66,24 @@ def _jobs(request: Request) -> dict[str, OptimizeJob]:
     return state.optimize_jobs
 
 
-def _check_slot(jobs: dict[str, OptimizeJob], namespace: str | None) -> None:
-    """One search at a time per namespace (keys without one, the root's included, share theirs)."""
-    if any(j.state == "running" and j.namespace == namespace for j in jobs.values()):
+def _check_slot(jobs: dict[str, OptimizeJob], namespace: str | None, most: int) -> None:
+    """One search at a time per namespace (keys without one, the root's included, share theirs), and at most
+    ``most`` in all (MOSAIC_MAX_SEARCHES: each holds one of the searches' own threads for up to an hour)."""
+    running = [j for j in jobs.values() if j.state == "running"]
+    if any(j.namespace == namespace for j in running):
         whose = f"namespace {namespace!r}" if namespace is not None else "keys without a namespace"
         raise ConflictError(f"a weight search is already running for {whose}: wait for it or cancel it")
+    if len(running) >= most:
+        raise ConflictError(f"{len(running)} weight searches are running, the most this server runs at once "
+                            "(setting MOSAIC_MAX_SEARCHES): wait for one to end")
+
+
+def _search_threads(request: Request, most: int) -> ThreadPoolExecutor:
+    """The searches' own threads: a long search never takes one of the threads that requests' work waits on."""
+    state = request.app.state
+    if not hasattr(state, "search_threads"):
+        state.search_threads = ThreadPoolExecutor(max_workers=most, thread_name_prefix="mosaic-search")
+    return state.search_threads
 
 
 async def start(request: Request, service: Service, comp: Composition, options: OptimizeOptions, *, name: str,
@@ -77,13 +91,13 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     """Check the search (its skills exist, each evaluation's composition is within the compose budget, its
     examples within their limits), then start it: the namespace's slot is claimed after the last await, so two
     requests cannot both run one."""
-    jobs, namespace = _jobs(request), auth.namespace(request)
-    _check_slot(jobs, namespace)
+    jobs, namespace, most = _jobs(request), auth.namespace(request), service.settings.max_searches
+    _check_slot(jobs, namespace, most)
     infos = [await service.cache.resolve(ref) for ref in comp.skills]  # a missing skill is a 404 now, not a failed job later
     service.cache.composer.check(comp, infos)  # each evaluation composes it
     tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
     await asyncio.to_thread(check_job, options, infos, service.settings, tokenizer)
-    _check_slot(jobs, namespace)
+    _check_slot(jobs, namespace, most)
     job = OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills), started=time.time(),
                       progress={"done": 0, "budget": options.budget}, namespace=namespace)
     jobs[job.id] = job
@@ -96,13 +110,16 @@ async def start(request: Request, service: Service, comp: Composition, options: 
         create_and_store, service.registry, service.base_spec, name=name, description=description, examples=examples,
         max_rank=service.settings.max_adapter_rank, answer=engine_answerer(service),
         weigh=lambda c: (lambda text: service.route_within(text, c)), engine=service.settings.engine,
-        quality_prompts=quality_prompts, min_agreement=min_agreement, composer=service.cache.composer)
-    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, cancels[job.id], store)))
+        quality_prompts=quality_prompts, min_agreement=min_agreement, composer=service.cache.composer,
+        text=service.settings.text_limits())
+    threads = _search_threads(request, most)
+    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, cancels[job.id], store,
+                                                                     threads)))
     return job
 
 
 async def _run(service: Service, job: OptimizeJob, comp: Composition, options: OptimizeOptions, stop: threading.Event,
-               store: Callable[..., Awaitable[SkillInfo]]) -> None:
+               store: Callable[..., Awaitable[SkillInfo]], threads: ThreadPoolExecutor) -> None:
     """The search in a worker thread (each candidate composed on the server's compose threads), then
     ``store(learned, extra=...)``; DELETE sets ``stop``."""
     def progress(done: int, trial: Trial, best: Trial) -> None:
@@ -114,9 +131,9 @@ async def _run(service: Service, job: OptimizeJob, comp: Composition, options: O
 
     try:
         model = await asyncio.to_thread(service.reference_model)
-        learned, result = await asyncio.to_thread(
+        learned, result = await asyncio.get_running_loop().run_in_executor(threads, partial(
             optimize_composition, service.registry, comp, options, model, pick_for,
-            max_rank=service.settings.max_adapter_rank, progress=progress, stop=stop, composer=service.cache.composer)
+            max_rank=service.settings.max_adapter_rank, progress=progress, stop=stop, composer=service.cache.composer))
         if result.cancelled:
             job.state = "cancelled"
             return

@@ -101,10 +101,11 @@ class Settings(BaseSettings):
     # bundled model on 2 CPU cores (~100 tokens/s measured), three LoraHub-sized searches (40 × 20 × 200)
     max_examples: int = Field(default=256, ge=1)
     max_job_tokens: int = Field(default=500_000, ge=1)
+    max_searches: int = Field(default=2, ge=1)  # searches running at once, all namespaces (409 beyond)
     # what past requests leave behind, least recently used out first: composition results in Redis
     # (shared by replicas) and the engine's adapter folders on each replica's disk
     composition_cache_mb: int = Field(default=1024, ge=0)
-    adapter_disk_mb: int = Field(default=8192, ge=0)  # folders in use included: one that does not fit is a 503
+    adapter_disk_mb: int = Field(default=8192, ge=1)  # folders in use included: one that does not fit is a 503
     # a folder used in the last this many seconds is not removed to make room: what an engine handed its path
     # needs to load it (a request holds its own folder until its response is sent, however long that takes)
     adapter_grace_seconds: float = Field(default=60.0, ge=0.0)

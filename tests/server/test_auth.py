@@ -342,3 +342,18 @@ def test_an_answer_shows_the_routers_scores_only_to_readers(served, engine):  # 
     assert r.status_code == 200, r.text
     for shown in (r.json()["mosaic"], json.loads(r.headers["x-mosaic-plan"])):
         assert shown["skills"] == ["sentiment@1"] and "scores" not in shown and "json_extract" not in json.dumps(shown)
+
+
+def test_a_key_sent_to_open_inference_while_redis_is_away_does_not_stop_inference():
+    """Open inference serves what it can while Redis is away; a Mosaic key it cannot look up limits nothing."""
+    from types import SimpleNamespace
+
+    import redis as redis_module
+
+    from server.auth import _offered_namespace
+
+    def away(token):
+        raise redis_module.ConnectionError("Connection refused")
+
+    service = SimpleNamespace(keys=SimpleNamespace(lookup=away))
+    assert _offered_namespace(service, {"authorization": "Bearer mk-abc"}) is None

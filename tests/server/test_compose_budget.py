@@ -205,12 +205,13 @@ def test_one_search_at_a_time_per_namespace(app_factory, monkeypatch):
                                     targets="given", seconds=0.0, cancelled=True)
 
     monkeypatch.setattr(optimize_api, "optimize_composition", held_search)
-    client, keys = app_factory()
+    client, keys = app_factory(max_searches=3)
     with client:
         client.app.state.mosaic.reference_model = lambda: None  # the search above needs no model
-        _add(client, ["a/one", "a/two", "b/one", "b/two"])
+        _add(client, ["a/one", "a/two", "b/one", "b/two", "c/one", "c/two"])
         team_a, _ = keys.create("team-a", ["admin"], namespace="a")
         team_b, _ = keys.create("team-b", ["admin"], namespace="b")
+        team_c, _ = keys.create("team-c", ["admin"], namespace="c")
         root, _ = keys.create("ops", ["admin"])
 
         def search(key, ns, name):
@@ -227,6 +228,8 @@ def test_one_search_at_a_time_per_namespace(app_factory, monkeypatch):
             assert search(root, None, "first").status_code == 202  # the root key: its own slot
             clash = search(root, None, "second")
             assert clash.status_code == 409 and "without a namespace" in clash.json()["error"]["message"], clash.text
+            full = search(team_c, "c", "first")  # three running: the server's own cap, whatever the namespace
+            assert full.status_code == 409 and "MOSAIC_MAX_SEARCHES" in full.json()["error"]["message"], full.text
             jobs = client.get("/v1/compositions/jobs", headers={"Authorization": f"Bearer {team_b}"}).json()
             assert [j["name"] for j in jobs] == ["b/first"] and "namespace" not in jobs[0]
             # cancelled, a's slot is free again

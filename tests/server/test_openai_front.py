@@ -354,3 +354,24 @@ def test_auto_decides_again_when_its_choice_is_deleted_before_it_is_served(monke
     with pytest.raises(NotFoundError):  # a skill the client named is its own mistake
         asyncio.run(openai_serving.planned(None, request, "sentiment", None, "hi"))
     assert decided == ["sentiment"]
+
+
+def test_the_generation_bound_reads_the_largest_max_tokens_field():
+    """vLLM's chat reads max_completion_tokens before max_tokens: a small max_tokens beside it counts for nothing."""
+    req, _ = _parse_now("chat", {**CHAT, "n": 16, "max_tokens": 1, "max_completion_tokens": 2048})
+    assert openai_front.generated_tokens(Settings(), req) == 2048
+    with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_REQUEST_TOKENS"):
+        openai_front.check_limits(_service(max_request_tokens=1000), openai_endpoints.endpoint("chat"), req, None)
+
+
+def test_a_body_with_two_content_types_is_counted_as_starlette_reads_it():
+    from server.limits import BodyMeter
+
+    def meter(*types: bytes) -> BodyMeter:
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                 "headers": [(b"content-type", t) for t in types]}
+        return BodyMeter(Settings(max_json_values=10), scope)
+
+    for types in [(b"application/json", b"text/plain"), (b"text/plain",), (b"application/json",), ()]:
+        assert meter(*types).add(b"[" + b"1," * 20 + b"1]") is not None, types  # counted: 413
+    assert meter(b"multipart/form-data; boundary=x").add(b"," * 100) is None  # an upload is not JSON
