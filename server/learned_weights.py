@@ -50,7 +50,7 @@ class OptimizeOptions(BaseModel):
     l1: float = Field(default=0.05, ge=0.0, description="λ of the L1 penalty on the weights (LoraHub: 0.05)")
     bound: float = Field(default=1.5, gt=0.0, le=10.0, description="each weight is searched in [-bound, bound]")
     examples_per_skill: int = Field(default=5, ge=1, le=64, description="registered examples per skill (no examples given)")
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seed of the search (numpy's range)")
 
     @model_validator(mode="after")
     def _strings_are_prompts(self) -> "OptimizeOptions":

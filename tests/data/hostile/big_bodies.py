@@ -48,6 +48,9 @@ def cases(base: str) -> list[tuple[str, str, str, bytes, int]]:
          lambda: {**chat, "messages": [part] * 20_000}, 400),
         ("a chat whose one message is 8 million characters", "POST", "/v1/chat/completions",
          lambda: {**chat, "messages": [{"role": "user", "content": "a" * 8_000_000}]}, 400),
+        ("a learned-weight search seeded with 2^32 (the stateful fuzz found it: accepted, then the job failed)", "POST",
+         "/v1/compositions", lambda: {"name": "hostile-seed", "skills": ["a", "b"], "quality_prompts": 0,
+                                       "optimize": {"examples": [{"prompt": "p", "answer": "a"}], "seed": 2**32}}, 400),
         ("a composition with 780,000 example prompts", "POST", "/v1/compositions",
          lambda: {"name": "hostile-examples", "skills": ["a", "b"], "examples": ["x"] * 780_000}, 413),
     ]
