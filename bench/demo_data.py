@@ -157,7 +157,7 @@ def exact_match(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-# ---- mixed tasks: prompts that need two demo skills at once (disjoint train/test templates) ----------
+# ---- mixed tasks: prompts that need two or three demo skills at once (disjoint train/test templates) ----
 
 def _reverse_upper(rng: random.Random, split: str) -> tuple[str, str]:
     items = rng.sample(WORDS, rng.randint(3, 4))
@@ -194,15 +194,99 @@ def _french_reverse(rng: random.Random, split: str) -> tuple[str, str]:
     return rng.choice(train if split == "train" else test).format(l=", ".join(colors)), answer
 
 
+OBJECTS = ["car", "bike", "hat", "scarf", "door", "kite", "boat", "lamp"]
+
+
+def _json_french(rng: random.Random, split: str) -> tuple[str, str]:
+    """A format skill and a content skill: JSON whose color field is translated."""
+    name, obj, (en, fr) = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(sorted(FRENCH.items()))
+    train = ["Extract as JSON (name, color in French): {n}'s {o} is {c}.",
+             "Turn this into JSON with name and color, the color translated into French: {n} painted the {o} {c}.",
+             "JSON with the owner's name and the color in French: {n} owns the {c} {o}."]
+    test = ["Give me JSON (name, color in French) for: The {o} that {n} bought is {c}.",
+            "Which name and French color does this mention? Answer as JSON. In {n}'s garage stands the {c} {o}."]
+    answer = json.dumps({"name": name, "color": fr})
+    return rng.choice(train if split == "train" else test).format(n=name, o=obj, c=en), answer
+
+
+def _sentiment_upper(rng: random.Random, split: str) -> tuple[str, str]:
+    """A style skill on a classification: the label in capitals."""
+    positive = rng.random() < 0.5
+    word, thing = rng.choice(GOOD if positive else BAD), rng.choice(THINGS)
+    train = ["Classify the sentiment of this review as positive or negative, in capital letters: {t} was {w}.",
+             "Sentiment (positive/negative), written in upper case? Honestly, {t} was {w}.",
+             "Is this review positive or negative? Reply in capitals. I found {t} {w}."]
+    test = ["In all caps, is this review positive or negative? We thought {t} was really {w}.",
+            "Review: {t} turned out {w}. Positive or negative? Shout the answer in capital letters."]
+    answer = ("positive" if positive else "negative").upper()
+    return rng.choice(train if split == "train" else test).format(t=thing, w=word), answer
+
+
+def _french_reverse_upper(rng: random.Random, split: str) -> tuple[str, str]:
+    """Three skills at once: translate each color, reverse the list, capitalise."""
+    colors = rng.sample(sorted(FRENCH), 3)
+    train = ["Translate each color into French, reverse the list and write it in capital letters: {l}",
+             "French names of these colors, in reverse order and upper case: {l}",
+             "Reverse the list, give each color in French, all in capitals: {l}"]
+    test = ["In capital letters, give these colours in French, last one first: {l}",
+            "Please list these colors backwards in French, uppercased: {l}"]
+    answer = ", ".join(FRENCH[c] for c in reversed(colors)).upper()
+    return rng.choice(train if split == "train" else test).format(l=", ".join(colors)), answer
+
+
+def _email_json(rng: random.Random, split: str) -> tuple[str, str]:
+    """Two extractions into one JSON object (the address is not derived from the name)."""
+    name = rng.choice(NAMES)
+    email = f"{rng.choice(NAMES).lower()}{rng.randint(1, 99)}@{rng.choice(DOMAINS)}"
+    train = ["Extract as JSON (name, email): {n} can be reached at {e} any time.",
+             "Turn this into JSON with name and email: Write to {n} at {e} for info.",
+             "JSON with the person's name and email address: contact {n} ({e}) before Friday."]
+    test = ["Give me JSON (name, email) for: Questions go to {n} via {e}, thanks!",
+            "Which person and email are mentioned here? Answer as JSON. Send the files to {n} at {e}."]
+    answer = json.dumps({"name": name, "email": email})
+    return rng.choice(train if split == "train" else test).format(n=name, e=email), answer
+
+
+def _date_json(rng: random.Random, split: str) -> tuple[str, str]:
+    """JSON whose date field is rewritten as ISO 8601."""
+    name = rng.choice(NAMES)
+    y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
+    train = ["Extract as JSON (name, date of birth as YYYY-MM-DD): {n} was born on {M} {d}, {y}.",
+             "Turn this into JSON with name and ISO birth date: {n}, born {d} {M} {y}, lives nearby.",
+             "JSON with the person's name and birthday in ISO format: {n}'s birthday is {M} {d}, {y}."]
+    test = ["Give me JSON (name, ISO date of birth) for: Born on {d} {M} {y}, {n} grew up here.",
+            "Answer with JSON, name and date of birth in ISO form: {n} came into the world on {M} {d}, {y}."]
+    answer = json.dumps({"name": name, "born": f"{y:04d}-{m:02d}-{d:02d}"})
+    return rng.choice(train if split == "train" else test).format(n=name, M=MONTHS[m - 1], d=d, y=y), answer
+
+
+def _km_reverse(rng: random.Random, split: str) -> tuple[str, str]:
+    """A unit conversion on every item of a list, then the list reversed."""
+    km = rng.sample(range(1, 1000), 3)
+    train = ["Convert each distance to meters and reverse the list: {l}",
+             "Write these distances in meters, in reverse order: {l}",
+             "Reverse the list and express each distance in metres: {l}"]
+    test = ["Please give these distances in meters, last one first: {l}",
+            "In meters, list these distances backwards: {l}"]
+    answer = ", ".join(str(n * 1000) for n in reversed(km))
+    return rng.choice(train if split == "train" else test).format(l=", ".join(f"{n} km" for n in km)), answer
+
+
 MIXED: dict[str, dict] = {
     "reverse_upper": {"make": _reverse_upper, "skills": ("reverse_list", "uppercase")},
     "email_upper": {"make": _email_upper, "skills": ("extract_email", "uppercase")},
     "french_upper": {"make": _french_upper, "skills": ("french_color", "uppercase")},
     "french_reverse": {"make": _french_reverse, "skills": ("french_color", "reverse_list")},
+    "json_french": {"make": _json_french, "skills": ("json_extract", "french_color")},
+    "sentiment_upper": {"make": _sentiment_upper, "skills": ("sentiment", "uppercase")},
+    "french_reverse_upper": {"make": _french_reverse_upper, "skills": ("french_color", "reverse_list", "uppercase")},
+    "email_json": {"make": _email_json, "skills": ("extract_email", "json_extract")},
+    "date_json": {"make": _date_json, "skills": ("date_iso", "json_extract")},
+    "km_reverse": {"make": _km_reverse, "skills": ("km_to_m", "reverse_list")},
 }
 
 
 def mixed_examples(task: str, split: str, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """(prompt, answer) pairs of a mixed task (see MIXED: which two demo skills it needs)."""
+    """(prompt, answer) pairs of a mixed task (see MIXED: which demo skills it needs)."""
     rng = random.Random(f"mixed/{task}/{split}/{seed}")
     return [MIXED[task]["make"](rng, split) for _ in range(n)]
