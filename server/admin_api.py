@@ -15,10 +15,11 @@ from adapter_store.errors import InvalidRequestError, UnavailableError
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import check_name, check_text, validate_files
 from composer.spec import Composition
-from server import limits, optimize_api
+from server import learn_api, limits, optimize_api
 from server import auth
 from server.auth import require_scope
 from server.disconnect import ClientGone, unless_disconnected
+from server.learn_composition import LearnOptions
 from server.learned_weights import OptimizeOptions
 from server.library import PageAfter, PageLimit, create_and_store, page
 from server.optimize_api import OptimizeJob
@@ -136,10 +137,13 @@ class CompositionRequest(Composition):
                                         "gives some input skill's own answer on less than this share of its examples")
     optimize: OptimizeOptions | None = Field(default=None, description="learn the weights from examples (LoraHub) in a "
                                              "background job: the answer is 202 with the job (GET /v1/compositions/jobs/{id})")
+    learn: LearnOptions | None = Field(default=None, description=(
+        "learn fusion weights per skill, layer or module from prompt/answer examples of a task that needs these skills "
+        "together (and optionally a residual LoRA on top), with a report against baselines: 202 with the job"))
 
 
 @router.post("/v1/compositions", status_code=201, response_model=SkillInfo, dependencies=admin,
-             responses={202: {"model": OptimizeJob, "description": "with optimize: the weight search started"}})
+             responses={202: {"model": OptimizeJob, "description": "with optimize or learn: the job started"}})
 async def create_composition(body: CompositionRequest, request: Request):
     """Compose and store as a new skill, with a quality report (agreement with each input skill's own
     answers on its example prompts); ``weights: "auto"`` stores a context-aware template; ``optimize``
@@ -152,6 +156,14 @@ async def create_composition(body: CompositionRequest, request: Request):
     auth.check_names(request, body.skills, param="skills")
     comp = Composition(**body.model_dump(include=set(Composition.model_fields)))
     limits.check_composition(service.settings, comp, param="skills")
+    if body.learn is not None:
+        if body.optimize is not None:
+            raise InvalidRequestError("optimize searches per-skill weights and learn learns them by gradient: send one "
+                                      "of the two", param="learn")
+        learn_api.check_request(comp, body.model_fields_set, body.min_agreement)
+        job = await learn_api.start(request, service, comp, body.learn, name=body.name, description=body.description,
+                                    examples=body.examples)
+        return JSONResponse(job.model_dump(mode="json"), status_code=202)
     if (body.quality_prompts or body.min_agreement is not None) and not service.engine.ready():
         raise UnavailableError("the engine is not ready yet: the quality report needs it (or send quality_prompts 0)")
     if body.optimize is not None:

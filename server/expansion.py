@@ -63,7 +63,8 @@ def new_factors(shapes: dict[str, tuple[int, int]], rank: int, seed: int) -> Fac
 
 
 class HookedLora:
-    """Per module y = W x + Σ_parts B (A x): ``frozen`` factors (constants) and ``trained`` ones (leaf tensors)."""
+    """Per module y = (W + B_f A_f) x + B (A x): ``frozen`` factors (constants, merged into the weights while
+    hooked) and ``trained`` ones (leaf tensors, in forward hooks)."""
 
     def __init__(self, model, frozen: Factors, trained: Factors) -> None:
         self.model = model
@@ -88,18 +89,28 @@ class HookedLora:
 
     @contextmanager
     def hooked(self) -> Iterator["HookedLora"]:
+        """The frozen factors merged into the weights (W + B A: no cost per token), the trained ones hooked; the
+        model's parameters frozen; all restored after (the original weights copied back, bit for bit)."""
         saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        weights: dict[str, torch.Tensor] = {}
         handles = []
         try:
             for p, _ in saved:
                 p.requires_grad_(False)
-            for name in sorted(set(self.frozen) | set(self.trained)):
-                parts = [d[name] for d in (self.frozen, self.trained) if name in d]
-                handles.append(self.model.get_submodule(name).register_forward_hook(self._hook(parts)))
+            with torch.no_grad():
+                for name, (A, B) in self.frozen.items():
+                    weight = self.model.get_submodule(name).weight
+                    weights[name] = weight.detach().clone()
+                    weight += B @ A
+            for name, parts in sorted(self.trained.items()):
+                handles.append(self.model.get_submodule(name).register_forward_hook(self._hook([parts])))
             yield self
         finally:
             for h in handles:
                 h.remove()
+            with torch.no_grad():
+                for name, w in weights.items():
+                    self.model.get_submodule(name).weight.copy_(w)
             for p, flag in saved:
                 p.requires_grad_(flag)
 

@@ -43,7 +43,7 @@ class FusionOptions(BaseModel):
                           description="steps without a better validation loss before stopping")
     batch: int = Field(default=8, ge=1, le=256,
                        description="examples per forward pass (gradients accumulate over the rest)")
-    seed: int = Field(default=0, ge=0, description="seed of the validation split")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="seed of the validation split")
 
 
 class CurvePoint(BaseModel):
@@ -164,14 +164,16 @@ class FusedModel:
 def learn_fusion(adapters: Sequence[LoraAdapter], pairs: Sequence[tuple[str, str]], options: FusionOptions, *,
                  skills: Sequence[str], model, tokenizer, start: FusionWeights | float | Sequence[float] = 1.0,
                  progress: Callable[[int, float, float], None] | None = None,
-                 stop: threading.Event | None = None) -> FusionResult:
+                 stop: threading.Event | None = None,
+                 split: tuple[Sequence[tuple[str, str]], Sequence[tuple[str, str]]] | None = None) -> FusionResult:
     """Learn fusion weights of ``adapters`` (named ``skills``) on (prompt, answer) ``pairs``.
 
     ``start``: the first weights (a FusionWeights at ``options.granularity``, or per-skill values broadcast to
     every column; default 1.0, every skill at full strength). ``model``/``tokenizer``: a transformers causal LM of
     the skills' base model and its tokenizer (the server's LossModel's, held exclusively meanwhile; a tiny model in
     tests). ``progress(step, train_loss, val_loss)`` after each step; ``stop`` set ends the learning before the next
-    step (the result so far, marked ``"cancelled"``). Returns the weights with the best validation loss."""
+    step (the result so far, marked ``"cancelled"``). ``split``: (train, validation) already taken (default: split
+    ``pairs`` by ``options.validation``). Returns the weights with the best validation loss."""
     from server.training import encode_pair
 
     t0 = time.perf_counter()
@@ -181,7 +183,7 @@ def learn_fusion(adapters: Sequence[LoraAdapter], pairs: Sequence[tuple[str, str
     elif start.granularity != options.granularity:
         raise InvalidRequestError(f"start weights are per {start.granularity}, the learning per {options.granularity}",
                                   param="granularity")
-    train, val = split_validation(pairs, options.validation, options.seed)
+    train, val = split or split_validation(pairs, options.validation, options.seed)
     train_ids = [encode_pair(tokenizer, p, a) for p, a in train]
     val_ids = [encode_pair(tokenizer, p, a) for p, a in val]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -160,8 +160,6 @@ def check_job(options: OptimizeOptions, infos: Sequence[SkillInfo], settings: Se
     (MOSAIC_MAX_EXAMPLES), one too long (MOSAIC_MAX_PROMPT_CHARS, counted first; MOSAIC_MAX_PROMPT_TOKENS), or
     read too many tokens in all (budget × examples × the longest, MOSAIC_MAX_JOB_TOKENS). A prompt without an
     answer counts ANSWER_TOKENS for the answer a skill will give it."""
-    from server.training import encode_pair
-
     if options.examples:
         count_param = "optimize.examples"
         examples = [(e.prompt, e.answer, f"optimize.examples[{i}]", f"optimize.examples[{i}]")
@@ -172,6 +170,22 @@ def check_job(options: OptimizeOptions, infos: Sequence[SkillInfo], settings: Se
                     for info in infos for j, p in enumerate(registered_prompts(info.examples, options))]
     if not examples:
         raise _no_examples()
+    longest = check_examples(examples, settings, tokenizer, count_param)
+    if (work := options.budget * len(examples) * longest) > settings.max_job_tokens:
+        raise InvalidRequestError(
+            f"the search would read about {work} tokens ({options.budget} evaluations × {len(examples)} examples × "
+            f"{longest} tokens, the longest); the limit is {settings.max_job_tokens} (setting MOSAIC_MAX_JOB_TOKENS): "
+            "ask for a smaller budget, fewer or shorter examples", param="optimize.budget")
+
+
+def check_examples(examples: Sequence[tuple[str, str | None, str, str]], settings: Settings, tokenizer,
+                   count_param: str) -> int:
+    """The longest example in tokens (its answer included), after a 400 naming the field and the setting when
+    there are too many (MOSAIC_MAX_EXAMPLES) or one is too long (MOSAIC_MAX_PROMPT_CHARS, counted first;
+    MOSAIC_MAX_PROMPT_TOKENS). ``examples``: (prompt, answer or None, what to call it, its param); a prompt
+    without an answer counts ANSWER_TOKENS for the answer a skill will give it."""
+    from server.training import encode_pair
+
     if len(examples) > settings.max_examples:
         raise InvalidRequestError(f"the search would score {len(examples)} examples; the limit is {settings.max_examples} "
                                   "(setting MOSAIC_MAX_EXAMPLES)", param=count_param)
@@ -187,11 +201,7 @@ def check_job(options: OptimizeOptions, infos: Sequence[SkillInfo], settings: Se
             raise InvalidRequestError(f"{what} has {n} tokens with its answer; the limit is {limit} (context "
                                       f"{settings.max_model_len}, setting MOSAIC_MAX_PROMPT_TOKENS)", param=param)
         longest = max(longest, n)
-    if (work := options.budget * len(examples) * longest) > settings.max_job_tokens:
-        raise InvalidRequestError(
-            f"the search would read about {work} tokens ({options.budget} evaluations × {len(examples)} examples × "
-            f"{longest} tokens, the longest); the limit is {settings.max_job_tokens} (setting MOSAIC_MAX_JOB_TOKENS): "
-            "ask for a smaller budget, fewer or shorter examples", param="optimize.budget")
+    return longest
 
 
 def learn_weights(comp: Composition, adapters: Sequence[LoraAdapter], pairs: Sequence[tuple[str, str]],

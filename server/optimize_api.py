@@ -44,6 +44,8 @@ admin = [Depends(require_scope("admin"))]
 
 class OptimizeJob(BaseModel):
     id: str
+    kind: Literal["optimize", "learn"] = Field(default="optimize", description="a weight search (optimize) or a "
+                                               "learned fusion (learn)")
     state: Literal["running", "done", "failed", "cancelled"] = "running"
     name: str = Field(description="the skill the result is stored as")
     skills: list[str]
@@ -97,15 +99,9 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     service.cache.composer.check(comp, infos)  # each evaluation composes it
     tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
     await asyncio.to_thread(check_job, options, infos, service.settings, tokenizer)
-    _check_slot(jobs, namespace, most)
-    job = OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills), started=time.time(),
-                      progress={"done": 0, "budget": options.budget}, namespace=namespace)
-    jobs[job.id] = job
-    cancels: dict[str, threading.Event] = request.app.state.optimize_cancel
-    for old in [j.id for j in jobs.values() if j.state != "running"][:-KEEP_JOBS]:  # finished ones: the last few
-        jobs.pop(old, None)
-        cancels.pop(old, None)
-    cancels[job.id] = threading.Event()
+    job, stop = claim(request, OptimizeJob(id=uuid.uuid4().hex[:16], name=name, skills=list(comp.skills),
+                                           started=time.time(), progress={"done": 0, "budget": options.budget},
+                                           namespace=namespace))
     store = partial(  # the learned composition, stored as the request asked
         create_and_store, service.registry, service.base_spec, name=name, description=description, examples=examples,
         max_rank=service.settings.max_adapter_rank, answer=engine_answerer(service),
@@ -113,9 +109,22 @@ async def start(request: Request, service: Service, comp: Composition, options: 
         quality_prompts=quality_prompts, min_agreement=min_agreement, composer=service.cache.composer,
         text=service.settings.text_limits())
     threads = _search_threads(request, most)
-    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, cancels[job.id], store,
-                                                                     threads)))
+    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, stop, store, threads)))
     return job
+
+
+def claim(request: Request, job: OptimizeJob) -> tuple[OptimizeJob, threading.Event]:
+    """Register a new job (its namespace's slot checked again: call after the last await) and its cancel event;
+    finished jobs beyond the last KEEP_JOBS are forgotten."""
+    jobs = _jobs(request)
+    _check_slot(jobs, job.namespace, request.app.state.mosaic.settings.max_searches)
+    jobs[job.id] = job
+    cancels: dict[str, threading.Event] = request.app.state.optimize_cancel
+    for old in [j.id for j in jobs.values() if j.state != "running"][:-KEEP_JOBS]:  # finished ones: the last few
+        jobs.pop(old, None)
+        cancels.pop(old, None)
+    cancels[job.id] = threading.Event()
+    return job, cancels[job.id]
 
 
 async def _run(service: Service, job: OptimizeJob, comp: Composition, options: OptimizeOptions, stop: threading.Event,

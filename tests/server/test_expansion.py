@@ -50,8 +50,10 @@ def test_hooks_compute_the_merged_weights(tokenizer):
     trained = {k: (a.double(), b.double() + 0.05 * torch.randn_like(b, dtype=torch.float64))
                for k, (a, b) in new_factors(linear_shapes(model), 3, seed=5).items()}
     ids = torch.tensor([tokenizer("<|im_start|>user\nhello there<|im_end|>")["input_ids"]])
+    before = {k: model.get_submodule(k).weight.clone() for k in trained}
     with HookedLora(model, base, trained).hooked():
         hooked = model(input_ids=ids).logits
+    assert all(torch.equal(model.get_submodule(k).weight, w) for k, w in before.items())  # restored bit for bit
     with torch.no_grad():
         saved = {k: model.get_submodule(k).weight.clone() for k in trained}
         for k in trained:
