@@ -35,11 +35,11 @@ class FusionOptions(BaseModel):
     granularity: Granularity = Field(default="layer", description="one weight per skill, per (skill, layer) or per "
                                      "(skill, module)")
     steps: int = Field(default=60, ge=1, le=2000, description="Adam steps at most (each: every training example once)")
-    lr: float = Field(default=0.1, gt=0.0, le=10.0, description="Adam's learning rate")
+    lr: float = Field(default=0.3, gt=0.0, le=10.0, description="Adam's learning rate")
     l2: float = Field(default=0.01, ge=0.0, le=1e3, description="λ of the pull towards the start: λ·Σ(w − w₀)²/columns")
     validation: float = Field(default=0.3, gt=0.0, lt=1.0, description="fraction of the examples held out for early "
                               "stopping (at least one, and at least one left to train on)")
-    patience: int = Field(default=10, ge=1, le=2000,
+    patience: int = Field(default=4, ge=1, le=2000,
                           description="steps without a better validation loss before stopping")
     batch: int = Field(default=8, ge=1, le=256,
                        description="examples per forward pass (gradients accumulate over the rest)")

@@ -98,6 +98,7 @@ class Learned:
     adapter: LoraAdapter
     fusion: FusionWeights
     report: LearnReport
+    candidates: dict[str, LoraAdapter | None]  # each row's adapter, by row name (rows with one adapter for all)
 
 
 class LearnRun:
@@ -110,6 +111,7 @@ class LearnRun:
         pairs = [(e.prompt, e.answer) for e in options.examples]
         self.train, self.val = split_validation(pairs, options.validation, options.seed)
         self.rows: list[Row] = []
+        self.candidates: dict[str, LoraAdapter | None] = {}
         self.curves: dict[str, list[list[float]]] = {}
         self.modules = sorted(set().union(*(a.module_names() for a in self.adapters)))
         self.base_model = self.adapters[0].config.get("base_model_name_or_path")
@@ -122,6 +124,8 @@ class LearnRun:
               **extra) -> Row:
         """Greedy exact match and loss on the validation prompts: one adapter for all, or one per prompt."""
         per_prompt = adapters if isinstance(adapters, (list, tuple)) else [adapters] * len(self.val)
+        if not isinstance(adapters, (list, tuple)):
+            self.candidates[name] = adapters
         hits, losses = 0, []
         groups: dict[int, list[int]] = {}
         for i, a in enumerate(per_prompt):
@@ -229,7 +233,8 @@ def learn_composition(lm, adapters: Sequence[LoraAdapter], skills: Sequence[str]
                          curves=run.curves, seconds=round(time.perf_counter() - t0, 3))
     if options.min_validation:
         check_min_validation(report)
-    return Learned(adapter=stored, fusion=result.weights, report=report)
+    return Learned(adapter=stored, fusion=result.weights, report=report,
+                   candidates={r.name: run.candidates[r.name] for r in run.rows if r.name in run.candidates})
 
 
 def check_min_validation(report: LearnReport) -> None:

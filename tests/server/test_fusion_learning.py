@@ -128,7 +128,8 @@ def test_planted_task_per_layer_recovers_the_layers_per_skill_cannot(tokenizer):
     model = tiny_llama(0, torch.float32, init=0.4)
     adapters = [tiny_skill(model, 4, 1, alpha=8, scale=0.4), tiny_skill(model, 4, 2, alpha=8, scale=0.4)]
     pairs = _planted_data(model, tokenizer, adapters)
-    options = dict(steps=300, lr=0.1, l2=0.01, validation=0.25, patience=30)
+    # lr 0.05: at 0.1 the first steps overshoot into another basin on some CPUs (AMD EPYC here, loss 4.98)
+    options = dict(steps=300, lr=0.05, l2=0.01, validation=0.25, patience=30)
     seen = []
     layer = learn_fusion(adapters, pairs, FusionOptions(granularity="layer", **options), skills=SKILLS, model=model,
                          tokenizer=tokenizer, start=0.5, progress=lambda *p: seen.append(p))
