@@ -183,3 +183,37 @@ def test_bad_optimize_requests_are_4xx(server, body, status):
     assert r.status_code == status, r.text
     assert httpx.get(f"{server['url']}/v1/adapters/bad_opt").status_code == 404
     assert httpx.get(f"{server['url']}/v1/compositions/jobs/nope").status_code == 404
+
+
+def test_expanded_skill_served_by_vllm_answers_as_the_reference_engine(client, server, stored, tmp_path):
+    """learn with expand: the stored skill (a per-layer fusion of reverse_list and uppercase with a rank-8 residual,
+    one adapter) is served by vLLM and answers token for token as transformers + PEFT do with the downloaded
+    adapter merged in (greedy), on unseen prompts of the mixed task."""
+    import io
+    import tarfile
+
+    from bench.demo_data import mixed_examples
+    from server.training import greedy_answers
+
+    url = server["url"]
+    stored.append("reverse_upper_learned")
+    learn = {"examples": [{"prompt": p, "answer": a} for p, a in mixed_examples("reverse_upper", "train", 6, seed=1)],
+             "steps": 3, "baselines": False, "expand": {"rank": 8, "steps": 3}}
+    r = httpx.post(f"{url}/v1/compositions", json={"name": "reverse_upper_learned", "skills": ["reverse_list", "uppercase"],
+                                                   "learn": learn}, timeout=60)
+    assert r.status_code == 202 and r.json()["kind"] == "learn", r.text
+    done = _wait(url, r.json()["id"])
+    assert done["state"] == "done", done
+    info = done["result"]
+    assert info["origin"] == "expansion" and info["composition"]["expansion"]["parent"]["skills"] == ["reverse_list@1",
+                                                                                                     "uppercase@1"]
+    archive = httpx.get(f"{url}/v1/adapters/reverse_upper_learned/download", timeout=60).content
+    with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+        for m in t.getmembers():
+            if m.isfile():
+                (tmp_path / m.name.rsplit("/", 1)[-1]).write_bytes(t.extractfile(m).read())
+    prompts = [p for p, _ in mixed_examples("reverse_upper", "test", 3, seed=5)]
+    served = [_chat(client, p, model="reverse_upper_learned", max_tokens=24) for p in prompts]
+    assert all(m["skills"] == ["reverse_upper_learned@1"] for _, m in served)
+    reference = greedy_answers(server["env"]["MOSAIC_BASE_MODEL"], tmp_path, prompts, max_new_tokens=24)
+    assert [text for text, _ in served] == reference
