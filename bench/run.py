@@ -5,7 +5,7 @@
 
 Sections (each can be left out with --skip NAME; each is a module of bench/sections/, whose docstring says
 what it measures): quality, routing, compose, serving, registry, storage, composition, vllm_serve,
-ray_affinity, scale.
+ray_affinity, scale, learn.
 ``--reuse`` keeps the skipped sections' results from the last REPORT.json, so skipping every section
 re-renders the report (and its plots) from the saved results without measuring anything.
 The README's Results section is rewritten from this report (between its results markers).
@@ -19,15 +19,15 @@ import os
 import platform
 import time
 
-from bench.sections import (REPORTS, ROOT, compose, composition, log, quality, ray_affinity, registry, routing, scale,
-                            serving, storage, suffix, vllm_serve)
+from bench.sections import (REPORTS, ROOT, compose, composition, learn, log, quality, ray_affinity, registry, routing,
+                            scale, serving, storage, suffix, vllm_serve)
 
 README = ROOT / "README.md"
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 # name (for --skip and REPORT.json) -> module with run / render / plot, in the report's order
 SECTIONS = {"quality": quality, "routing": routing, "compose": compose, "serving": serving, "registry": registry,
             "storage": storage, "composition": composition, "vllm_serve": vllm_serve, "ray_affinity": ray_affinity,
-            "scale": scale}
+            "scale": scale, "learn": learn}
 
 
 def render(res: dict, quick: bool) -> tuple[str, str]:
