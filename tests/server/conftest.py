@@ -45,12 +45,15 @@ def client(server):
 @pytest.fixture(scope="session")
 def fuzz_server(server_env, redis_client, tmp_path_factory):
     """One server for both fuzz modules (a start is a minute or two on 2 cores): its own prefix and data,
-    generation capped at 4 tokens, the sentiment skill registered; yields (url, data folder, registry)."""
+    generation capped at 4 tokens and jobs at 20,000 tokens read, the sentiment skill registered; yields (url, data folder, registry)."""
     from adapter_store.registry import Registry
 
     data = tmp_path_factory.mktemp("fuzz")
     prefix = new_prefix("fuzz")
-    env = {**server_env, "MOSAIC_REDIS_PREFIX": prefix, "MOSAIC_DATA_DIR": str(data), "MOSAIC_MAX_TOKENS_LIMIT": "4"}
+    # jobs capped like generation: a fuzzed learn or optimize request within the default bounds would train in the
+    # background for many minutes of the 2 cores the fuzzing needs
+    env = {**server_env, "MOSAIC_REDIS_PREFIX": prefix, "MOSAIC_DATA_DIR": str(data), "MOSAIC_MAX_TOKENS_LIMIT": "4",
+           "MOSAIC_MAX_JOB_TOKENS": "20000"}
     assert mosaic_cli(env, "skills", "add", str(DEMO / "sentiment"), "--name", "sentiment").returncode == 0
     try:
         with serving(env, data / "server.log") as (url, _, _):
