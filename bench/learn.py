@@ -239,9 +239,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="5,10,20")
     parser.add_argument("--test", type=int, default=20)
     parser.add_argument("--full-start", action="store_true")
+    parser.add_argument("--append", action="store_true", help="keep the results of learn.json for other tasks/sizes")
     args = parser.parse_args()
-    run(args.tasks.split(","), [int(x) for x in args.sizes.split(",")], args.test, args.full_start,
-        on_result=lambda results: write(results, args))  # written after each task: a long run can be read early
+    kept = []
+    if args.append and (REPORTS / "learn.json").exists():
+        kept = json.loads((REPORTS / "learn.json").read_text())["results"]
+    tasks, sizes = args.tasks.split(","), [int(x) for x in args.sizes.split(",")]
+    kept = [r for r in kept if not (r["task"] in tasks and r["examples"] in sizes)]
+    run(tasks, sizes, args.test, args.full_start,  # written after each task: a long run can be read early
+        on_result=lambda results: write(kept + results, args))
 
 
 if __name__ == "__main__":
