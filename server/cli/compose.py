@@ -10,11 +10,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from server.cli import learn as learning
 from server.cli.common import base_spec, fail, out, print_json, registry, settings
+from composer.fusion import Granularity
 from server.cli.skills import quality_line
+from server.expansion import ExpandOptions
+from server.learn_composition import LearnOptions
 
 
 def compose(
+    ctx: typer.Context,
     skills: Annotated[Optional[str], typer.Option(help="comma-separated skill names (name or name@version)")] = None,
     weights: Annotated[Optional[str], typer.Option(
         help="comma-separated weights, one per skill (default 1 each), or 'auto': chosen per prompt (with --name)")] = None,
@@ -38,12 +43,28 @@ def compose(
         help="JSON list or JSONL: {\"prompt\", \"answer\"} objects, or prompts alone")] = None,
     budget: Annotated[int, typer.Option(min=1, max=2000, help="--optimize: loss evaluations")] = 40,
     l1: Annotated[float, typer.Option(min=0.0, help="--optimize: λ of the L1 penalty on the weights")] = 0.05,
+    learn: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="with --name: learn fusion weights (and optionally a residual LoRA) from "
+        "these examples, JSONL of {\"prompt\", \"answer\"} or chats, and report against baselines")] = None,
+    granularity: Annotated[Optional[Granularity], typer.Option(help=(
+        learning.described(LearnOptions, "granularity", "--learn: ")))] = None,
+    steps: Annotated[Optional[int], typer.Option(help=learning.described(LearnOptions, "steps", "--learn: "))] = None,
+    expand_rank: Annotated[Optional[int], typer.Option(help="--learn: train a residual LoRA of this rank on top of "
+                                                       "the fusion and store that (default: none)")] = None,
+    expand_steps: Annotated[Optional[int], typer.Option(help=learning.described(
+        ExpandOptions, "steps", "--expand-rank: "))] = None,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help=(
+        "--learn: score only what is learned, not the baselines (each skill alone, fixed merge, context-aware, "
+        "from scratch)"))] = False,
+    min_validation: Annotated[bool, typer.Option("--min-validation", help=(
+        "--learn: " + LearnOptions.model_fields["min_validation"].description))] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Compose skills into one adapter, stored as a new skill (--name) or written to a folder (--out).
 
     A stored composition gets a quality report (agreement with each input skill's own greedy answers on
-    its example prompts), computed here with the transformers reference engine."""
+    its example prompts), computed here with the transformers reference engine. With --learn, the weights
+    are learned from examples instead (as the server's learn jobs do) and the skill keeps that report."""
     from pydantic import ValidationError
 
     from composer import Composition
@@ -53,6 +74,9 @@ def compose(
         return
     if not skills:
         fail("--skills is required (e.g. --skills a,b)", 2)
+    learning.check_arguments(learn, out_dir=out_dir, optimize=optimize or optimize_examples is not None, tuning={
+        "--granularity": granularity, "--steps": steps, "--expand-rank": expand_rank, "--expand-steps": expand_steps,
+        "--no-baselines": no_baselines, "--min-validation": min_validation})
     if (name is None) == (out_dir is None):
         fail("give exactly one of --name NEW (store as a skill) or --out DIR (write a folder)", 2)
     try:
@@ -68,6 +92,18 @@ def compose(
         fail("--weights auto chooses weights per prompt: store it with --name (a folder has fixed weights)", 2)
     if (optimize or optimize_examples) and (out_dir is not None or comp.context_aware):
         fail("--optimize learns fixed weights for a stored skill: use it with --name and without --weights auto", 2)
+    if learn is not None:
+        given = ctx.get_parameter_source("quality_prompts")
+        learning.check_composition(comp, min_agreement, given is not None and given.name == "COMMANDLINE")
+        options = learning.learn_options(learn, granularity=granularity, steps=steps, expand_rank=expand_rank,
+                                         expand_steps=expand_steps, baselines=not no_baselines,
+                                         min_validation=min_validation)
+        result, table = learning.learn_and_store(comp, name, options, quiet=as_json)
+        if as_json:
+            print_json(result)
+        else:
+            out.print(table)
+        return
     options = None
     if optimize or optimize_examples:
         from server.learned_weights import OptimizeOptions

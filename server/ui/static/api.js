@@ -14,6 +14,7 @@ export const paths = {
   adapter: (name) => `/v1/adapters/${ref(name)}`,
   download: (name) => `/v1/adapters/${ref(name)}/download`,
   compositions: "/v1/compositions",
+  job: (id) => `/v1/compositions/jobs/${encodeURIComponent(id)}`,
   route: "/v1/route",
   chat: "/v1/chat/completions",
   models: "/v1/models",

@@ -1,7 +1,9 @@
 // Compose: pick skills, weights, method and rank; preview the composition on a prompt (streamed, with
-// its plan: cache, rank, re-factoring error); save it as a new skill (its page shows the quality report).
+// its plan: cache, rank, re-factoring error); save it as a new skill (its page shows the quality report),
+// or learn its weights from examples (a job, followed here until it stores the skill with its report).
 
 import { allSkills, call, paths, streamChat } from "../api.js";
+import { followJob, learnSection } from "../learn.js";
 import { attempt, compositionBuilder, h, planView } from "../ui.js";
 
 export const keepsForm = true;
@@ -21,6 +23,12 @@ export async function render(root) {
   const plan = h("div", { id: "preview-plan" });
   const status = h("div", { id: "compose-status" });
   const save = h("button", { id: "save", type: "submit" }, "Save as skill");
+  const learn = learnSection({ onToggle: (on) => {  // a learned composition is measured by its own report
+    save.textContent = on ? "Learn and save" : "Save as skill";
+    quality.disabled = minAgreement.disabled = on;
+  } });
+  const job = h("div", { id: "learn-status" });
+  let unfollow = null;
 
   const preview = h("button", { id: "preview", type: "button", class: "secondary", onclick: async () => {
     answer.textContent = "";
@@ -33,6 +41,7 @@ export async function render(root) {
 
   const form = h("form", { id: "compose-form", onsubmit: async (e) => {
     e.preventDefault();
+    if (learn.on) return startLearning();
     save.disabled = true;
     status.replaceChildren(h("span", { class: "muted" }, "composing and measuring the quality report…"));
     const body = { ...builder.value(), name: name.value.trim(), description: description.value,
@@ -43,6 +52,7 @@ export async function render(root) {
     if (stored) location.hash = `#/skill/${stored.name}`;
   } },
   h("div", { class: "card" }, builder.el),
+  learn.el,
   h("div", { class: "form" },
     h("label", {}, "preview on"), h("div", { class: "row" }, h("div", { style: "flex: 1" }, prompt), preview),
     h("label", {}, "name"), name,
@@ -50,6 +60,18 @@ export async function render(root) {
     h("label", {}, "quality prompts"), h("div", { class: "row" }, quality, h("span", { class: "muted" }, "example prompts per input skill (0: no report)")),
     h("label", {}, "min agreement"), minAgreement,
     h("span", {}), h("div", { class: "row" }, save)));
-  root.append(form, status, h("div", { class: "grid2" },
+  // learning: the weights come from the examples (the sliders' values are where they start) and the skill is
+  // measured by its own report, so quality prompts and min agreement are not sent
+  async function startLearning() {
+    save.disabled = true;
+    const started = await attempt(status, () => call("POST", paths.compositions, { json: {
+      ...builder.value(), name: name.value.trim(), description: description.value, learn: learn.value() } }));
+    if (!started) { save.disabled = false; return; }
+    if (unfollow) unfollow();
+    unfollow = followJob(job, started, { onEnd: () => { save.disabled = false; } });
+  }
+
+  root.append(form, status, job, h("div", { class: "grid2" },
     h("div", {}, h("h2", {}, "Preview answer"), answer), h("div", {}, h("h2", {}, "Plan"), plan)));
+  return () => { if (unfollow) unfollow(); };
 }
