@@ -23,7 +23,6 @@ from pathlib import Path
 from adapter_store.adapter import LoraAdapter
 from bench.demo_data import MIXED, mixed_examples
 from bench.scoring import markdown_table, score
-from composer import Composition
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ROOT / "bench" / "skills"
@@ -56,14 +55,9 @@ class Bench:
         self.test_n = test_n
 
     def weigh(self, skills: list[str]):
-        template = Composition(skills=tuple(skills), weights="auto")
+        from server.learn_composition import router_weigher
 
-        def weigh(prompt: str) -> list[float]:
-            plan = self.router.route_within(prompt, template, self.profiles, 0)
-            chosen = dict(plan.active) if plan.kind == "composition" else (
-                {plan.skill: 1.0} if plan.kind == "skill" else {})
-            return [float(chosen.get(s, 0.0)) for s in skills]
-        return weigh
+        return router_weigher(self.router, lambda: self.profiles, skills)
 
     def exact(self, adapter: LoraAdapter | None, tests: list[tuple[str, str]]) -> float:
         return score(self.model.answers(adapter, [p for p, _ in tests]), [a for _, a in tests])

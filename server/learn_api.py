@@ -26,7 +26,7 @@ from adapter_store.validation import BaseModelSpec, TextLimits, validate_adapter
 from composer.spec import Composition
 from server import auth
 from server.expansion import ExpandOptions
-from server.learn_composition import LearnCancelled, Learned, LearnOptions, learn_composition
+from server.learn_composition import LearnCancelled, Learned, LearnOptions, learn_composition, router_weigher
 from server.learned_weights import base_tokenizer, check_examples
 from server.optimize_api import OptimizeJob, _check_slot, _jobs, _search_threads, claim
 from server.settings import Settings
@@ -90,18 +90,6 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     return job
 
 
-def _weigh(service: Service, skills: list[str]):
-    """The context-aware weights the router gives a prompt over these skills (what serving them as
-    ``weights: "auto"`` would use)."""
-    template = Composition(skills=tuple(skills), weights="auto")
-
-    def weigh(prompt: str) -> list[float]:
-        plan = service.policy.route_within(prompt, template, service.skills(), 0)
-        chosen = dict(plan.active) if plan.kind == "composition" else ({plan.skill: 1.0} if plan.kind == "skill" else {})
-        return [float(chosen.get(s, 0.0)) for s in skills]
-    return weigh
-
-
 async def _run(service: Service, job: OptimizeJob, refs: list[str], options: LearnOptions, start_weights,
                stop: threading.Event, threads: ThreadPoolExecutor, description: str, examples: list[str]) -> None:
     curves: dict[str, list[list[float]]] = {}
@@ -118,7 +106,7 @@ async def _run(service: Service, job: OptimizeJob, refs: list[str], options: Lea
         infos, adapters = [i for i, _ in loaded], [a for _, a in loaded]
         pinned = [i.ref for i in infos]
         learned = await asyncio.get_running_loop().run_in_executor(threads, partial(
-            learn_composition, model, adapters, pinned, options, weigh=_weigh(service, pinned), start=start_weights,
+            learn_composition, model, adapters, pinned, options, weigh=router_weigher(service.policy, service.skills, pinned), start=start_weights,
             progress=progress, stop=stop))
         if stop.is_set():
             raise LearnCancelled()

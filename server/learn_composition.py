@@ -202,6 +202,21 @@ class LearnRun:
         return adapter
 
 
+def router_weigher(policy, library: Callable[[], Sequence], skills: Sequence[str]) -> Callable[[str], list[float]]:
+    """``weigh(prompt)``: the context-aware weights ``policy`` (router.policy) gives a prompt over these skills, as
+    serving them with ``weights: "auto"`` would (a skill left out weighs 0). ``library()``: the skills it routes
+    among (SkillInfo or profiles)."""
+    from composer.spec import Composition
+
+    template = Composition(skills=tuple(skills), weights="auto")
+
+    def weigh(prompt: str) -> list[float]:
+        plan = policy.route_within(prompt, template, library(), 0)
+        chosen = dict(plan.active) if plan.kind == "composition" else ({plan.skill: 1.0} if plan.kind == "skill" else {})
+        return [float(chosen.get(s, 0.0)) for s in skills]
+    return weigh
+
+
 def learn_composition(lm, adapters: Sequence[LoraAdapter], skills: Sequence[str], options: LearnOptions, *,
                       weigh: Callable[[str], Sequence[float]] | None = None, start: Sequence[float] | float = 1.0,
                       progress: Progress | None = None, stop: threading.Event | None = None) -> Learned:

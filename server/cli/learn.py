@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from adapter_store.errors import InvalidRequestError
-from server.cli.common import base_spec, err, fail, out, registry, settings
+from server.cli.common import base_spec, err, fail, registry, settings
 from server.learn_composition import LearnExample, LearnOptions
 
 
@@ -114,7 +114,8 @@ def learn_and_store(comp, name: str, options: LearnOptions, *, quiet: bool) -> t
     from adapter_store.validation import check_name
     from server.base_model import base_model_id, prepare
     from server.learn_api import check_learn, store_learned
-    from server.learn_composition import learn_composition
+    from router.policy import routable
+    from server.learn_composition import learn_composition, router_weigher
     from server.learned_weights import LossModel, base_tokenizer
     from server.state import make_policy
 
@@ -149,29 +150,13 @@ def learn_and_store(comp, name: str, options: LearnOptions, *, quiet: bool) -> t
             bar.update(stages[stage], completed=step, description=f"{stage:<16}{losses}",
                        at=f"step {step}/{steps}" if steps else "")
 
-        learned = learn_composition(model, adapters, pinned, options, weigh=_weigh(make_policy(s, reg), reg, pinned),
+        learned = learn_composition(model, adapters, pinned, options, weigh=router_weigher(make_policy(s, reg), lambda: routable(reg.list()), pinned),
                                     start=list(comp.weights) if isinstance(comp.weights, tuple) else 1.0,
                                     progress=progress)
         ended()
     info = store_learned(reg, base_spec(), learned, infos, options, name=name, max_rank=s.max_adapter_rank,
                          text=s.text_limits())
     return info.model_dump(), report_table(info)
-
-
-def _weigh(policy, reg, skills: list[str]):
-    """The context-aware weights the router gives a prompt over these skills, as the server's learn jobs weigh
-    them (server/learn_api.py)."""
-    from composer import Composition
-    from router.policy import routable
-
-    template, library = Composition(skills=tuple(skills), weights="auto"), routable(reg.list())
-
-    def weigh(prompt: str) -> list[float]:
-        plan = policy.route_within(prompt, template, library, 0)
-        chosen = (dict(plan.active) if plan.kind == "composition"
-                  else {plan.skill: 1.0} if plan.kind == "skill" else {})
-        return [float(chosen.get(s, 0.0)) for s in skills]
-    return weigh
 
 
 def report_table(info) -> Table:

@@ -188,7 +188,7 @@ def test_bad_optimize_requests_are_4xx(server, body, status):
 def test_expanded_skill_served_by_vllm_answers_as_the_reference_engine(client, server, stored, tmp_path):
     """learn with expand: the stored skill (a per-layer fusion of reverse_list and uppercase with a rank-8 residual,
     one adapter) is served by vLLM and answers token for token as transformers + PEFT do with the downloaded
-    adapter merged in (greedy), on unseen prompts of the mixed task."""
+    adapter merged in (greedy), on unseen prompts of the mixed task, but for bfloat16-vs-float32 near-ties."""
     import io
     import tarfile
 
@@ -212,8 +212,40 @@ def test_expanded_skill_served_by_vllm_answers_as_the_reference_engine(client, s
         for m in t.getmembers():
             if m.isfile():
                 (tmp_path / m.name.rsplit("/", 1)[-1]).write_bytes(t.extractfile(m).read())
-    prompts = [p for p, _ in mixed_examples("reverse_upper", "test", 3, seed=5)]
+    prompts = [p for p, _ in mixed_examples("reverse_upper", "test", 4, seed=5)]
     served = [_chat(client, p, model="reverse_upper_learned", max_tokens=24) for p in prompts]
     assert all(m["skills"] == ["reverse_upper_learned@1"] for _, m in served)
-    reference = greedy_answers(server["env"]["MOSAIC_BASE_MODEL"], tmp_path, prompts, max_new_tokens=24)
-    assert [text for text, _ in served] == reference
+    base_dir = server["env"]["MOSAIC_BASE_MODEL"]
+    reference = greedy_answers(base_dir, tmp_path, prompts, max_new_tokens=24)
+    _agree_but_for_near_ties(base_dir, tmp_path, prompts, [text for text, _ in served], reference)
+
+
+NEAR_TIE = 0.5  # nats between the reference's top tokens: within what bfloat16 (vLLM) vs float32 rounding can swap
+
+
+def _agree_but_for_near_ties(base_dir, adapter_dir, prompts, served: list[str], reference: list[str]) -> None:
+    """The served answers are the reference's token for token, except that the first token where they part may
+    be one where the reference itself hesitates (its logits for the two tokens within NEAR_TIE): vLLM computes in
+    bfloat16, the reference in float32, so a near-tie can go either way (and what follows it then differs)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      str(adapter_dir)).merge_and_unload().eval()
+    equal = 0
+    for prompt, ours, ref in zip(prompts, served, reference):
+        if ours == ref:
+            equal += 1
+            continue
+        a, b = tok(ours, add_special_tokens=False)["input_ids"], tok(ref, add_special_tokens=False)["input_ids"]
+        i = next(k for k in range(min(len(a), len(b)) + 1) if k == min(len(a), len(b)) or a[k] != b[k])
+        assert i < min(len(a), len(b)), (ours, ref)  # one a prefix of the other: a length difference, not a tie
+        head = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        ids = tok(head, add_special_tokens=False)["input_ids"] + b[:i]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        gap = float(logits[b[i]] - logits[a[i]])
+        assert 0 <= gap < NEAR_TIE, (f"served {ours!r} parts from the reference {ref!r} at token {i} by {gap:.3f} nats")
+    assert equal >= 1, (served, reference)  # the comparison means something: most answers are simply equal

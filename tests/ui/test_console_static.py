@@ -134,8 +134,9 @@ def test_every_irreversible_request_asks_the_browser_first():
             between = before[asks[-1].end():]
             assert "onclick" not in between and "function " not in between, f"{script.name}: {m.group(0)}: the " \
                 "confirmation belongs to another handler"
-    # deleting a skill or a version, compressing or decompressing the library (a broken pattern finds none)
-    assert {(s, m) for s, m, _ in sites} == {("skill.js", "DELETE"), ("ops.js", "POST")}, sites
+    # deleting a skill or a version, compressing or decompressing the library, cancelling a learn job (a broken
+    # pattern finds none)
+    assert {(s, m) for s, m, _ in sites} == {("skill.js", "DELETE"), ("ops.js", "POST"), ("learn.js", "DELETE")}, sites
     ops = (STATIC / "pages" / "ops.js").read_text()
     assert ops.count("start({}, COMPRESS_QUESTION)") == 1 and ops.count("start({ off: true }, EXACT_QUESTION)") == 1
     assert "Delete ${label}?" in (STATIC / "pages" / "skill.js").read_text()  # the dialog names what goes
