@@ -57,7 +57,7 @@ class Bench:
     def weigh(self, skills: list[str]):
         from server.learn_composition import router_weigher
 
-        return router_weigher(self.router, lambda: self.profiles, skills)
+        return router_weigher(self.router, lambda: (0, self.profiles), skills)
 
     def exact(self, adapter: LoraAdapter | None, tests: list[tuple[str, str]]) -> float:
         return score(self.model.answers(adapter, [p for p, _ in tests]), [a for _, a in tests])

@@ -135,7 +135,7 @@ def module_shapes(model, modules: Sequence[str]) -> dict[str, tuple[int, int]]:
 
 
 def expand(model, tokenizer, train: Sequence[tuple[str, str]], val: Sequence[tuple[str, str]], options: ExpandOptions, *,
-           modules: Sequence[str], base: Factors | None = None, seed: int = 0,
+           modules: Sequence[str], base: Factors | None = None, seed: int = 0, batch: int = 8,
            progress: Callable[[int, float, float], None] | None = None,
            stop: threading.Event | None = None) -> ExpansionResult:
     """Train a rank-``options.rank`` LoRA on ``modules`` from ``train`` (best step by loss on ``val``).
@@ -143,7 +143,8 @@ def expand(model, tokenizer, train: Sequence[tuple[str, str]], val: Sequence[tup
     ``base``: the composition's factors (scaling folded into B); None trains from scratch. With ``start``
     ``"residual"`` the base stays frozen and the result is base ⊕ residual; with ``"full"`` the base's factors are
     trained too (from where they are) beside the new rank. ``model``/``tokenizer``: the base model, held
-    exclusively meanwhile. ``progress(step, train_loss, val_loss)``; ``stop`` set ends before the next step."""
+    exclusively meanwhile; ``batch`` examples per forward pass. ``progress(step, train_loss, val_loss)``; ``stop``
+    set ends before the next step."""
     from server.training import encode_pair
 
     t0 = time.perf_counter()
@@ -166,16 +167,16 @@ def expand(model, tokenizer, train: Sequence[tuple[str, str]], val: Sequence[tup
     model.eval()
     try:
         with hooked.hooked():
-            best_val = initial_val = hooked.loss(val_ids, pad)
+            best_val = initial_val = hooked.loss(val_ids, pad, batch)
             best, best_step, since = hooked.snapshot(), 0, 0
             for step in range(1, options.steps + 1):
                 if stop is not None and stop.is_set():
                     stopped = "cancelled"
                     break
                 opt.zero_grad()
-                train_loss = hooked.loss(train_ids, pad, grad=True)
+                train_loss = hooked.loss(train_ids, pad, batch, grad=True)
                 opt.step()
-                val_loss = hooked.loss(val_ids, pad)
+                val_loss = hooked.loss(val_ids, pad, batch)
                 curve.append(CurvePoint(step=step, train_loss=train_loss, val_loss=val_loss))
                 if progress:
                     progress(step, train_loss, val_loss)

@@ -35,25 +35,43 @@ from server.state import Service
 log = logging.getLogger("mosaic.learn")
 
 
-def check_learn(options: LearnOptions, settings: Settings, tokenizer) -> None:
-    """A 400 naming the field before the job starts: fewer than 2 examples, too many or too long ones, or more
-    tokens read in all than MOSAIC_MAX_JOB_TOKENS (every stage's steps × examples × the longest)."""
+def check_learn(options: LearnOptions, settings: Settings, tokenizer, ranks: list[int] | None = None) -> None:
+    """A 400 naming the field before the job starts: fewer than 2 examples, too many or too long ones, a stored
+    adapter above the rank the server stores and serves exactly (Σ the skills' ranks + the expansion's: fusion
+    concatenates), or more tokens read in all than MOSAIC_MAX_JOB_TOKENS (every stage's steps × examples × the
+    longest, and each report row's loss pass and greedy answers on the validation split)."""
+    from server.fusion_learning import split_validation
+    from server.learned_weights import ANSWER_TOKENS
+
     if len(options.examples) < 2:
         raise InvalidRequestError(f"learning a composition needs at least 2 examples with answers (one to train on, one "
                                   f"to validate with), got {len(options.examples)}", param="learn.examples")
+    if ranks is not None:
+        rank = sum(ranks) + (options.expand.rank if options.expand else 0)
+        limit = min(settings.max_adapter_rank, settings.max_lora_rank)
+        if rank > limit:
+            raise InvalidRequestError(
+                f"the learned adapter would have rank {rank} (the skills' ranks {'+'.join(map(str, ranks))}"
+                f"{f' + the expansion {options.expand.rank}' if options.expand else ''}: a fusion concatenates them "
+                f"exactly); the limit is {limit} (settings MOSAIC_MAX_ADAPTER_RANK {settings.max_adapter_rank}, "
+                f"MOSAIC_MAX_LORA_RANK {settings.max_lora_rank})", param="learn.expand.rank" if options.expand else "skills")
     examples = [(e.prompt, e.answer, f"learn.examples[{i}]", f"learn.examples[{i}]")
                 for i, e in enumerate(options.examples)]
     longest = check_examples(examples, settings, tokenizer, "learn.examples")
     passes = {"learn.steps": options.steps * (2 if options.baselines and options.granularity != "skill" else 1)}
     residual = options.expand or ExpandOptions()
     passes["learn.expand.steps"] = residual.steps * ((options.expand is not None) + options.baselines)
-    work = sum(passes.values()) * len(examples) * longest
+    rows = (len(ranks or [1]) + 6) if options.baselines else 2  # each skill alone, 2 merges, context, 2 learned, 2 LoRAs
+    val = len(split_validation(list(range(len(examples))), options.validation, options.seed)[1])
+    scoring = rows * val * (2 * longest + ANSWER_TOKENS)  # a loss pass, and greedy answers of up to ANSWER_TOKENS
+    work = sum(passes.values()) * len(examples) * longest + scoring
     if work > settings.max_job_tokens:
-        param = max(passes, key=passes.get)
+        param = max(passes, key=passes.get) if scoring < work / 2 else "learn.validation"
         raise InvalidRequestError(
             f"learning would read about {work} tokens ({sum(passes.values())} passes over {len(examples)} examples × "
-            f"{longest} tokens, the longest); the limit is {settings.max_job_tokens} (setting MOSAIC_MAX_JOB_TOKENS): "
-            "ask for fewer steps, fewer or shorter examples, or no baselines", param=param)
+            f"{longest} tokens, the longest, and {scoring} to score {rows} report rows on {val} held-out examples); the "
+            f"limit is {settings.max_job_tokens} (setting MOSAIC_MAX_JOB_TOKENS): ask for fewer steps, fewer or "
+            "shorter examples, or no baselines", param=param)
 
 
 def check_request(comp: Composition, fields_set: set[str], min_agreement: float | None) -> None:
@@ -76,7 +94,7 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     _check_slot(jobs, namespace, service.settings.max_searches)
     infos = [await service.cache.resolve(ref) for ref in comp.skills]  # a missing skill is a 404 now
     tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
-    await asyncio.to_thread(check_learn, options, service.settings, tokenizer)
+    await asyncio.to_thread(check_learn, options, service.settings, tokenizer, [i.rank for i in infos])
     stages = [*(["baselines"] if options.baselines else []),
               *(["learn per skill"] if options.baselines and options.granularity != "skill" else []), "learn",
               *(["expand"] if options.expand else []), *(["scratch"] if options.baselines else [])]
@@ -106,14 +124,14 @@ async def _run(service: Service, job: OptimizeJob, refs: list[str], options: Lea
         infos, adapters = [i for i, _ in loaded], [a for _, a in loaded]
         pinned = [i.ref for i in infos]
         learned = await asyncio.get_running_loop().run_in_executor(threads, partial(
-            learn_composition, model, adapters, pinned, options, weigh=router_weigher(service.policy, service.skills, pinned), start=start_weights,
+            learn_composition, model, adapters, pinned, options, weigh=router_weigher(service.policy, service.library_now, pinned), start=start_weights,
             progress=progress, stop=stop))
         if stop.is_set():
             raise LearnCancelled()
         job.result = await asyncio.to_thread(
             store_learned, service.registry, service.base_spec, learned, infos, options, name=job.name,
             description=description, examples=examples, max_rank=service.settings.max_adapter_rank,
-            text=service.settings.text_limits())
+            text=service.settings.text_limits(), stop=stop)
         job.state = "done"
     except LearnCancelled:
         job.state = "cancelled"
@@ -128,10 +146,11 @@ async def _run(service: Service, job: OptimizeJob, refs: list[str], options: Lea
 
 def store_learned(registry: Registry, spec: BaseModelSpec, learned: Learned, infos: list[SkillInfo],
                   options: LearnOptions, *, name: str, description: str = "", examples: list[str] | None = None,
-                  max_rank: int, text: TextLimits = TextLimits()) -> SkillInfo:
+                  max_rank: int, text: TextLimits = TextLimits(), stop: threading.Event | None = None) -> SkillInfo:
     """Validate the learned adapter like an upload and store it as the next version of ``name``: its record names
     the parent skills at their versions (and their content), the fusion weights, the expansion and the report.
-    Its example prompts (for the router) are the task's own, unless the request gave some."""
+    Its example prompts (for the router) are the task's own, unless the request gave some. ``stop`` set (a cancel
+    that came while the job was finishing): LearnCancelled, nothing stored."""
     validate_adapter(learned.adapter, spec, max_rank=max_rank, name=name)
     refs = [i.ref for i in infos]
     expanded = options.expand is not None
@@ -148,6 +167,8 @@ def store_learned(registry: Registry, spec: BaseModelSpec, learned: Learned, inf
     if expanded:
         record["expansion"] = {**options.expand.model_dump(mode="json"),
                                "parent": {"skills": refs, "method": "fusion", "granularity": options.granularity}}
+    if stop is not None and stop.is_set():
+        raise LearnCancelled()
     return registry.add(name, learned.adapter, description=description[:text.description_chars],
                         examples=examples[:text.examples], tags=["learned"], origin="expansion" if expanded
                         else "composition", composition=record)

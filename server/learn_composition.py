@@ -50,6 +50,8 @@ class LearnOptions(FusionOptions):
                                          "fusion and store that (PSEC's skill expansion)")
     baselines: bool = Field(default=True, description="score the report's baselines too: each skill alone, the best "
                             "fixed merge, context-aware, per-skill weights, a LoRA trained from scratch")
+    batch: int = Field(default=8, ge=1, le=16, description="examples per forward pass (gradients accumulate over the "
+                       "rest): memory grows with it, so it is capped lower than a search's")
     min_validation: bool = Field(default=False, description="refuse to store a result whose validation exact match is "
                                  "below the best input skill's alone")
 
@@ -194,7 +196,7 @@ class LearnRun:
         factors = None if base is None else {k: (m.A.float(), m.scaling * m.B.float()) for k, m in base.modules().items()}
         with self.lm._lock:
             result = expand(self.lm.model, self.lm.tokenizer, self.train, self.val, options, modules=self.modules,
-                            base=factors, seed=self.options.seed, progress=self.reporter(stage, options.steps),
+                            base=factors, seed=self.options.seed, batch=self.options.batch, progress=self.reporter(stage, options.steps),
                             stop=self.stop)
         self.check_stop()
         adapter = LoraAdapter.from_modules(result.factors, base_model=self.base_model)
@@ -202,16 +204,18 @@ class LearnRun:
         return adapter
 
 
-def router_weigher(policy, library: Callable[[], Sequence], skills: Sequence[str]) -> Callable[[str], list[float]]:
+def router_weigher(policy, library: Callable[[], tuple[int, Sequence]],
+                   skills: Sequence[str]) -> Callable[[str], list[float]]:
     """``weigh(prompt)``: the context-aware weights ``policy`` (router.policy) gives a prompt over these skills, as
-    serving them with ``weights: "auto"`` would (a skill left out weighs 0). ``library()``: the skills it routes
-    among (SkillInfo or profiles)."""
+    serving them with ``weights: "auto"`` would (a skill left out weighs 0). ``library()``: (the registry's
+    generation, the skills it routes among), as Service.library_now gives them (the policy caches per generation)."""
     from composer.spec import Composition
 
     template = Composition(skills=tuple(skills), weights="auto")
 
     def weigh(prompt: str) -> list[float]:
-        plan = policy.route_within(prompt, template, library(), 0)
+        generation, known = library()
+        plan = policy.route_within(prompt, template, known, generation)
         chosen = dict(plan.active) if plan.kind == "composition" else ({plan.skill: 1.0} if plan.kind == "skill" else {})
         return [float(chosen.get(s, 0.0)) for s in skills]
     return weigh

@@ -128,7 +128,7 @@ def learn_and_store(comp, name: str, options: LearnOptions, *, quiet: bool) -> t
     pinned = [i.ref for i in infos]
     base = prepare(s, quiet=True)
     try:
-        check_learn(options, s, base_tokenizer(base))
+        check_learn(options, s, base_tokenizer(base), [i.rank for i in infos])
     except InvalidRequestError as exc:
         fail(exc.message, 2)
     with err.status("loading the base model (reference engine)…"):
@@ -150,7 +150,8 @@ def learn_and_store(comp, name: str, options: LearnOptions, *, quiet: bool) -> t
             bar.update(stages[stage], completed=step, description=f"{stage:<16}{losses}",
                        at=f"step {step}/{steps}" if steps else "")
 
-        learned = learn_composition(model, adapters, pinned, options, weigh=router_weigher(make_policy(s, reg), lambda: routable(reg.list()), pinned),
+        weigh = router_weigher(make_policy(s, reg), lambda: (0, routable(reg.list())), pinned)
+        learned = learn_composition(model, adapters, pinned, options, weigh=weigh,
                                     start=list(comp.weights) if isinstance(comp.weights, tuple) else 1.0,
                                     progress=progress)
         ended()

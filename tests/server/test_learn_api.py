@@ -63,6 +63,25 @@ def test_bad_learn_requests_are_400_naming_the_field(app_factory, fields, learn,
         assert _names(client) == ["a", "b"]
 
 
+def test_rank_and_scoring_bounds_are_checked_before_the_job(app_factory):
+    """A fusion concatenates: the skills' ranks plus the expansion's over the rank served exactly is a 400 before
+    any work; the report's scoring counts against MOSAIC_MAX_JOB_TOKENS too (here a held-out share of 0.9)."""
+    client, _ = app_factory(max_lora_rank=8)
+    with client:
+        _add(client, ["a", "b"], r=4)
+        r = _post(client, {"examples": EXAMPLES, "expand": {"rank": 2}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learn.expand.rank", r.text
+        assert "rank 10" in r.json()["error"]["message"] and "MOSAIC_MAX_LORA_RANK" in r.json()["error"]["message"]
+        assert client.get("/v1/compositions/jobs").json() == []
+    client, _ = app_factory(max_job_tokens=4000)
+    with client:
+        _add(client, ["a", "b"])
+        many = [{"prompt": f"Say {i}.", "answer": "ok"} for i in range(40)]
+        r = _post(client, {"examples": many, "steps": 1, "validation": 0.9, "expand": {"steps": 1}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "learn.validation", r.text
+        assert "report rows" in r.json()["error"]["message"]
+
+
 def test_unknown_skill_is_404_and_nothing_starts(app_factory):
     client, _ = app_factory()
     with client:
@@ -128,5 +147,7 @@ def test_a_real_job_runs_every_stage_and_stores_the_expansion(app_factory):
         parents = [registry.load(ref)[1] for ref in rec["skills"]]
         fused = fuse(parents, FusionWeights.model_validate(rec["fusion"])).modules()[Q]
         stored = registry.load("learned")[1].modules()[Q]
-        diff = stored.scaling * stored.B.double() @ stored.A.double() - fused.scaling * fused.B.double() @ fused.A.double()
-        assert torch.linalg.matrix_rank(diff, atol=1e-5) <= 2
+        R = fused.rank
+        assert stored.rank == R + 2 and stored.scaling == fused.scaling == 1.0
+        assert torch.equal(stored.A[:R], fused.A) and torch.equal(stored.B[:, :R], fused.B)  # the fusion, exactly
+        assert torch.linalg.matrix_rank(stored.B[:, R:].double() @ stored.A[R:].double(), atol=1e-6) <= 2

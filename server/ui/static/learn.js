@@ -153,11 +153,12 @@ export function followJob(where, job, { onEnd } = {}) {
     if (!window.confirm(`Cancel learning ${job.name}? The steps done so far are lost and nothing is stored.`)) return;
     await attempt(status, () => call("DELETE", paths.job(job.id)));
   } }, "Cancel");
+  const loss = (x) => (typeof x === "number" ? x.toFixed(4) : "not a number");  // a diverging loss arrives as null
   const show = (j) => {
     const p = j.progress || {};
     const stages = p.stages || [];
     const at = p.stage ? `stage ${stages.indexOf(p.stage) + 1} of ${stages.length}: ${p.stage}` : "starting (loading the base model)…";
-    const step = p.stage && p.steps ? ` · step ${p.step} of ${p.steps} · train ${p.train_loss.toFixed(4)} · val ${p.val_loss.toFixed(4)}` : "";
+    const step = p.stage && p.steps ? ` · step ${p.step} of ${p.steps} · train ${loss(p.train_loss)} · val ${loss(p.val_loss)}` : "";
     const report = j.result && j.result.composition && j.result.composition.learn ? j.result.composition.learn.report : null;
     where.replaceChildren(h("div", { class: "card", id: "learn-job", dataset: { state: j.state } },
       h("h2", {}, `Learning ${j.name}`),
