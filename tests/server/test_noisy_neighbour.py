@@ -42,7 +42,7 @@ class Poller(threading.Thread):
 
     def __init__(self, url: str) -> None:
         super().__init__(daemon=True)
-        self.url, self.latencies, self.stopped = url, [], threading.Event()
+        self.url, self.latencies, self.stopped, self.answered = url, [], threading.Event(), threading.Event()
 
     def run(self) -> None:
         with httpx.Client(timeout=30) as client:
@@ -50,6 +50,7 @@ class Poller(threading.Thread):
                 t0 = time.perf_counter()
                 client.get(f"{self.url}/health")
                 self.latencies.append((time.perf_counter() - t0) * 1000)
+                self.answered.set()
                 time.sleep(0.005)
 
 
@@ -67,6 +68,8 @@ def _while_polled(url: str, send) -> tuple[httpx.Response, float, float]:
     """``send()``'s response, how long it took (s), and the longest /health latency meanwhile (ms)."""
     poller = Poller(url)
     poller.start()
+    # polling before the request goes (on a loaded machine a thread can take longer to start than the request takes)
+    assert poller.answered.wait(30), "/health never answered"
     time.sleep(0.05)
     t0 = time.monotonic()
     try:
