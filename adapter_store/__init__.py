@@ -1,12 +1,9 @@
-"""The registry room: the adapter type, its validation, and its storage in Redis."""
+"""The registry room: the skill library in Redis (validation at the door, versions, MoS shard storage).
 
-from adapter_store.adapter import LoraAdapter, ModuleFactors
-from adapter_store.errors import MosaicError
+The adapter type, its factor math and the error base live one room down, in :mod:`lora`."""
+
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo, parse_ref
 from adapter_store.validation import BaseModelSpec, validate_adapter, validate_files
 
-__all__ = [
-    "BaseModelSpec", "LoraAdapter", "ModuleFactors", "MosaicError", "Registry", "SkillInfo",
-    "parse_ref", "validate_adapter", "validate_files",
-]
+__all__ = ["BaseModelSpec", "Registry", "SkillInfo", "parse_ref", "validate_adapter", "validate_files"]

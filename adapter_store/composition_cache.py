@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import redis
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 
 # The scripts share one preamble: drop(KEY) removes a result and its bookkeeping; evict(BUDGET) drops the
 # least recently used while the total is over BUDGET bytes (a negative BUDGET evicts nothing). Each

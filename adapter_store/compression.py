@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 from redis.exceptions import LockError
 
 from adapter_store import mos
-from adapter_store.errors import ConflictError, InvalidRequestError, NotFoundError
+from lora.errors import ConflictError, InvalidRequestError, NotFoundError
 from adapter_store.registry import Registry
 
 

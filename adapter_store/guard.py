@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import redis
 
-from adapter_store.errors import MosaicError, UnavailableError
+from lora.errors import MosaicError, UnavailableError
 
 log = logging.getLogger("mosaic.registry")
 
@@ -31,7 +31,7 @@ def redis_guard(op: str, observer: Observer | None = None) -> Iterator[None]:
         log.warning("Redis unavailable during %s: %s", op, exc)
         raise UnavailableError("the skill registry (Redis) is unavailable; try again shortly") from exc
     except MosaicError as exc:
-        report("rejected" if exc.status < 500 else "error")
+        report("rejected" if exc.caller_fault else "error")
         raise
     except BaseException:
         report("error")

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import redis
 from pydantic import BaseModel
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from adapter_store.layout import KeyLayout
 
 log = logging.getLogger("mosaic.registry")

@@ -20,7 +20,7 @@ import time
 import redis
 from pydantic import BaseModel
 
-from adapter_store.errors import ConflictError, NotFoundError
+from lora.errors import ConflictError, NotFoundError
 from adapter_store.high_water import HighWater
 from adapter_store.validation import NAME_RE
 

@@ -19,7 +19,7 @@ defaults, against 16 for bf16), plus the private shards. Trained LoRA vectors lo
 codebook (A barely leaves its random initialisation), so the budget is set by what the skills tolerate,
 not by shared structure.
 
-This module is pure tensor math (the factor math in :mod:`adapter_store.factors`, the stored form in
+This module is pure tensor math (the factor math in :mod:`lora.factors`, the stored form in
 :mod:`adapter_store.mos_format`); the registry decides where pools and encodings live in Redis.
 """
 
@@ -30,8 +30,8 @@ import math
 import numpy as np
 import torch
 
-from adapter_store.adapter import LoraAdapter, ModuleFactors, factor_key
-from adapter_store.factors import canonical_units, frobenius_error_sq, frobenius_sq, unit_rows
+from lora.adapter import LoraAdapter, ModuleFactors, factor_key
+from lora.factors import canonical_units, frobenius_error_sq, frobenius_sq, unit_rows
 from adapter_store.mos_format import SIDES, Encoded, EncodedModule, Pools
 
 __all__ = ["Encoded", "EncodedModule", "Pools", "build_pools", "decode", "encode", "pool_key"]

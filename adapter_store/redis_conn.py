@@ -13,7 +13,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 
 log = logging.getLogger("mosaic.redis")
 

@@ -24,9 +24,9 @@ import cachetools
 import redis
 
 from adapter_store import mos
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from adapter_store.composition_cache import CompositionCache
-from adapter_store.errors import NotFoundError, UnavailableError
+from lora.errors import NotFoundError, UnavailableError
 from adapter_store.guard import Guarded, Observer, redis_guard
 from adapter_store.high_water import HighWater
 from adapter_store.layout import CHANGE_LOG, KeyLayout, announce

@@ -19,8 +19,8 @@ import cachetools
 import redis
 
 from adapter_store import mos
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import MosaicError, UnavailableError
+from lora.adapter import LoraAdapter
+from lora.errors import MosaicError, UnavailableError
 from adapter_store.layout import KeyLayout, announce
 from adapter_store.skill_info import SkillInfo, read_meta
 

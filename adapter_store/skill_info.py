@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, computed_field
 
-from adapter_store.adapter import LoraAdapter, content_id
-from adapter_store.errors import InvalidRequestError, NotFoundError
+from lora.adapter import LoraAdapter, content_id
+from lora.errors import InvalidRequestError, NotFoundError
 
 
 class SkillInfo(BaseModel):

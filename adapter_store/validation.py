@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, compile_pattern, config_rank, parse_key
-from adapter_store.errors import AdapterValidationError, InvalidRequestError
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, compile_pattern, config_rank, parse_key
+from lora.errors import AdapterValidationError, InvalidRequestError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would also accept a trailing newline
 RESERVED_NAMES = {"auto", "base"}

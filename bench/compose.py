@@ -39,7 +39,7 @@ def _mod(layer: int, proj: str) -> str:
 
 def spectral_adapter(shapes: dict[str, tuple[int, int]], layers: int, r: int, seed: int, decay: float = 0.7):
     """A rank-r adapter whose ΔW per module has singular values decaying as decay^j (orthonormal factors)."""
-    from adapter_store.adapter import LoraAdapter, factor_key
+    from lora.adapter import LoraAdapter, factor_key
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -77,7 +77,7 @@ def _rss_mib() -> float:
 
 def _exact_error(adapters, weights, result) -> float:
     """‖Σ w_i ΔW_i − ΔŴ‖_F / ‖Σ w_i ΔW_i‖_F over all modules, from factors only."""
-    from adapter_store.factors import concat, frobenius_error_sq, frobenius_sq
+    from lora.factors import concat, frobenius_error_sq, frobenius_sq
 
     err = tot = 0.0
     mods = [a.modules() for a in adapters]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from bench.demo_data import MIXED, examples, mixed_examples, trained_skills
 from bench.scoring import markdown_table, percentile, retention, score
 from composer import Composition, compose, get_method

@@ -29,7 +29,7 @@ import psutil
 import redis
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from adapter_store.compression import CompressOptions, compress_library
 from adapter_store.registry import Registry
 from bench.storage import library

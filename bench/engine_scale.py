@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from bench.harness import SKILLS, running_server
 
 REPORTS = Path(__file__).resolve().parent / "reports"

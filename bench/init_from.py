@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from bench.demo_data import MIXED, mixed_examples
 from bench.scoring import markdown_table, score
 

@@ -15,7 +15,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from bench.compose import _exact_error
 from bench.demo_data import examples, exact_match, trained_skills
 from composer import compose

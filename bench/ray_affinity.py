@@ -39,7 +39,7 @@ def log(msg: str) -> None:
 
 def make_skills(registry, copies: int = 4) -> list[str]:
     """The 8 demo skills, ``copies`` each, with slightly different weights (distinct content ids)."""
-    from adapter_store.adapter import LoraAdapter
+    from lora.adapter import LoraAdapter
 
     names = []
     for d in sorted(DEMO.iterdir()):

@@ -41,7 +41,7 @@ import numpy as np
 import redis
 import torch
 
-from adapter_store.adapter import LoraAdapter, factor_key
+from lora.adapter import LoraAdapter, factor_key
 from adapter_store.library_view import LibraryView
 from adapter_store.registry import Registry
 from bench.scoring import percentile

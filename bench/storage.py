@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from adapter_store.compression import CompressOptions, compress_library
 from adapter_store.registry import Registry
 from bench.demo_data import examples, exact_match

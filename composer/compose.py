@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from composer.errors import CompositionError
-from adapter_store.factors import Factors, frobenius_error_sq, frobenius_sq, truncate
+from lora.factors import Factors, frobenius_error_sq, frobenius_sq, truncate
 from composer.registry import MethodContext, get_method
 
 

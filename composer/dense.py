@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from adapter_store.factors import Factors, split_svd
+from lora.factors import Factors, split_svd
 
 Sparsify = Callable[[torch.Tensor], torch.Tensor]  # one task vector τ_i -> its sparsified τ̂_i
 

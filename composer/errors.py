@@ -1,13 +1,12 @@
-"""The composer's own errors (the server maps every MosaicError to its status at one boundary)."""
+"""The composer's own errors (the HTTP edge maps every MosaicError's code to its status)."""
 
 from __future__ import annotations
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 
 
 class CompositionError(MosaicError, ArithmeticError):
     """The composer produced something unusable (e.g. non-finite values)."""
 
-    status = 422
-    type = "invalid_request_error"
     code = "composition_failed"
+    caller_fault = True  # the inputs and weights asked for make no usable adapter

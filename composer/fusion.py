@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError
-from adapter_store.factors import concat
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
+from lora.factors import concat
 from composer.compose import layer_index
 from composer.errors import CompositionError
 from composer.registry import MAX_SKILLS

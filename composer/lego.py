@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
-from adapter_store.factors import Factors, canonical_units, concat, truncate, unit_rows
+from lora.factors import Factors, canonical_units, concat, truncate, unit_rows
 
 
 def msu_pool(factors: list[Factors]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from adapter_store.factors import Factors, concat, truncate
+from lora.factors import Factors, concat, truncate
 from composer import dense
 from composer.lego import lego_merge
 from composer.registry import MAX_SKILLS, MethodContext, Param, merge_method

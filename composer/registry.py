@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from adapter_store.factors import Factors
+from lora.factors import Factors
 
 MAX_SKILLS = 256  # skills in one composition: the schema's bound; servers apply their own, lower limit
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from router.encoder import Encoder

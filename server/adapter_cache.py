@@ -24,8 +24,8 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
-from adapter_store.errors import UnavailableError
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter
+from lora.errors import UnavailableError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from composer import Composition

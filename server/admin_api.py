@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.errors import InvalidRequestError, UnavailableError
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from lora.errors import InvalidRequestError, UnavailableError
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import check_name, check_text, validate_files
 from composer.spec import Composition

@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 
 from server import admin_api, api_docs, auth, compress_api, errors, limits, openai_api, optimize_api, ui
 from server.http_headers import NoFraming

@@ -46,10 +46,10 @@ from fastapi import Request
 from fastapi.routing import APIRoute
 from starlette.routing import Match, Mount
 
-from adapter_store.errors import MosaicError, UnavailableError
+from lora.errors import MosaicError, UnavailableError
 from adapter_store.keys import KEY_PREFIX
 from adapter_store.validation import in_namespace
-from server.errors import AuthError, ForbiddenError, error_payload
+from server.errors import AuthError, ForbiddenError, mosaic_error_response
 
 CHECKED = "mosaic.auth"  # set in the ASGI scope once the gate has checked a request
 NAMESPACE = "mosaic.namespace"  # the ASGI scope's record of the key's namespace (absent: not limited)
@@ -213,7 +213,6 @@ def refusal(fastapi_app, scope):
     or None after recording in ``scope`` that the request was checked and its namespace. Used by
     :class:`AuthGate` and by the Ray ingress (server/ray_app.py), before either reads the body."""
     from starlette.datastructures import Headers
-    from starlette.responses import JSONResponse
 
     wanted, is_mount = route_scope(fastapi_app, scope)
     if wanted is None:
@@ -226,11 +225,9 @@ def refusal(fastapi_app, scope):
             raise ForbiddenError(f"this API key is limited to the namespace '{ns}'; {scope['path']} spans "
                                  "the whole library")
     except (redis.ConnectionError, redis.TimeoutError):
-        exc = UnavailableError("the skill registry (Redis) is unavailable; try again shortly")
-        return JSONResponse(error_payload(exc), status_code=exc.status)
+        return mosaic_error_response(UnavailableError("the skill registry (Redis) is unavailable; try again shortly"))
     except MosaicError as exc:
-        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(error_payload(exc), status_code=exc.status, headers=headers)
+        return mosaic_error_response(exc)
     scope[CHECKED] = True
     if ns is not None:
         scope[NAMESPACE] = ns

@@ -67,15 +67,18 @@ def _convert(gguf: Path, out: Path, bar: Progress, task: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from lora.hf_loading import building, causal_lm
+
     kw = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    quantised = causal_lm(gguf.parent, **kw)
     bar.update(task, description="rebuilding as a plain model…")
     config = AutoConfig.from_pretrained(gguf.parent, **kw)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with building():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     model = model.to(torch.bfloat16)
     bar.update(task, description="saving safetensors…")

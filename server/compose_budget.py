@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
 from adapter_store.skill_info import SkillInfo
 from composer import ComposeReport, Composition, compose, compose_cost
 from server.settings import Settings

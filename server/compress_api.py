@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
 from adapter_store.compression import CompressOptions, compress_library, decompress_library
-from adapter_store.errors import ConflictError, MosaicError
+from lora.errors import ConflictError, MosaicError
 from server import auth
 from server.auth import require_scope
 

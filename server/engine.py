@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from server.settings import Settings
 
 log = logging.getLogger("mosaic.engine")
@@ -220,11 +220,12 @@ class HfEngine:
 
     async def start(self) -> None:
         def load():
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoTokenizer
+
+            from lora.hf_loading import causal_lm
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-            self._model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
+            self._model = causal_lm(self.model_dir).eval()
 
         await asyncio.to_thread(load)
 
@@ -241,14 +242,18 @@ class HfEngine:
         import torch
         from peft import PeftModel
 
+        from lora.hf_loading import building
+
         with self._lock, torch.inference_mode():
             model = self._model
             if adapter is not None:
                 key = f"a{adapter.int_id}"
                 if not isinstance(model, PeftModel):
-                    model = self._model = PeftModel.from_pretrained(model, adapter.path, adapter_name=key)
+                    with building():
+                        model = self._model = PeftModel.from_pretrained(model, adapter.path, adapter_name=key)
                 elif key not in self._loaded:
-                    model.load_adapter(adapter.path, adapter_name=key)
+                    with building():
+                        model.load_adapter(adapter.path, adapter_name=key)
                 self._loaded.add(key)
                 model.set_adapter(key)
                 ctx = nullcontext()

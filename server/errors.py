@@ -11,33 +11,58 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store.errors import InvalidRequestError, MosaicError
+from lora.errors import InvalidRequestError, MosaicError
 
 log = logging.getLogger("mosaic.server")
 
 
-# ---- the server's own errors (the store's are in adapter_store/errors.py) -------------------
+# ---- the errors only the HTTP edge raises (every room's are in lora/errors.py) --------------
 class AuthError(MosaicError, PermissionError):
     """No API key, or an unknown or revoked one."""
 
-    status = 401
-    type = "invalid_request_error"
     code = "invalid_api_key"
+    caller_fault = True
 
 
 class ForbiddenError(MosaicError, PermissionError):
     """A valid API key without the scope the endpoint needs."""
 
-    status = 403
-    type = "invalid_request_error"
     code = "insufficient_scope"
+    caller_fault = True
 
 
 class PayloadTooLargeError(InvalidRequestError):
     """An upload, or an archive's contents, over the server's size limit."""
 
-    status = 413
     code = "payload_too_large"
+
+
+# ---- every error code's HTTP status, in one table ------------------------------------------
+STATUS = {
+    "invalid_request": 400, "invalid_adapter": 400,
+    "invalid_api_key": 401,
+    "insufficient_scope": 403,
+    "model_not_found": 404,
+    "conflict": 409,
+    "payload_too_large": 413,
+    "composition_failed": 422, "below_best_input": 422,
+    "internal_error": 500,
+    "service_unavailable": 503, "registry_behind": 503,
+}
+
+
+def http_status(exc: MosaicError) -> int:
+    """The status of ``exc``'s code; a code the table lacks takes its nearest ancestor's (an error class
+    added without a row keeps its family's status: a caller's fault stays a 4xx)."""
+    for cls in type(exc).__mro__:
+        if (code := cls.__dict__.get("code")) in STATUS:
+            return STATUS[code]
+    return 500
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status."""
+    return "invalid_request_error" if status < 500 else "server_error"
 
 
 def error_response(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -47,15 +72,24 @@ def error_response(status: int, message: str, type_: str, code: str | None = Non
 
 
 def error_payload(exc: MosaicError) -> dict:
-    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+    return {"error": {"message": exc.message, "type": error_type(http_status(exc)), "param": exc.param,
+                      "code": exc.code}}
+
+
+def mosaic_error_response(exc: MosaicError, headers: dict | None = None) -> JSONResponse:
+    """``exc`` in OpenAI's error shape with its status (a 401 asks for a bearer token)."""
+    status = http_status(exc)
+    if status == 401:
+        headers = {"www-authenticate": "Bearer", **(headers or {})}
+    return JSONResponse(status_code=status, content=error_payload(exc), headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(MosaicError)
     async def _mosaic(_: Request, exc: MosaicError) -> JSONResponse:
-        if exc.status >= 500:
+        if not exc.caller_fault:
             log.warning("%s: %s", type(exc).__name__, exc.message)
-        return JSONResponse(status_code=exc.status, content=error_payload(exc))
+        return mosaic_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -69,8 +103,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(exc.status_code, str(exc.detail), type_, str(exc.status_code))
+        return error_response(exc.status_code, str(exc.detail), error_type(exc.status_code), str(exc.status_code))
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_store.factors import concat
+from lora.factors import concat
 from server.fusion_learning import CurvePoint, Encoded, example_losses
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A r×d_in, B d_out×r), scaling folded into B

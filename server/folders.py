@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapter_store.errors import InvalidRequestError, UnavailableError
+from lora.errors import InvalidRequestError, UnavailableError
 
 KINDS = ("adapters", "compositions")
 STALE = 3600.0  # seconds after which a half-written folder is taken for a crashed write

@@ -21,8 +21,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
 from composer.fusion import FusionWeights, Granularity, ModuleStack, stacks
 
 Encoded = tuple[list[int], list[int]]  # (input ids, labels with -100 off the answer), as server.training.encode_pair

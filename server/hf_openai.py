@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from server import limits
 from server.engine import EngineAdapter, GenerationParams
 from server.protocol import content_text

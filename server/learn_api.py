@@ -19,7 +19,7 @@ from functools import partial
 
 from fastapi import Request
 
-from adapter_store.errors import InvalidRequestError, MosaicError
+from lora.errors import InvalidRequestError, MosaicError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import BaseModelSpec, TextLimits, validate_adapter

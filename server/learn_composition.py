@@ -24,8 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError, MosaicError
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError, MosaicError
 from composer import compose
 from composer.fusion import FusionWeights, fuse
 from server.expansion import ExpandOptions, expand
@@ -90,9 +90,10 @@ class LearnCancelled(Exception):
 
 
 class BelowBestInput(MosaicError):
-    status = 422
-    type = "invalid_request_error"
+    """The learned result scored below ``min_validation`` (the best input skill alone): nothing is stored."""
+
     code = "below_best_input"
+    caller_fault = True
 
 
 @dataclass

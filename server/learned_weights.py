@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
 from adapter_store.skill_info import SkillInfo
 from composer import Composition, compose
 from server.compose_budget import Composer
@@ -79,10 +79,12 @@ class LossModel:
     """The base model (transformers, float32) scoring answers with one adapter merged in at a time."""
 
     def __init__(self, base_dir: str | Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from lora.hf_loading import causal_lm
 
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        self.model = causal_lm(base_dir).eval()
         # the server's searches share one model, and each merges its adapter into the weights: one at a time
         self._lock = threading.Lock()
 

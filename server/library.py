@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Query
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import BaseModelSpec, TextLimits, validate_adapter

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from composer.spec import Composition
 from server.errors import error_response
 from server.settings import Settings

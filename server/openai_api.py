@@ -24,7 +24,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from router.plan import Plan
 from server import auth, limits
 from server.auth import require_scope

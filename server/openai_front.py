@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from composer.spec import Composition
 from server import limits
 from server.openai_endpoints import Endpoint, message_dicts

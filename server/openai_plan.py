@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from adapter_store.errors import NotFoundError, UnavailableError
+from lora.errors import NotFoundError, UnavailableError
 from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import in_namespace
 from composer.spec import Composition

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 from server import metrics
 from server.errors import error_payload
 from server.openai_endpoints import Endpoint

@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import Response
 
-from adapter_store.errors import InvalidRequestError, NotFoundError, UnavailableError
+from lora.errors import InvalidRequestError, NotFoundError, UnavailableError
 from server import auth, hf_openai
 from server.disconnect import ClientGone, unless_disconnected
 from server.engine import EngineAdapter

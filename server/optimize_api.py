@@ -24,7 +24,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from adapter_store.errors import ConflictError, MosaicError, NotFoundError
+from lora.errors import ConflictError, MosaicError, NotFoundError
 from adapter_store.skill_info import SkillInfo
 from composer import CompositionCancelled
 from composer.spec import Composition

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from pydantic import BaseModel, Field
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from adapter_store.registry import Registry
 from adapter_store.skill_info import SkillInfo
 from composer import Composition, compose

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 from router.plan import Plan
 from server import auth, limits
 from server.errors import error_response

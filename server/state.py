@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from adapter_store.high_water import HighWater
 from adapter_store.keys import KeyStore
 from adapter_store.library_view import LibraryView

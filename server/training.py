@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
+from lora.hf_loading import building, causal_lm
 
 if TYPE_CHECKING:
     from adapter_store.registry import Registry
@@ -60,14 +61,14 @@ def train_lora(
     adapter of the same rank (PSEC's reuse of prior skills), else from PEFT's default init."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+    with building():
+        model = get_peft_model(causal_lm(base_dir), config)
     if init is not None:
         _load_init(model, init, rank, alpha / rank)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
@@ -145,14 +146,15 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str | Conversation], max
 def greedy_answers(base_dir: str | Path, adapter_dir: str | Path | None, prompts: Sequence[str], max_new_tokens: int = 40,
                    batch_size: int = 1) -> list[str]:
     """Greedy answers of the base model (with the adapter, if given, merged into the weights) via transformers+PEFT."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
+    with building():
+        model = causal_lm(base_dir)
+        if adapter_dir is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
 
 

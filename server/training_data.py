@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 
 MAX_PROBLEMS = 20
 

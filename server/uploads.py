@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 from pathlib import PurePosixPath
 
-from adapter_store.errors import InvalidRequestError, MosaicError
+from lora.errors import InvalidRequestError, MosaicError
 from server.errors import PayloadTooLargeError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar", ".zip")

@@ -24,7 +24,7 @@ import os
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 
 log = logging.getLogger("mosaic.vllm_resolver")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from adapter_store.adapter import LoraAdapter, factor_key
+from lora.adapter import LoraAdapter, factor_key
 from adapter_store.redis_conn import connect
 from server.launch import ROOT, free_port
 from server.settings import Settings

@@ -18,7 +18,7 @@ from bench.sections import SKILLS, log, suffix
 
 def _answers(base: Path, adapter, prompts: list[str], batch: int = 16) -> list[str]:
     """Greedy answers with ``adapter`` (a LoraAdapter, a folder, or None for the base model)."""
-    from adapter_store.adapter import LoraAdapter
+    from lora.adapter import LoraAdapter
     from server.training import greedy_answers
 
     if isinstance(adapter, LoraAdapter):
@@ -51,7 +51,7 @@ def _peft_merge(skills: list[str], combination: str, rank: int | None, density: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from adapter_store.adapter import LoraAdapter
+    from lora.adapter import LoraAdapter
     from bench.route import demo_profiles
     from composer import compose
     from composer.registry import METHODS

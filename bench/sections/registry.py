@@ -16,7 +16,7 @@ def run(args: argparse.Namespace) -> dict:
     import redis
     import torch
 
-    from adapter_store.adapter import LoraAdapter, factor_key
+    from lora.adapter import LoraAdapter, factor_key
     from adapter_store.registry import Registry
     from server.settings import get_settings
 

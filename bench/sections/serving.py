@@ -56,7 +56,7 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from adapter_store.adapter import LoraAdapter
+    from lora.adapter import LoraAdapter
     from bench.harness import running_server
     from composer import compose
     from server.launch import VLLM_SERVE

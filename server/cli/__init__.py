@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 from typer.core import TyperGroup
 
-from adapter_store.errors import MosaicError
+from lora.errors import MosaicError
 from server.cli import base, keys, skills
 from server.cli.common import fail
 from server.cli.compose import compose

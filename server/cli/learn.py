@@ -10,7 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.table import Table
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from server.cli.common import base_spec, err, fail, registry, settings
 from server.learn_composition import LearnExample, LearnOptions
 

@@ -56,7 +56,7 @@ def serve(
 
 def _keys_locked(s: Settings) -> bool:
     """Whether API keys exist (they lock the admin endpoints); False when the library can't be reached."""
-    from adapter_store.errors import MosaicError
+    from lora.errors import MosaicError
     from adapter_store.keys import KeyStore
     from server.state import open_registry
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE
 from server.cli.common import base_spec, fail, out, print_json, registry, settings
 from server.cli.compress import compress
 from server.cli.train import train

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from adapter_store.compression import CompressOptions, compress_library
-from adapter_store.errors import ConflictError
+from lora.errors import ConflictError
 from tests.helpers import SHARD_SHAPES, dense_rel_error, structured_library
 from tests.helpers import random_adapter
 
@@ -199,7 +199,7 @@ def test_upload_racing_a_pool_switch_is_encoded_against_the_new_pools(registry, 
 
 
 def test_empty_library_is_refused_and_changes_nothing(registry):
-    from adapter_store.errors import InvalidRequestError
+    from lora.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="empty"):
         compress_library(registry, OPTIONS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapter_store.factors import (
+from lora.factors import (
     canonical_units,
     concat,
     frobenius_error_sq,

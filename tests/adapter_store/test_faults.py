@@ -9,7 +9,7 @@ import threading
 import pytest
 import redis
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from adapter_store.registry import Registry
 from tests.helpers import OwnRedis, random_adapter
 

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import redis
 
-from adapter_store.errors import UnavailableError
+from lora.errors import UnavailableError
 from adapter_store.redis_conn import connect
 from server.launch import free_port as _free_port
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from adapter_store.adapter import LoraAdapter, config_sha256
-from adapter_store.errors import InvalidRequestError, NotFoundError
+from lora.adapter import LoraAdapter, config_sha256
+from lora.errors import InvalidRequestError, NotFoundError
 from adapter_store.skill_info import parse_ref
 from tests.helpers import random_adapter
 

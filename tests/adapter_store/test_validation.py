@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE, factor_key
-from adapter_store.errors import AdapterValidationError
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE, factor_key
+from lora.errors import AdapterValidationError
 from adapter_store.validation import validate_files
 from tests.helpers import random_adapter
 
@@ -91,7 +91,7 @@ def test_a_pattern_that_backtracks_exponentially_is_matched_in_linear_time(base_
     import re
     import time
 
-    from adapter_store.adapter import config_rank
+    from lora.adapter import config_rank
 
     evil = "(.*.*.*.*)*z"  # Python's re needs minutes for this on a module name without a 'z'
     adapter = random_adapter({Q: base_spec.shapes[Q]}, r=4)
@@ -166,7 +166,7 @@ def test_an_error_names_at_most_20_problems(base_spec):
 
 
 def test_text_limits_name_every_problem_and_the_first_field():
-    from adapter_store.errors import InvalidRequestError
+    from lora.errors import InvalidRequestError
     from adapter_store.validation import TextLimits, check_text
 
     limits = TextLimits(examples=2, example_chars=5, description_chars=10, tags=1, tag_chars=3)

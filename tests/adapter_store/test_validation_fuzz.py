@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapter_store.adapter import CONFIG_FILE, WEIGHTS_FILE
-from adapter_store.errors import AdapterValidationError
+from lora.adapter import CONFIG_FILE, WEIGHTS_FILE
+from lora.errors import AdapterValidationError
 from adapter_store.validation import validate_files
 from tests.helpers import random_adapter
 

@@ -9,8 +9,8 @@ import pydantic
 import pytest
 import torch
 
-from adapter_store.adapter import factor_key
-from adapter_store.errors import InvalidRequestError
+from lora.adapter import factor_key
+from lora.errors import InvalidRequestError
 from composer import FusionWeights, compose, fuse
 from composer.fusion import group_of, groups_for
 from tests.helpers import dense_delta, random_adapter

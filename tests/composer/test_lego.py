@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from composer import compose
 from tests.helpers import dense_delta
 

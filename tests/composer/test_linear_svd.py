@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapter_store.factors import frobenius_error_sq, truncate
+from lora.factors import frobenius_error_sq, truncate
 from composer import METHODS, compose
 from tests.helpers import dense_delta, random_adapter
 

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from composer import compose
 from tests.helpers import dense_delta
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from adapter_store.errors import ConflictError
+from lora.errors import ConflictError
 from adapter_store.keys import KeyStore
 from server import engine as engine_module
 from server.app import create_app

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store.errors import InvalidRequestError, UnavailableError
+from lora.errors import InvalidRequestError, UnavailableError
 from composer import Composition
 from server.adapter_cache import AdapterCache
+from server.errors import http_status
 from server.folders import STALE, Folders
 from tests.helpers import random_adapter
 
@@ -71,7 +72,7 @@ def test_a_folder_larger_than_the_budget_is_refused_before_anything_is_removed(t
     write(folders, tmp_path, "a").release()
     with pytest.raises(InvalidRequestError, match="MOSAIC_ADAPTER_DISK_MB") as refused:
         folders.admit(tmp_path / "compositions" / "big", 29_500_000, ["a", "b"], param="composition")
-    assert refused.value.param == "composition" and refused.value.status == 400
+    assert refused.value.param == "composition" and http_status(refused.value) == 400
     assert (tmp_path / "adapters" / "a").exists() and folders.total() == 100
 
 
@@ -207,7 +208,7 @@ def test_a_1000_byte_budget_never_holds_more_than_1000_bytes(registry, tmp_path)
         return refused + [e.value]
 
     refused = asyncio.run(ask_many())
-    assert all(e.status == 400 and e.param == "composition" for e in refused)
+    assert all(http_status(e) == 400 and e.param == "composition" for e in refused)
     assert on_disk(tmp_path) == 0 and cache.folders.total() == 0
 
 

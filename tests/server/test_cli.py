@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from server.launch import mosaic_cli
 from tests.helpers import DEMO, dense_delta, drop_prefix, mosaic_env, random_adapter, run_cli
 

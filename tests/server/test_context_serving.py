@@ -229,11 +229,13 @@ def _agree_but_for_near_ties(base_dir, adapter_dir, prompts, served: list[str], 
     bfloat16, the reference in float32, so a near-tie can go either way (and what follows it then differs)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from lora.hf_loading import building, causal_lm
 
     tok = AutoTokenizer.from_pretrained(base_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
-                                      str(adapter_dir)).merge_and_unload().eval()
+    with building():
+        model = PeftModel.from_pretrained(causal_lm(base_dir), str(adapter_dir)).merge_and_unload().eval()
     equal = 0
     for prompt, ours, ref in zip(prompts, served, reference):
         if ours == ref:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from tests.helpers import DEMO, reference_app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from server.expansion import ExpandOptions, HookedLora, expand, new_factors
 from server.learn_composition import (BelowBestInput, LearnCancelled, LearnOptions, LearnReport, Row,
                                       check_min_validation, learn_composition)

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from composer import FusionWeights, fuse
 from server.fusion_learning import FusedModel, FusionOptions, learn_fusion, split_validation
 from server.learned_weights import LossModel

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapter_store.adapter import LoraAdapter
-from adapter_store.errors import InvalidRequestError
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
 from bench.demo_data import examples
 from composer.spec import Composition
 from server.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from adapter_store.adapter import LoraAdapter, factor_key
+from lora.adapter import LoraAdapter, factor_key
 from server.settings import Settings
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from server import openai_endpoints, openai_front, openai_response, openai_serving
 from server.settings import Settings
 
@@ -331,7 +331,7 @@ def test_json_bodies_are_counted_while_they_arrive():
 
 def test_auto_decides_again_when_its_choice_is_deleted_before_it_is_served(monkeypatch):
     """The load test's churn: ``auto`` chose a skill deleted a moment later; the client named a valid model."""
-    from adapter_store.errors import NotFoundError
+    from lora.errors import NotFoundError
 
     decided, served = [], []
 

@@ -21,7 +21,7 @@ import time
 import httpx
 import pytest
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from composer.spec import Composition
 from tests.helpers import BASE, DEMO, JSON_PROMPT, TEST_REDIS_URL, drop_prefix, mosaic_env, new_prefix
 

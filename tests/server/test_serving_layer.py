@@ -13,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from adapter_store.adapter import LoraAdapter
+from lora.adapter import LoraAdapter
 from adapter_store.registry import Registry
 from server import state as state_module
 from server.app import create_app

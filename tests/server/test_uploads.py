@@ -6,7 +6,7 @@ import zipfile
 
 import pytest
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from server.errors import PayloadTooLargeError
 from server.uploads import pack_tar_gz, unpack
 

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from adapter_store.errors import InvalidRequestError
+from lora.errors import InvalidRequestError
 from server.cli.learn import read_examples
 from server.learn_composition import LearnExample
 from server.ui import STATIC

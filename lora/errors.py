@@ -1,18 +1,19 @@
-"""One error tree for all of Mosaic, rooted in :class:`MosaicError`, and the store's errors in it.
+"""One error tree for all of Mosaic, rooted in :class:`MosaicError`, with the errors every room raises.
 
-Each error carries the HTTP status and OpenAI error ``type``/``code`` it maps to, so the
-HTTP boundary (server/errors.py) translates them in one place. Subclasses also inherit the stdlib
-error a caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input).
-Errors only the server raises (authentication, scopes, upload size) live in server/errors.py.
+An error says what went wrong and whose fault it is, never how a protocol reports it: ``code`` is a stable
+name (``model_not_found``, ``invalid_adapter``…) and ``caller_fault`` tells a bad request from a failure
+of Mosaic or what it depends on. The HTTP edge maps codes to statuses and OpenAI error types in one
+table (server/http/errors.py); the CLI prints the message. Subclasses also inherit the stdlib error a
+caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input). Errors only the
+HTTP edge raises (authentication, scopes, upload size) live there.
 """
 
 from __future__ import annotations
 
 
 class MosaicError(Exception):
-    status: int = 500
-    type: str = "server_error"
     code: str = "internal_error"
+    caller_fault: bool = False  # True: the request was wrong (retrying it unchanged fails again)
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -24,15 +25,13 @@ class MosaicError(Exception):
 
 
 class NotFoundError(MosaicError, KeyError):
-    status = 404
-    type = "invalid_request_error"
     code = "model_not_found"
+    caller_fault = True
 
 
 class InvalidRequestError(MosaicError, ValueError):
-    status = 400
-    type = "invalid_request_error"
     code = "invalid_request"
+    caller_fault = True
 
 
 class AdapterValidationError(InvalidRequestError):
@@ -55,12 +54,11 @@ class AdapterValidationError(InvalidRequestError):
 
 
 class ConflictError(MosaicError, ValueError):
-    status = 409
-    type = "invalid_request_error"
     code = "conflict"
+    caller_fault = True
 
 
 class UnavailableError(MosaicError, RuntimeError):
-    status = 503
-    type = "server_error"
+    """Something Mosaic depends on (Redis, the engine) cannot answer now; the same request may succeed later."""
+
     code = "service_unavailable"
