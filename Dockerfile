@@ -7,7 +7,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc g++ libnuma
 WORKDIR /app
 COPY . .
 ENV MOSAIC_DATA_DIR=/data
-RUN bash scripts/setup.sh && .venv/bin/mosaic base prepare
+RUN bash scripts/setup.sh cpu,ray && .venv/bin/mosaic base prepare
 EXPOSE 8000
 ENV HOST=0.0.0.0 PORT=8000
 CMD ["bash", "scripts/serve.sh"]

@@ -2,7 +2,7 @@
 
 A Redis that is flushed, or restored from an older copy, forgets what this file keeps:
 
-- that API keys were created: the server stays locked (adapter_store/keys.py, server/auth.py);
+- that API keys were created: the server stays locked (adapter_store/keys.py, server/edge/auth.py);
 - the registry's generation and its change-log entry as last written from here: a Redis behind them lost
   writes (a deleted skill may be back, a pinned ``name@N`` gone), so the server refuses to start, and
   writes are refused, until a reset is accepted;
@@ -31,8 +31,8 @@ from urllib.parse import urlsplit
 import redis
 from pydantic import BaseModel
 
-from lora.errors import UnavailableError
 from adapter_store.layout import KeyLayout
+from lora.errors import UnavailableError
 
 log = logging.getLogger("mosaic.registry")
 

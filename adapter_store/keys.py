@@ -7,7 +7,7 @@ good (``locked``): revoking the last key does not open it again, and neither doe
 (flushed, restored): the data dir remembers too (adapter_store/high_water.py).
 
 A key may be limited to a namespace: it then reaches only skills named ``NAMESPACE/…`` (and the base
-model), and none of the operations that span the whole library (server/auth.py says which).
+model), and none of the operations that span the whole library (server/edge/auth.py says which).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 import redis
 from pydantic import BaseModel
 
-from lora.errors import ConflictError, NotFoundError
 from adapter_store.high_water import HighWater
 from adapter_store.validation import NAME_RE
+from lora.errors import ConflictError, NotFoundError
 
 SCOPES = ("admin", "read", "inference")
 KEY_PREFIX = "mk-"  # every key made here starts so (tells a key from an OpenAI client's placeholder)

@@ -89,7 +89,7 @@ def check_name(name: str, reserved: tuple[str, ...] = ()) -> list[str]:
 @dataclass(frozen=True)
 class TextLimits:
     """What a skill's text may hold: the router embeds every example prompt and the description, and Redis
-    keeps them and their embeddings, so each is bounded by a setting (server/settings.py)."""
+    keeps them and their embeddings, so each is bounded by a setting (server/core/settings.py)."""
 
     examples: int = 64  # MOSAIC_MAX_EXAMPLES_PER_SKILL
     example_chars: int = 2000  # MOSAIC_MAX_EXAMPLE_CHARS

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lora.adapter import LoraAdapter
 from bench.demo_data import MIXED, examples, mixed_examples, trained_skills
 from bench.scoring import markdown_table, percentile, retention, score
 from composer import Composition, compose, get_method
+from lora.adapter import LoraAdapter
 from router.weights import AlphaRule
-from server.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
+from server.jobs.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ROOT / "bench" / "skills"
@@ -66,8 +66,8 @@ class Bench:
     def __init__(self, n: int, quick: bool) -> None:
         from bench.route import demo_profiles
         from router.psec import PsecRouter
-        from server.base_model import prepare
-        from server.settings import get_settings
+        from server.core.base_model import prepare
+        from server.core.settings import get_settings
 
         self.skills = trained_skills()
         self.n = n

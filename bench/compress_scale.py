@@ -29,11 +29,11 @@ import psutil
 import redis
 import torch
 
-from lora.adapter import LoraAdapter
 from adapter_store.compression import CompressOptions, compress_library
 from adapter_store.registry import Registry
 from bench.storage import library
-from server.settings import get_settings
+from lora.adapter import LoraAdapter
+from server.core.settings import get_settings
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import httpx
 import redis
 
-from server.launch import ROOT, mosaic_cli, serving
+from server.cli.launch import ROOT, mosaic_cli, serving
 
 SKILLS = ROOT / "bench" / "skills"
 
 
 def bench_env(extra_env: dict | None = None) -> dict:
     """The environment of a benchmark server: its own Redis key prefix and data folder."""
-    from server.base_model import base_model_id, prepare
-    from server.settings import Settings
+    from server.core.base_model import base_model_id, prepare
+    from server.core.settings import Settings
 
     settings = Settings()
     return dict(os.environ, MOSAIC_REDIS_PREFIX=f"mosaic-bench-{uuid.uuid4().hex[:8]}",
@@ -30,7 +30,7 @@ def bench_env(extra_env: dict | None = None) -> dict:
 
 def drop_env(env: dict) -> None:
     """Remove a benchmark server's keys and files."""
-    from server.settings import Settings
+    from server.core.settings import Settings
 
     client = redis.Redis.from_url(env.get("MOSAIC_REDIS_URL", Settings().redis_url))
     keys = list(client.scan_iter(match=f"{env['MOSAIC_REDIS_PREFIX']}:*"))

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from lora.adapter import LoraAdapter
 from bench.demo_data import MIXED, mixed_examples
 from bench.scoring import markdown_table, score
+from lora.adapter import LoraAdapter
 
 ROOT = Path(__file__).resolve().parents[1]
 SKILLS = ROOT / "bench" / "skills"
@@ -27,10 +27,10 @@ REPORTS = ROOT / "bench" / "reports"
 
 
 def run(tasks: list[str], steps: list[int], n_test: int) -> dict:
-    from server.base_model import prepare
-    from server.learned_weights import LossModel
-    from server.settings import get_settings
-    from server.training import init_from_skills, train_lora
+    from server.core.base_model import prepare
+    from server.core.settings import get_settings
+    from server.jobs.learned_weights import LossModel
+    from server.jobs.training import init_from_skills, train_lora
 
     base = prepare(get_settings())
     model = LossModel(base)

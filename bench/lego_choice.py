@@ -15,13 +15,13 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from lora.adapter import LoraAdapter
 from bench.compose import _exact_error
-from bench.demo_data import examples, exact_match, trained_skills
+from bench.demo_data import exact_match, examples, trained_skills
 from composer import compose
-from server.base_model import prepare
-from server.settings import get_settings
-from server.training import greedy_answers
+from lora.adapter import LoraAdapter
+from server.core.base_model import prepare
+from server.core.settings import get_settings
+from server.jobs.training import greedy_answers
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 VARIANTS = [("linear (exact)", "linear", {}), ("svd", "svd", {}), ("lego centroid=svd", "lego", {"centroid": "svd"}),

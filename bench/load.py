@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from server.launch import ROOT
+from server.cli.launch import ROOT
 
 SKILLS = ROOT / "bench" / "skills"
 REPORTS = ROOT / "bench" / "reports"

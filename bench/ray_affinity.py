@@ -1,4 +1,4 @@
-"""Adapter affinity on Ray Serve (server/ray_app.py): how many adapter loads, and what throughput, when each
+"""Adapter affinity on Ray Serve (server/ray/app.py): how many adapter loads, and what throughput, when each
 request goes to a replica that holds its adapter, against the same replicas with no affinity.
 
 32 skills (the 8 demo skills, four copies each with their B factors scaled by a different 1 + 1e-3·k, so
@@ -8,7 +8,7 @@ adapters (MOSAIC_MAX_CPU_LORAS=4: the engine's LRU of loaded adapters), requests
 replicas, the same request sequence; each request is planned as the ingress plans it (``adapter_key``) and
 sent to the replicas through their Ray handle: with ``multiplexed_model_id`` (affinity), or without one
 (Ray's default router, power of two choices by queue length: what a load balancer without affinity does).
-Adapter loads are counted by each engine (server/lora_loads.py), before and after each mode.
+Adapter loads are counted by each engine (server/core/lora_loads.py), before and after each mode.
 
     PYTHONPATH=. .venv/bin/python bench/ray_affinity.py [--requests 500] [--quick]
 """
@@ -87,7 +87,7 @@ def fewest_loads(sequence: list[str], slots: int) -> int:
 
 async def replica_infos(handle, tries: int = 40) -> dict[str, dict]:
     """Every replica's own answer (its engine's adapter loads), by asking until each has answered."""
-    from server.ray_routing import INFO_PATH
+    from server.ray.routing import INFO_PATH
 
     seen: dict[str, dict] = {}
     call = {"method": "GET", "path": INFO_PATH, "query": "", "body": b"", "headers": [("host", "127.0.0.1")],
@@ -102,7 +102,7 @@ async def replica_infos(handle, tries: int = 40) -> dict[str, dict]:
 
 
 async def run_mode(handle, service, sequence: list[str], affinity: bool, concurrency: int, max_tokens: int) -> dict:
-    from server.ray_routing import REPLICA_HEADER, adapter_key
+    from server.ray.routing import REPLICA_HEADER, adapter_key
 
     before = await replica_infos(handle)
     sem = asyncio.Semaphore(concurrency)
@@ -142,10 +142,10 @@ def run(args: argparse.Namespace) -> dict:
     import redis
     from ray import serve
 
-    from server.base_model import base_model_id, prepare
-    from server.ray_app import app
-    from server.settings import Settings
-    from server.state import build
+    from server.core.base_model import base_model_id, prepare
+    from server.core.settings import Settings
+    from server.core.state import build
+    from server.ray.app import app
 
     settings = Settings()
     model_dir = prepare(settings, quiet=True)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
            "MOSAIC_KV_CACHE_GIB": "1", "MOSAIC_TOOL_CALL_PARSER": "", "MOSAIC_ROUTER": "lexical",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
     os.environ.update(env)
-    from server.settings import get_settings
+    from server.core.settings import get_settings
 
     get_settings.cache_clear()
     service = build(Settings())

@@ -26,10 +26,10 @@ import httpx
 import numpy as np
 
 from adapter_store.skill_info import SkillInfo
-from bench.demo_data import examples, exact_match, trained_skills
+from bench.demo_data import exact_match, examples, trained_skills
 from bench.route_prompts import MULTI, OOD
 from router.psec import PsecRouter
-from server.settings import get_settings
+from server.core.settings import get_settings
 
 T = get_settings().router_config()  # the thresholds the server uses
 

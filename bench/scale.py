@@ -41,13 +41,13 @@ import numpy as np
 import redis
 import torch
 
-from lora.adapter import LoraAdapter, factor_key
 from adapter_store.library_view import LibraryView
 from adapter_store.registry import Registry
 from bench.scoring import percentile
+from lora.adapter import LoraAdapter, factor_key
 from router.embeddings import EMB_KEY
 from router.psec import PsecRouter
-from server.settings import get_settings
+from server.core.settings import get_settings
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 MODULE = "model.layers.0.self_attn.q_proj"

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from lora.adapter import LoraAdapter
 from adapter_store.compression import CompressOptions, compress_library
 from adapter_store.registry import Registry
-from bench.demo_data import examples, exact_match
-from server.base_model import prepare
-from server.settings import get_settings
+from bench.demo_data import exact_match, examples
+from lora.adapter import LoraAdapter
+from server.core.base_model import prepare
+from server.core.settings import get_settings
 
 HERE = Path(__file__).parent
 REPORTS = HERE / "reports"
@@ -63,7 +63,7 @@ class Evaluator:
 
     @torch.inference_mode()
     def answers(self, adapter: LoraAdapter | None, prompts: list[str]) -> list[str]:
-        from server.training import generate_greedy
+        from server.jobs.training import generate_greedy
 
         saved = {}
         try:

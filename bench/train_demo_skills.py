@@ -26,11 +26,11 @@ from pathlib import Path
 
 import redis
 
-from bench.demo_data import SKILLS, examples, exact_match
-from server.base_model import prepare
-from server.launch import mosaic_cli
-from server.settings import get_settings
-from server.training import greedy_answers
+from bench.demo_data import SKILLS, exact_match, examples
+from server.cli.launch import mosaic_cli
+from server.core.base_model import prepare
+from server.core.settings import get_settings
+from server.jobs.training import greedy_answers
 
 OUT = Path(__file__).parent / "skills"
 LIBRARY = Path(__file__).parent / "skills_library"

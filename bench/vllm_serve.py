@@ -4,7 +4,7 @@ flight at once, random prompts, a fixed number of generated tokens (``--ignore-e
 
     python -m bench.vllm_serve [--rounds 2] [--requests 48] [--concurrency 8] [--adapters 6] [--input-len 64] [--output-len 32]
 
-Both servers run the same engine arguments (server.engine.vllm_cli_args) and the same demo adapters;
+Both servers run the same engine arguments (server.core.engine.vllm_cli_args) and the same demo adapters;
 each gets one unmeasured warm-up pass over every adapter first. Writes bench/reports/vllm_serve.{md,json}.
 """
 
@@ -48,9 +48,9 @@ def _cases(url: str, base: str, tokenizer: str, skills: list[str], args) -> dict
 
 
 def _plain(args, skills: list[str]) -> dict:
-    from server.engine import cpu_preload, vllm_cli_args
-    from server.launch import VLLM_SERVE, serving
-    from server.settings import Settings
+    from server.cli.launch import VLLM_SERVE, serving
+    from server.core.engine import cpu_preload, vllm_cli_args
+    from server.core.settings import Settings
 
     settings, env = Settings(), bench_env()
     base, model_dir = env["MOSAIC_BASE_MODEL_ID"], env["MOSAIC_BASE_MODEL"]

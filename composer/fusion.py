@@ -4,7 +4,7 @@
 column for the whole adapter (``"skill"``, today's LoraHub weights), one per layer (``"layer"``, LoRA-Flow's
 layer-wise fusion) or one per module (``"module"``). It is still concatenation = summation (ALGORITHMS.md): per
 module [w_1 s_1 B_1 | … | w_K s_K B_K] · [A_1; …; A_K], rank Σ r_i, no cross terms. The weights enter only B,
-so the composition is linear in w — what makes learning them by gradient exact and cheap (server/fusion_learning.py).
+so the composition is linear in w — what makes learning them by gradient exact and cheap (server/jobs/fusion_learning.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from lora.adapter import LoraAdapter
-from lora.errors import InvalidRequestError
-from lora.factors import concat
 from composer.compose import layer_index
 from composer.errors import CompositionError
 from composer.registry import MAX_SKILLS
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
+from lora.factors import concat
 
 Granularity = Literal["skill", "layer", "module"]
 GRANULARITIES: tuple[str, ...] = ("skill", "layer", "module")

@@ -4,8 +4,8 @@ An error says what went wrong and whose fault it is, never how a protocol report
 name (``model_not_found``, ``invalid_adapter``…) and ``caller_fault`` tells a bad request from a failure
 of Mosaic or what it depends on. The HTTP edge maps codes to statuses and OpenAI error types in one
 table (server/http/errors.py); the CLI prints the message. Subclasses also inherit the stdlib error a
-caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input). Errors only the
-HTTP edge raises (authentication, scopes, upload size) live there.
+caller would expect (``KeyError`` for a missing skill, ``ValueError`` for bad input). The one error only
+the HTTP edge raises (an upload over its size) lives there.
 """
 
 from __future__ import annotations
@@ -62,3 +62,17 @@ class UnavailableError(MosaicError, RuntimeError):
     """Something Mosaic depends on (Redis, the engine) cannot answer now; the same request may succeed later."""
 
     code = "service_unavailable"
+
+
+class AuthError(MosaicError, PermissionError):
+    """No API key, or an unknown or revoked one."""
+
+    code = "invalid_api_key"
+    caller_fault = True
+
+
+class ForbiddenError(MosaicError, PermissionError):
+    """A valid API key that may not do this: it lacks the scope, or names skills outside its namespace."""
+
+    code = "insufficient_scope"
+    caller_fault = True

@@ -20,7 +20,7 @@ from router.weights import AlphaRule
 @dataclass(frozen=True)
 class RouterConfig:
     """Every policy's decision thresholds. The values live in one place, the server's settings
-    (``MOSAIC_ROUTER_*``, :meth:`server.settings.Settings.router_config`), measured by bench/route.py."""
+    (``MOSAIC_ROUTER_*``, :meth:`server.core.settings.Settings.router_config`), measured by bench/route.py."""
 
     ood: float  # the best skill's similarity below this: out of distribution, serve the base model
     mix_similarity: float  # another skill joins the top one when the prompt is this close to it too

@@ -3,7 +3,7 @@
 # skills, and run the server (Ctrl-C stops it). HOST/PORT override 127.0.0.1:8000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh cpu  # the engine and the server only: the test, bench and Ray extras are the tests' (scripts/test.sh)
 bash scripts/ensure-redis.sh
 .venv/bin/mosaic base prepare
 for dir in bench/skills/*/; do

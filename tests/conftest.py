@@ -23,8 +23,8 @@ def registry(redis_client):
 @pytest.fixture(scope="session")
 def base_model_dir():
     """The real bundled base model's folder (prepared once under MOSAIC_DATA_DIR)."""
-    from server.base_model import prepare
-    from server.settings import Settings
+    from server.core.base_model import prepare
+    from server.core.settings import Settings
 
     return prepare(Settings(), quiet=True)
 
@@ -33,7 +33,7 @@ def base_model_dir():
 def base_spec(base_model_dir):
     """The real bundled base model's module shapes."""
     from adapter_store.validation import BaseModelSpec
-    from server.base_model import base_model_id
-    from server.settings import Settings
+    from server.core.base_model import base_model_id
+    from server.core.settings import Settings
 
     return BaseModelSpec.from_dir(base_model_dir, model_id=base_model_id(Settings()))

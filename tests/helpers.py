@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import redis
 import torch
 
-from lora.adapter import LoraAdapter, factor_key
 from adapter_store.redis_conn import connect
-from server.launch import ROOT, free_port
-from server.settings import Settings
+from lora.adapter import LoraAdapter, factor_key
+from server.cli.launch import ROOT, free_port
+from server.core.settings import Settings
 
 TEST_REDIS_URL = os.environ.get("MOSAIC_TEST_REDIS_URL", "redis://127.0.0.1:6379/3")
-# a TestClient on this machine, as server/auth.py tells one: a loopback client address and Host
+# a TestClient on this machine, as server/edge/auth.py tells one: a loopback client address and Host
 LOCAL, LOCAL_URL = ("127.0.0.1", 50000), "http://127.0.0.1"
 DEMO = ROOT / "bench" / "skills"  # the 8 demo skills (PEFT folders with mosaic.json)
 BASE = "SmolLM2-135M-Instruct"  # the bundled base model's id
@@ -59,7 +59,7 @@ def run_cli(env: dict[str, str], *args: str) -> CliResult:
     from typer.testing import CliRunner
 
     from server.cli import app
-    from server.settings import get_settings
+    from server.core.settings import get_settings
 
     get_settings.cache_clear()  # settings are read once per process: once per call here
     try:
@@ -77,7 +77,7 @@ def reference_app(redis_client: redis.Redis, **settings):
     its own (dropped afterwards), calling from a loopback address; ``settings`` override the defaults."""
     from fastapi.testclient import TestClient
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     prefix = new_prefix()
     try:

@@ -1,5 +1,5 @@
 """A tiny random causal LM and a character-level chat tokenizer for fast tests of code that scores or trains
-through a transformers model (server/fusion_learning.py): built in memory with a fixed seed, in milliseconds."""
+through a transformers model (server/jobs/fusion_learning.py): built in memory with a fixed seed, in milliseconds."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ LETTERS = string.ascii_lowercase
 
 def tiny_tokenizer():
     """One token per character (lower-case letters, space, newline) plus the chat specials, SmolLM2's chat
-    format (``<|im_start|>role\\n…<|im_end|>``), which server.training.encode_pair relies on."""
+    format (``<|im_start|>role\\n…<|im_end|>``), which server.jobs.training.encode_pair relies on."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

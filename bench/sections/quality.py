@@ -19,7 +19,7 @@ from bench.sections import SKILLS, log, suffix
 def _answers(base: Path, adapter, prompts: list[str], batch: int = 16) -> list[str]:
     """Greedy answers with ``adapter`` (a LoraAdapter, a folder, or None for the base model)."""
     from lora.adapter import LoraAdapter
-    from server.training import greedy_answers
+    from server.jobs.training import greedy_answers
 
     if isinstance(adapter, LoraAdapter):
         with tempfile.TemporaryDirectory() as tmp:
@@ -34,8 +34,8 @@ def _peft_merge(skills: list[str], combination: str, rank: int | None, density: 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from server.base_model import prepare
-    from server.settings import get_settings
+    from server.core.base_model import prepare
+    from server.core.settings import get_settings
 
     model = AutoModelForCausalLM.from_pretrained(prepare(get_settings()), dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(SKILLS / skills[0]), adapter_name=skills[0])
@@ -51,13 +51,13 @@ def _peft_merge(skills: list[str], combination: str, rank: int | None, density: 
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lora.adapter import LoraAdapter
     from bench.route import demo_profiles
     from composer import compose
     from composer.registry import METHODS
+    from lora.adapter import LoraAdapter
     from router.psec import PsecRouter
-    from server.base_model import prepare
-    from server.settings import get_settings
+    from server.core.base_model import prepare
+    from server.core.settings import get_settings
 
     quick = args.quick
     base = prepare(get_settings())

@@ -16,9 +16,9 @@ def run(args: argparse.Namespace) -> dict:
     import redis
     import torch
 
-    from lora.adapter import LoraAdapter, factor_key
     from adapter_store.registry import Registry
-    from server.settings import get_settings
+    from lora.adapter import LoraAdapter, factor_key
+    from server.core.settings import get_settings
 
     client = redis.Redis.from_url(get_settings().redis_url)
     prefix = f"mosaic-bench-{uuid.uuid4().hex[:8]}"

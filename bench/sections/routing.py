@@ -12,7 +12,7 @@ from bench.scoring import markdown_table
 def run(args: argparse.Namespace) -> dict:
     from bench.route import accuracy, demo_profiles, latency
     from router.psec import PsecRouter
-    from server.settings import get_settings
+    from server.core.settings import get_settings
 
     config = get_settings().router_config()
     router = PsecRouter(config)

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> dict:
     import redis
 
     from bench import scale
-    from server.settings import get_settings
+    from server.core.settings import get_settings
 
     client = redis.Redis.from_url(get_settings().redis_url)
     rows = [scale.measure(client, n, 20 if args.quick else 200) for n in ([100] if args.quick else [100, 1000, 10000])]

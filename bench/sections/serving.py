@@ -56,12 +56,12 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from lora.adapter import LoraAdapter
     from bench.harness import running_server
     from composer import compose
-    from server.launch import VLLM_SERVE
-    from server.launch import serving as launch
-    from server.settings import Settings
+    from lora.adapter import LoraAdapter
+    from server.cli.launch import VLLM_SERVE
+    from server.cli.launch import serving as launch
+    from server.core.settings import Settings
 
     requests, max_tokens = (1, 16) if args.quick else (3, 64)
     skill, pair = "json_extract", ["json_extract", "sentiment"]

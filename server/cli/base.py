@@ -12,7 +12,7 @@ app = typer.Typer(help="The base model.", no_args_is_help=True)
 @app.command("prepare")
 def prepare_base() -> None:
     """Prepare the base model (converts the bundled GGUF once) and print its folder."""
-    from server.base_model import prepare
+    from server.core.base_model import prepare
 
     try:
         path = prepare(settings(), quiet=False)

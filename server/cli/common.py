@@ -13,7 +13,7 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from adapter_store.registry import Registry
     from adapter_store.validation import BaseModelSpec
-    from server.settings import Settings
+    from server.core.settings import Settings
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -26,13 +26,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def settings() -> Settings:
-    from server.settings import get_settings
+    from server.core.settings import get_settings
 
     return get_settings()
 
 
 def registry() -> Registry:
-    from server.state import open_registry
+    from server.core.state import open_registry
 
     return open_registry(settings())
 
@@ -40,7 +40,7 @@ def registry() -> Registry:
 def base_spec() -> BaseModelSpec:
     """The base model's shapes, what every adapter is checked against."""
     from adapter_store.validation import BaseModelSpec
-    from server.base_model import base_model_id, prepare
+    from server.core.base_model import base_model_id, prepare
 
     s = settings()
     return BaseModelSpec.from_dir(prepare(s), model_id=base_model_id(s))

@@ -10,12 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from composer.fusion import Granularity
 from server.cli import learn as learning
 from server.cli.common import base_spec, fail, out, print_json, registry, settings
-from composer.fusion import Granularity
 from server.cli.skills import quality_line
-from server.expansion import ExpandOptions
-from server.learn_composition import LearnOptions
+from server.jobs.expansion import ExpandOptions
+from server.jobs.learn_composition import LearnOptions
 
 
 def compose(
@@ -106,7 +106,7 @@ def compose(
         return
     options = None
     if optimize or optimize_examples:
-        from server.learned_weights import OptimizeOptions
+        from server.jobs.learned_weights import OptimizeOptions
 
         try:
             options = OptimizeOptions(examples=_read_examples(optimize_examples) if optimize_examples else [],
@@ -145,10 +145,10 @@ def _store(comp, name: str, options, quality_prompts: int, min_agreement: float 
     import asyncio
 
     from router.policy import routable
-    from server.base_model import prepare
-    from server.library import create_and_store
-    from server.quality import reference_answerer
-    from server.state import make_policy
+    from server.core.base_model import prepare
+    from server.core.state import make_policy
+    from server.jobs.library import create_and_store
+    from server.jobs.quality import reference_answerer
 
     s = settings()
     reg = registry()
@@ -189,8 +189,8 @@ def _optimize(reg, comp, options, policy, s):
     from rich.progress import Progress
 
     from router.policy import routable
-    from server.base_model import prepare
-    from server.learned_weights import LossModel, optimize_composition, optimize_record
+    from server.core.base_model import prepare
+    from server.jobs.learned_weights import LossModel, optimize_composition, optimize_record
 
     def pick_for(template):
         skills = routable(reg.list())

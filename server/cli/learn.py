@@ -1,5 +1,5 @@
-"""``mosaic compose --learn``: a composition learned from examples (server/learn_composition.py), run here as the
-server runs its learn jobs (server/learn_api.py), with a progress bar per stage, then stored with its parents, fusion
+"""``mosaic compose --learn``: a composition learned from examples (server/jobs/learn_composition.py), run here as the
+server runs its learn jobs (server/jobs/learn_api.py), with a progress bar per stage, then stored with its parents, fusion
 weights and report (``store_learned``). The flags' help, defaults and bounds are :class:`LearnOptions`'."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lora.errors import InvalidRequestError
 from server.cli.common import base_spec, err, fail, registry, settings
-from server.learn_composition import LearnExample, LearnOptions
+from server.jobs.learn_composition import LearnExample, LearnOptions
 
 
 def described(model, field: str, what: str = "") -> str:
@@ -39,7 +39,7 @@ def check_arguments(learn: Path | None, *, out_dir: Path | None, optimize: bool,
 def check_composition(comp, min_agreement: float | None, quality_prompts_given: bool) -> None:
     """The server's own refusals of a learn request (weights auto, a method other than exact linear, a quality
     report), as exit 2."""
-    from server.learn_api import check_request
+    from server.jobs.learn_api import check_request
 
     try:
         check_request(comp, {"quality_prompts"} if quality_prompts_given else set(), min_agreement)
@@ -51,7 +51,7 @@ def read_examples(path: Path) -> list[LearnExample]:
     """One JSON object a line: ``{"prompt", "answer"}``, or a chat as ``mosaic skills train`` reads it
     (``{"messages": [...]}`` or ``{"prompt", "completion"}``) with one user turn before the answer. Every bad
     line is named (up to 20); raises InvalidRequestError."""
-    from server.training_data import MAX_PROBLEMS
+    from server.jobs.training_data import MAX_PROBLEMS
 
     examples, problems = [], []
     for i, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
@@ -71,7 +71,7 @@ def read_examples(path: Path) -> list[LearnExample]:
 
 
 def _example(obj: object, line: int) -> LearnExample:
-    from server.training_data import _parse
+    from server.jobs.training_data import _parse
 
     if isinstance(obj, dict) and "messages" not in obj and "completion" not in obj:
         return LearnExample.model_validate(obj)
@@ -112,12 +112,12 @@ def learn_and_store(comp, name: str, options: LearnOptions, *, quiet: bool) -> t
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from adapter_store.validation import check_name
-    from server.base_model import base_model_id, prepare
-    from server.learn_api import check_learn, store_learned
     from router.policy import routable
-    from server.learn_composition import learn_composition, router_weigher
-    from server.learned_weights import LossModel, base_tokenizer
-    from server.state import make_policy
+    from server.core.base_model import base_model_id, prepare
+    from server.core.state import make_policy
+    from server.jobs.learn_api import check_learn, store_learned
+    from server.jobs.learn_composition import learn_composition, router_weigher
+    from server.jobs.learned_weights import LossModel, base_tokenizer
 
     s = settings()
     if problems := check_name(name, reserved=(base_model_id(s),)):

@@ -16,7 +16,7 @@ router_app = typer.Typer(help="The router behind model=\"auto\".", no_args_is_he
 def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the router's decision for TEXT, without generating."""
     from router.policy import routable
-    from server.state import make_policy
+    from server.core.state import make_policy
 
     reg = registry()
     plan = make_policy(settings(), reg).route(text, routable(reg.list()), reg.generation())
@@ -37,7 +37,7 @@ def route(text: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
 def router_train() -> None:
     """Retrain the router on the current library now (it also retrains by itself when the library changes)."""
     from router.policy import routable
-    from server.state import make_policy
+    from server.core.state import make_policy
 
     reg = registry()
     policy = make_policy(settings(), reg)

@@ -11,14 +11,14 @@ import typer
 from server.cli.common import fail, settings
 
 if TYPE_CHECKING:
-    from server.settings import Settings
+    from server.core.settings import Settings
 
 
 def serve(
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
     ray: Annotated[bool, typer.Option("--ray", help="serve on Ray Serve: an ingress and Mosaic replicas, each request "
-                                       "sent to a replica that holds its adapter (server/ray_app.py); joins the "
+                                       "sent to a replica that holds its adapter (server/ray/app.py); joins the "
                                        "cluster at RAY_ADDRESS, else starts a local one")] = False,
     replicas: Annotated[int | None, typer.Option(min=1, help="with --ray: Mosaic replicas, each its own engine "
                                                   "(default 2)")] = None,
@@ -26,8 +26,8 @@ def serve(
     """Run the OpenAI-compatible server (the engine starts in the background; /health says when ready)."""
     import logging
 
-    from server.auth import is_loopback
-    from server.engine import cpu_preload
+    from server.core.engine import cpu_preload
+    from server.edge.auth import is_loopback
 
     if replicas is not None and not ray:
         fail("--replicas counts the Mosaic replicas of --ray; without --ray one server runs (add --ray)", 2)
@@ -41,14 +41,14 @@ def serve(
         # (MOSAIC_PRELOAD=false: don't)
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "LD_PRELOAD": preload})
     if ray:
-        from server.ray_app import run
+        from server.ray.app import run
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run(host, port, replicas or 2)
         return
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(s), host=host, port=port, log_level="info")
@@ -56,9 +56,9 @@ def serve(
 
 def _keys_locked(s: Settings) -> bool:
     """Whether API keys exist (they lock the admin endpoints); False when the library can't be reached."""
-    from lora.errors import MosaicError
     from adapter_store.keys import KeyStore
-    from server.state import open_registry
+    from lora.errors import MosaicError
+    from server.core.state import open_registry
 
     try:
         registry = open_registry(s)

@@ -47,7 +47,7 @@ def add(
 ) -> None:
     """Validate an adapter and store it as the next version of NAME."""
     from adapter_store.validation import check_text, validate_files
-    from server.uploads import unpack
+    from server.edge.uploads import unpack
 
     if not directory.exists():
         fail(f"{directory} does not exist")

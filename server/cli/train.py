@@ -1,4 +1,4 @@
-"""``mosaic skills train``: the arguments and the progress bar; the work is :mod:`server.training`'s."""
+"""``mosaic skills train``: the arguments and the progress bar; the work is :mod:`server.jobs.training`'s."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from adapter_store.validation import check_name
-    from server.base_model import base_model_id, prepare
-    from server.training import plan_training, train_skill
+    from server.core.base_model import base_model_id, prepare
+    from server.jobs.training import plan_training, train_skill
 
     if problems := check_name(name):
         fail("; ".join(problems), 2)

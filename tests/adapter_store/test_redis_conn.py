@@ -5,9 +5,9 @@ import shutil
 import pytest
 import redis
 
-from lora.errors import UnavailableError
 from adapter_store.redis_conn import connect
-from server.launch import free_port as _free_port
+from lora.errors import UnavailableError
+from server.cli.launch import free_port as _free_port
 
 
 def test_no_redis_and_not_allowed_to_start_one_is_a_clear_error():

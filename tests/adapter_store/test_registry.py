@@ -2,9 +2,9 @@
 
 import pytest
 
+from adapter_store.skill_info import parse_ref
 from lora.adapter import LoraAdapter, config_sha256
 from lora.errors import InvalidRequestError, NotFoundError
-from adapter_store.skill_info import parse_ref
 from tests.helpers import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (16, 16), "model.layers.0.self_attn.v_proj": (8, 16)}
@@ -134,7 +134,7 @@ def test_engine_ids_come_from_a_counter_shared_by_replicas(registry, redis_clien
 def test_an_engine_never_gets_one_id_for_two_contents_after_redis_lost_its_ids(registry, tmp_path):
     import asyncio
 
-    from server.adapter_cache import AdapterCache
+    from server.core.adapter_cache import AdapterCache
 
     cache = AdapterCache(registry, tmp_path, max_rank=64)
     first = asyncio.run(cache.engine_id("content-a"))

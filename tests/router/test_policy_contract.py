@@ -12,7 +12,7 @@ from bench.demo_data import examples
 from composer.spec import Composition
 from router.policies import POLICIES, make_policy
 from router.policy import RouterPolicy
-from server.settings import Settings
+from server.core.settings import Settings
 from tests.helpers import ROUTER_CONFIG, ROUTER_SHAPES, TEST_REDIS_URL, add_demo_profiles, random_adapter, run_cli
 
 NAMES = sorted(POLICIES)

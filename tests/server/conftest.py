@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import mosaic_cli, serving
+from server.cli.launch import mosaic_cli, serving
 from tests.helpers import DEMO, drop_prefix, mosaic_env, new_prefix
 
 START_TIMEOUT = 600

@@ -8,15 +8,14 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from lora.errors import ConflictError
 from adapter_store.keys import KeyStore
-from server import engine as engine_module
-from server.app import create_app
-from server.settings import Settings
-from server.launch import mosaic_cli
+from lora.errors import ConflictError
+from server.api.app import create_app
+from server.cli.launch import mosaic_cli
+from server.core import engine as engine_module
+from server.core.settings import Settings
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 from tests.server.test_serving_layer import engine, served  # noqa: F401 - the app over a mocked vLLM engine
-
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
 
@@ -350,7 +349,7 @@ def test_a_key_sent_to_open_inference_while_redis_is_away_does_not_stop_inferenc
 
     import redis as redis_module
 
-    from server.auth import _offered_namespace
+    from server.edge.auth import _offered_namespace
 
     def away(token):
         raise redis_module.ConnectionError("Connection refused")

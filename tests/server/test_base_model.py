@@ -2,8 +2,8 @@
 
 import pytest
 
-from server import base_model
-from server.settings import Settings
+from server.core import base_model
+from server.core.settings import Settings
 
 
 def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):

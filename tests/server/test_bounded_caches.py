@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lora.errors import InvalidRequestError, UnavailableError
 from composer import Composition
-from server.adapter_cache import AdapterCache
-from server.errors import http_status
-from server.folders import STALE, Folders
+from lora.errors import InvalidRequestError, UnavailableError
+from server.core.adapter_cache import AdapterCache
+from server.core.folders import STALE, Folders
+from server.edge.errors import http_status
 from tests.helpers import random_adapter
 
 SHAPES = {"model.layers.0.self_attn.q_proj": (32, 32), "model.layers.0.self_attn.v_proj": (32, 32)}

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from lora.adapter import LoraAdapter
-from server.launch import mosaic_cli
+from server.cli.launch import mosaic_cli
 from tests.helpers import DEMO, dense_delta, drop_prefix, mosaic_env, random_adapter, run_cli
 
 Q = "model.layers.0.self_attn.q_proj"

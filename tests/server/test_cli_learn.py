@@ -13,7 +13,7 @@ import torch
 from adapter_store.registry import Registry
 from composer.fusion import FusionWeights, fuse
 from server.cli import learn as learning
-from server.learn_composition import LearnExample
+from server.jobs.learn_composition import LearnExample
 from tests.helpers import random_adapter, run_cli
 from tests.server.test_cli import env  # noqa: F401 (the fixture)
 

@@ -16,11 +16,11 @@ from fastapi.testclient import TestClient
 
 from adapter_store.keys import KeyStore
 from composer import CompositionCancelled
-from server import engine as engine_module
-from server import optimize_api
-from server.app import create_app
-from server.learned_weights import OptimizeResult, Trial
-from server.settings import Settings
+from server.api.app import create_app
+from server.core import engine as engine_module
+from server.core.settings import Settings
+from server.jobs import optimize_api
+from server.jobs.learned_weights import OptimizeResult, Trial
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix, random_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -103,7 +103,7 @@ def test_the_budget_setting_decides_for_stored_compositions(app_factory):
 def test_a_stored_composition_stops_when_the_client_leaves(app_factory, monkeypatch):
     """The client disconnects while its composition runs on the compose pool: the work is told to stop,
     the pool is free again, and nothing is stored."""
-    from server import compose_budget
+    from server.core import compose_budget
 
     started, stopped = threading.Event(), threading.Event()
     real_compose = compose_budget.compose
@@ -207,7 +207,7 @@ def test_one_search_at_a_time_per_namespace(app_factory, monkeypatch):
     monkeypatch.setattr(optimize_api, "optimize_composition", held_search)
     client, keys = app_factory(max_searches=3)
     with client:
-        client.app.state.mosaic.reference_model = lambda: None  # the search above needs no model
+        client.app.state.mosaic.reference = object()  # the search above needs no model: none is loaded
         _add(client, ["a/one", "a/two", "b/one", "b/two", "c/one", "c/two"])
         team_a, _ = keys.create("team-a", ["admin"], namespace="a")
         team_b, _ = keys.create("team-b", ["admin"], namespace="b")

@@ -193,7 +193,7 @@ def test_expanded_skill_served_by_vllm_answers_as_the_reference_engine(client, s
     import tarfile
 
     from bench.demo_data import mixed_examples
-    from server.training import greedy_answers
+    from server.jobs.training import greedy_answers
 
     url = server["url"]
     stored.append("reverse_upper_learned")

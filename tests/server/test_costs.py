@@ -122,7 +122,7 @@ def test_one_over_each_bound_is_refused(client, base_spec, row):
 def test_a_stored_composition_inherits_at_most_the_examples_a_skill_may_have():
     from types import SimpleNamespace
 
-    from server.library import inherited_examples
+    from server.jobs.library import inherited_examples
 
     infos = [SimpleNamespace(examples=[f"{k}{i}" for i in range(50)]) for k in "abc"]
     taken = inherited_examples(infos, 64)

@@ -6,9 +6,9 @@ import uuid
 
 from fastapi.testclient import TestClient
 
-from server import engine as engine_module
-from server.app import create_app
-from server.settings import Settings
+from server.api.app import create_app
+from server.core import engine as engine_module
+from server.core.settings import Settings
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 

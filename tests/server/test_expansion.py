@@ -1,4 +1,4 @@
-"""Skill expansion (server/expansion.py) and the learned-composition pipeline (server/learn_composition.py) on a
+"""Skill expansion (server/jobs/expansion.py) and the learned-composition pipeline (server/jobs/learn_composition.py) on a
 tiny random Llama: the hooks against merged weights (the oracle), the residual's exact shape (the composition
 kept bit for bit, the difference of rank ≤ r), the full start at the composition, learning on a planted task,
 cancellation, and the report's rows."""
@@ -11,10 +11,17 @@ import pytest
 import torch
 
 from lora.adapter import LoraAdapter
-from server.expansion import ExpandOptions, HookedLora, expand, new_factors
-from server.learn_composition import (BelowBestInput, LearnCancelled, LearnOptions, LearnReport, Row,
-                                      check_min_validation, learn_composition)
-from server.learned_weights import LossModel
+from server.jobs.expansion import ExpandOptions, HookedLora, expand, new_factors
+from server.jobs.learn_composition import (
+    BelowBestInput,
+    LearnCancelled,
+    LearnOptions,
+    LearnReport,
+    Row,
+    check_min_validation,
+    learn_composition,
+)
+from server.jobs.learned_weights import LossModel
 from tests.tiny_lm import linear_shapes, tiny_llama, tiny_skill, tiny_tokenizer
 
 PAIRS = [("hello there", "abc"), ("who is it", "xyz q"), ("a", "hello world"), ("quiet", "loud"), ("up", "down"),

@@ -1,4 +1,4 @@
-"""Fusion weights learned by gradient (server/fusion_learning.py) on a tiny random Llama: the gradient against
+"""Fusion weights learned by gradient (server/jobs/fusion_learning.py) on a tiny random Llama: the gradient against
 finite differences (float64), the hooked model against the stored adapter merged in (LossModel), and a planted
 task only per-layer weights can solve."""
 
@@ -11,11 +11,11 @@ import threading
 import pytest
 import torch
 
-from lora.errors import InvalidRequestError
 from composer import FusionWeights, fuse
-from server.fusion_learning import FusedModel, FusionOptions, learn_fusion, split_validation
-from server.learned_weights import LossModel
-from server.training import encode_pair, generate_greedy, merged
+from lora.errors import InvalidRequestError
+from server.jobs.fusion_learning import FusedModel, FusionOptions, learn_fusion, split_validation
+from server.jobs.learned_weights import LossModel
+from server.jobs.training import encode_pair, generate_greedy, merged
 from tests.helpers import random_adapter
 from tests.tiny_lm import LETTERS, linear_shapes, tiny_llama, tiny_skill, tiny_tokenizer
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.launch import ROOT
+from server.cli.launch import ROOT
 
 pytestmark = pytest.mark.slow
 

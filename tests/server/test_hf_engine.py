@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from server.engine import EngineAdapter, GenerationParams, HfEngine
-from server.settings import Settings
-from server.training import greedy_answers
+from server.core.engine import EngineAdapter, GenerationParams, HfEngine
+from server.core.settings import Settings
+from server.jobs.training import greedy_answers
 from tests.helpers import DEMO
 
 pytestmark = pytest.mark.slow

@@ -13,11 +13,11 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from server import engine as engine_module
-from server.api_docs import ASSETS, ASSETS_DIR
-from server.app import create_app
-from server.http_headers import CONSOLE_CSP, DEFAULT_CSP
-from server.settings import Settings
+from server.api.app import create_app
+from server.core import engine as engine_module
+from server.core.settings import Settings
+from server.edge.api_docs import ASSETS, ASSETS_DIR
+from server.edge.headers import CONSOLE_CSP, DEFAULT_CSP
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
@@ -198,7 +198,7 @@ def test_answers_made_outside_the_app_get_the_framing_rules_too():
     """The Ray ingress answers some requests itself (401, 413, a replica's failure as a 503)."""
     from starlette.responses import JSONResponse, StreamingResponse
 
-    from server.http_headers import forbid_framing
+    from server.edge.headers import forbid_framing
 
     for response in (JSONResponse({"error": {}}, status_code=413),
                      StreamingResponse(iter([b"x"]), headers={"x-frame-options": "SAMEORIGIN",

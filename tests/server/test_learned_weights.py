@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from lora.adapter import LoraAdapter
-from lora.errors import InvalidRequestError
 from bench.demo_data import examples
 from composer.spec import Composition
-from server.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
-from tests.helpers import random_adapter
-from tests.helpers import DEMO
+from lora.adapter import LoraAdapter
+from lora.errors import InvalidRequestError
+from server.jobs.learned_weights import LossModel, OptimizeOptions, learn_weights, training_pairs
+from tests.helpers import DEMO, random_adapter
 
 PAIRS = examples("json_extract", "train", 4, seed=2)
 

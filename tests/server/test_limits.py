@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lora.adapter import LoraAdapter, factor_key
-from server.settings import Settings
+from server.core.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.launch import serving
+from server.cli.launch import serving
 from tests.data.hostile import big_bodies
 from tests.helpers import mosaic_env, new_prefix
 

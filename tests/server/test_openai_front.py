@@ -11,8 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.requests import Request
 
 from lora.errors import InvalidRequestError
-from server import openai_endpoints, openai_front, openai_response, openai_serving
-from server.settings import Settings
+from server.core.settings import Settings
+from server.front import endpoints, parse, response, serving
 
 
 def _request(body, content_type: str = "application/json") -> Request:
@@ -26,7 +26,7 @@ def _request(body, content_type: str = "application/json") -> Request:
 
 
 async def _parse(kind: str, body, **kw):
-    return await openai_front.parse(_request(body, **kw), openai_endpoints.endpoint(kind), Settings())
+    return await parse.parse(_request(body, **kw), endpoints.endpoint(kind), Settings())
 
 
 def _parse_now(kind: str, body, **kw):
@@ -71,10 +71,10 @@ def test_bad_values_are_validation_errors_with_their_location():
     with pytest.raises(RequestValidationError) as e:
         _parse_now("chat", {**CHAT, "composition": {"skills": []}})
     assert e.value.errors()[0]["loc"][:2] == ("body", "composition")
-    with pytest.raises(openai_front.Refused) as e:  # a vLLM validator's own error: vLLM's 400
+    with pytest.raises(parse.Refused) as e:  # a vLLM validator's own error: vLLM's 400
         _parse_now("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
                               "tool_choice": {"type": "function", "function": {"name": "g"}}})
-    assert e.value.error.error.code == 400 and openai_response.error_json(e.value.error).status_code == 400
+    assert e.value.error.error.code == 400 and response.error_json(e.value.error).status_code == 400
 
 
 @pytest.fixture(scope="module")
@@ -88,23 +88,23 @@ def test_a_prompt_token_limit_tighter_than_the_context_is_counted_in_front(token
     settings = Settings(max_prompt_tokens=8, max_tokens_limit=50)
     service = SimpleNamespace(settings=settings, engine=SimpleNamespace(serving=object(), tokenizer=lambda: tokenizer))
     short, _ = _parse_now("completion", {"model": "m", "prompt": "hello"})
-    openai_front.check_limits(service, openai_endpoints.endpoint("completion"), short, None)
+    parse.check_limits(service, endpoints.endpoint("completion"), short)
     for kind, body in [("completion", {"model": "m", "prompt": "word " * 20}),
                        ("completion", {"model": "m", "prompt": [[1] * 9]}),
                        ("chat", CHAT)]:  # the chat template alone is longer than 8 tokens
         req, _ = _parse_now(kind, body)
         with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_PROMPT_TOKENS"):
-            openai_front.check_limits(service, openai_endpoints.endpoint(kind), req, None)
+            parse.check_limits(service, endpoints.endpoint(kind), req)
     # a default the client did not send (completions: max_tokens 16) is capped by the engine, not refused
     few = SimpleNamespace(settings=Settings(max_tokens_limit=4), engine=service.engine)
     req, _ = _parse_now("completion", {"model": "m", "prompt": "hi"})
-    openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"model", "prompt"}))
+    parse.check_limits(few, endpoints.endpoint("completion"), req, sent=frozenset({"model", "prompt"}))
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
-        openai_front.check_limits(few, openai_endpoints.endpoint("completion"), req, None, sent=frozenset({"max_tokens"}))
+        parse.check_limits(few, endpoints.endpoint("completion"), req, sent=frozenset({"max_tokens"}))
     req, _ = _parse_now("chat", {**CHAT, "max_completion_tokens": 51})
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_TOKENS_LIMIT"):
-        openai_front.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=service.engine),
-                                openai_endpoints.endpoint("chat"), req, None)
+        parse.check_limits(SimpleNamespace(settings=Settings(max_tokens_limit=50), engine=service.engine),
+                                endpoints.endpoint("chat"), req)
 
 
 def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
@@ -117,9 +117,9 @@ def test_stream_events_keep_vllms_framing_and_get_the_plan_once():
             yield e
 
     async def collect():
-        obs = openai_response.Observation("skill", "s")
+        obs = response.Observation("skill", "s")
         rename = ('"model":"mosaic-abc"', '"model":"sentiment"')
-        return [e async for e in openai_response.stream_events(source(), rename, {"plan": "skill"}, obs)]
+        return [e async for e in response.stream_events(source(), rename, {"plan": "skill"}, obs)]
 
     out = asyncio.run(collect())
     assert all(e.endswith("\n\n") and e.startswith("data: ") for e in out) and out[-1] == "data: [DONE]\n\n"
@@ -134,7 +134,7 @@ def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done():
         raise RuntimeError("boom at /secret/path on 10.0.0.5:6379")
 
     async def collect():
-        return [e async for e in openai_response.stream_events(source(), None, {"plan": "base"}, openai_response.Observation("base", "b"))]
+        return [e async for e in response.stream_events(source(), None, {"plan": "base"}, response.Observation("base", "b"))]
 
     out = asyncio.run(collect())
     assert out[-1] == "data: [DONE]\n\n" and all(e.endswith("\n\n") for e in out)
@@ -155,13 +155,13 @@ def _refs(node):
 
 
 def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
-    from server.app import create_app
+    from server.api.app import create_app
 
     spec = create_app(Settings(engine="hf")).openapi()
     components = spec["components"]["schemas"]
     dangling = {r for r in _refs(spec) if r.removeprefix("#/components/schemas/") not in components}
     assert not dangling
-    for path, kind in openai_endpoints.ROUTES.items():
+    for path, kind in endpoints.ROUTES.items():
         body = spec["paths"][path]["post"]["requestBody"]
         assert body["required"] and list(body["content"]) == ["application/json"]
         schema = body["content"]["application/json"]["schema"]
@@ -170,7 +170,7 @@ def test_the_openapi_document_publishes_vllms_request_bodies_plus_composition():
             assert wrapper["properties"]["composition"]["$ref"] == "#/components/schemas/Composition"
             inner = components[wrapper["allOf"][0]["$ref"].rsplit("/", 1)[1]]
             if kind != "tokenize":  # every field the front parses is published, under the name a client sends
-                assert set(inner["properties"]) == openai_front.field_names(openai_endpoints.endpoint(kind).protocol({}))
+                assert set(inner["properties"]) == parse.field_names(endpoints.endpoint(kind).protocol({}))
     chat = components["ChatCompletionRequest"]["properties"]
     assert {"logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "n", "logit_bias"} <= set(chat)
     assert "/v1/responses/{response_id}" in spec["paths"] and "/v1/responses/{response_id}/cancel" in spec["paths"]
@@ -202,8 +202,8 @@ def test_work_is_abandoned_when_the_client_disconnects_first():
 
         asyncio.ensure_future(client())
         try:
-            return await openai_serving.unless_disconnected(request, work()), cancelled.is_set()
-        except openai_serving.ClientGone:
+            return await serving.unless_disconnected(request, work()), cancelled.is_set()
+        except serving.ClientGone:
             await asyncio.sleep(0)
             return "gone", cancelled.is_set()
 
@@ -227,7 +227,7 @@ def test_a_composition_stops_between_modules_when_asked():
 def test_a_composition_over_the_compute_budget_is_refused_before_it_runs(base_spec):
     from adapter_store.skill_info import SkillInfo
     from composer.spec import Composition
-    from server.adapter_cache import ComposeBudget
+    from server.core.adapter_cache import ComposeBudget
 
     budget = ComposeBudget(base_spec.shapes, max_work=2e12, max_bytes=4 * 2**30)
     infos = [SkillInfo(name=f"s{i}", version=1, sha256="0" * 64, rank=64, target_modules=["q_proj", "v_proj"])
@@ -254,7 +254,7 @@ def _service(**settings):
 def test_what_one_request_may_generate_is_bounded(kind, body, param, setting):
     req, _ = _parse_now(kind, body)
     with pytest.raises(InvalidRequestError) as e:
-        openai_front.check_limits(_service(), openai_endpoints.endpoint(kind), req, None)
+        parse.check_limits(_service(), endpoints.endpoint(kind), req)
     assert e.value.param == param and setting in e.value.message
 
 
@@ -264,11 +264,11 @@ def test_generation_within_the_bounds_passes_and_counts_every_prompt_and_choice(
                        ("chat", {**CHAT, "n": 16}),  # no max_tokens: MOSAIC_MAX_TOKENS_LIMIT, 16 × 2048 tokens
                        ("tokenize", {"model": "m", "prompt": "hi"})]:
         req, _ = _parse_now(kind, body)
-        openai_front.check_limits(service, openai_endpoints.endpoint(kind), req, None)
+        parse.check_limits(service, endpoints.endpoint(kind), req)
     req, _ = _parse_now("completion", {"model": "m", "prompt": ["hi"] * 3, "max_tokens": 10})
-    assert openai_front.prompt_count(req) == 3 and openai_front.generated_tokens(service.settings, req) == 10
+    assert parse.prompt_count(req) == 3 and parse.generated_tokens(service.settings, req) == 10
     with pytest.raises(InvalidRequestError, match="3 prompt"):
-        openai_front.check_limits(_service(max_request_tokens=29), openai_endpoints.endpoint("completion"), req, None)
+        parse.check_limits(_service(max_request_tokens=29), endpoints.endpoint("completion"), req)
 
 
 @pytest.mark.parametrize("kind,body,param,setting", [
@@ -290,14 +290,14 @@ def test_sizes_are_counted_as_sent_before_vllm_validates_anything(kind, body, pa
     def not_validated(*a, **kw):
         raise AssertionError("validated before the limits were checked")
 
-    monkeypatch.setattr(openai_front, "_validate", not_validated)
+    monkeypatch.setattr(parse, "_validate", not_validated)
     with pytest.raises(InvalidRequestError) as e:
         _parse_now(kind, body)
     assert e.value.param == param and setting in e.value.message
 
 
 def test_json_bodies_are_counted_while_they_arrive():
-    from server.limits import BodySizeLimit
+    from server.edge.limits import BodySizeLimit
 
     async def run(raw: bytes, ctype: bytes = b"application/json") -> int:
         chunks = [raw[i:i + 1000] for i in range(0, len(raw), 1000)]
@@ -345,27 +345,27 @@ def test_auto_decides_again_when_its_choice_is_deleted_before_it_is_served(monke
             raise NotFoundError("the skill 'churn-1' does not exist")
         return "adapter", plan
 
-    monkeypatch.setattr(openai_serving, "plan_for", plan_for)
-    monkeypatch.setattr(openai_serving, "serve_plan", serve_plan)
+    monkeypatch.setattr(serving, "plan_for", plan_for)
+    monkeypatch.setattr(serving, "serve_plan", serve_plan)
     request = SimpleNamespace(scope={})
-    assert asyncio.run(openai_serving.planned(None, request, "auto", None, "hi")) == ("adapter", "plan2")
+    assert asyncio.run(serving.planned(None, request, "auto", None, "hi")) == ("adapter", "plan2")
     assert decided == ["auto", "auto"] and served == ["plan1", "plan2"]
     decided.clear()
     with pytest.raises(NotFoundError):  # a skill the client named is its own mistake
-        asyncio.run(openai_serving.planned(None, request, "sentiment", None, "hi"))
+        asyncio.run(serving.planned(None, request, "sentiment", None, "hi"))
     assert decided == ["sentiment"]
 
 
 def test_the_generation_bound_reads_the_largest_max_tokens_field():
     """vLLM's chat reads max_completion_tokens before max_tokens: a small max_tokens beside it counts for nothing."""
     req, _ = _parse_now("chat", {**CHAT, "n": 16, "max_tokens": 1, "max_completion_tokens": 2048})
-    assert openai_front.generated_tokens(Settings(), req) == 2048
+    assert parse.generated_tokens(Settings(), req) == 2048
     with pytest.raises(InvalidRequestError, match="MOSAIC_MAX_REQUEST_TOKENS"):
-        openai_front.check_limits(_service(max_request_tokens=1000), openai_endpoints.endpoint("chat"), req, None)
+        parse.check_limits(_service(max_request_tokens=1000), endpoints.endpoint("chat"), req)
 
 
 def test_a_body_with_two_content_types_is_counted_as_starlette_reads_it():
-    from server.limits import BodyMeter
+    from server.edge.limits import BodyMeter
 
     def meter(*types: bytes) -> BodyMeter:
         scope = {"type": "http", "method": "POST", "path": "/v1/completions",

@@ -1,4 +1,4 @@
-"""Mosaic on Ray Serve (server/ray_app.py).
+"""Mosaic on Ray Serve (server/ray/app.py).
 
 Fast: the ingress's choice of multiplexed model id (base, skill, pinned version, composition, context-aware
 composition, auto, refused requests) on the real registry and router, without Ray actors.
@@ -21,8 +21,8 @@ import time
 import httpx
 import pytest
 
-from lora.adapter import LoraAdapter
 from composer.spec import Composition
+from lora.adapter import LoraAdapter
 from tests.helpers import BASE, DEMO, JSON_PROMPT, TEST_REDIS_URL, drop_prefix, mosaic_env, new_prefix
 
 SKILLS = ["sentiment", "json_extract", "uppercase"]
@@ -37,8 +37,8 @@ def _add_demo(registry, names=SKILLS) -> None:
 @pytest.fixture
 def planner(redis_client, base_model_dir, tmp_path, monkeypatch):
     """The ingress's planning service on the real registry (the lexical router: no training needed)."""
-    from server.settings import Settings
-    from server.state import build
+    from server.core.settings import Settings
+    from server.core.state import build
 
     prefix = new_prefix()
     for k, v in mosaic_env(base_model_dir, BASE, tmp_path, prefix, router="lexical").items():
@@ -51,7 +51,7 @@ def planner(redis_client, base_model_dir, tmp_path, monkeypatch):
 
 
 def _key(service, path: str, body) -> str:
-    from server.ray_routing import adapter_key
+    from server.ray.routing import adapter_key
 
     return asyncio.run(adapter_key(service, path, json.dumps(body).encode() if not isinstance(body, bytes) else body))
 
@@ -108,8 +108,8 @@ def _request(method: str, path: str, headers: dict[str, str], chunks: list[bytes
 def test_the_ingress_checks_the_key_and_the_size_before_it_reads_a_body(planner):
     """The ingress refuses what the replica would refuse, without reading the body first: no key for an
     admin route (401), a declared or a counted body over MOSAIC_MAX_REQUEST_MB (413)."""
-    from server.ray_app import mosaic_app
-    from server.ray_routing import admitted_body
+    from server.ray.app import mosaic_app
+    from server.ray.routing import admitted_body
 
     planner.settings = planner.settings.model_copy(update={"api_key": "root-key", "max_request_mb": 1})
     app = mosaic_app(planner.settings)
@@ -162,7 +162,7 @@ def test_the_ingress_counts_a_prompt_before_it_validates_or_decodes_it(planner, 
 
 def test_planning_at_the_ingress_is_bounded(planner):
     """A router that has not answered within plan_timeout_s: the request goes to any replica (no id)."""
-    from server.ray_routing import routing_key
+    from server.ray.routing import routing_key
 
     async def slow_route(text):
         await asyncio.sleep(30)
@@ -191,8 +191,8 @@ def test_a_key_limited_to_a_namespace_learns_nothing_of_another_at_the_ingress(p
     inference is planned with the key's namespace, as the replica plans it."""
     from fastapi.testclient import TestClient
 
-    from server.ray_app import mosaic_app
-    from server.ray_routing import ADAPTER_HEADER, INFO_PATH, adapter_header, admitted_body, routing_key
+    from server.ray.app import mosaic_app
+    from server.ray.routing import ADAPTER_HEADER, INFO_PATH, adapter_header, admitted_body, routing_key
 
     app = mosaic_app(planner.settings)
     app.state.mosaic = planner
@@ -238,7 +238,7 @@ def test_a_key_limited_to_a_namespace_learns_nothing_of_another_at_the_ingress(p
 
 def test_replica_placement_rules():
     """Each replica of a node binds its engine to its own cores; a loopback Redis of another node is refused."""
-    from server.ray_routing import cpu_list, redis_elsewhere
+    from server.ray.routing import cpu_list, redis_elsewhere
 
     cores = list(range(16))
     assert [cpu_list(cores, r, 4) for r in range(4)] == ["0,1,2,3", "4,5,6,7", "8,9,10,11", "12,13,14,15"]
@@ -258,7 +258,7 @@ def test_replica_placement_rules():
 def ray_cluster(base_model_dir, tmp_path_factory):
     """`mosaic serve --ray --replicas 2`, as a user starts it: a local Ray cluster, the ingress, two replicas."""
     pytest.importorskip("ray")
-    from server.launch import serving
+    from server.cli.launch import serving
 
     prefix = new_prefix()
     data = tmp_path_factory.mktemp("ray")
@@ -348,8 +348,8 @@ def test_serve_config_and_rayservice_name_the_application():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from server.launch import ROOT
-    from server.ray_routing import RayOptions
+    from server.cli.launch import ROOT
+    from server.ray.routing import RayOptions
 
     serve_cfg = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
     service = yaml.safe_load((ROOT / "deploy" / "kuberay-rayservice.yaml").read_text())
@@ -357,7 +357,7 @@ def test_serve_config_and_rayservice_name_the_application():
     for cfg in (serve_cfg, yaml.safe_load(service["spec"]["serveConfigV2"])):
         schema = ServeDeploySchema.parse_obj(cfg)
         (application,) = schema.applications
-        assert application.import_path == "server.ray_app:app"
+        assert application.import_path == "server.ray.app:app"
         options = RayOptions.model_validate(application.args)
         assert set(application.args) <= set(RayOptions.model_fields)
         assert options.env["MOSAIC_MAX_CPU_LORAS"]
@@ -373,7 +373,7 @@ def test_a_replica_that_died_or_cannot_take_the_request_is_a_503_in_openai_shape
     from ray.serve import exceptions as serve_exceptions
     from ray.serve._private.common import DeploymentID
 
-    from server.ray_routing import failed, rest
+    from server.ray.routing import failed, rest
 
     dead = [core.RayActorError(), core.WorkerCrashedError(), core.NodeDiedError("node gone"), core.OutOfMemoryError("oom"),
             serve_exceptions.ReplicaUnavailableError("replica-1"),

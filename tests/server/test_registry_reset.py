@@ -13,9 +13,9 @@ from fastapi.testclient import TestClient
 from adapter_store.high_water import HighWater, RegistryBehindError
 from adapter_store.keys import KeyStore
 from adapter_store.registry import Registry
-from server import engine as engine_module
-from server.app import create_app
-from server.settings import Settings
+from server.api.app import create_app
+from server.core import engine as engine_module
+from server.core.settings import Settings
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix, new_prefix, random_adapter
 
 Q = "model.layers.0.self_attn.q_proj"

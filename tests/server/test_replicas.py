@@ -13,9 +13,8 @@ import httpx
 import pytest
 import redis
 
-from server.launch import mosaic_cli, serving
-from tests.helpers import OwnRedis
-from tests.helpers import DEMO
+from server.cli.launch import mosaic_cli, serving
+from tests.helpers import DEMO, OwnRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")]
 

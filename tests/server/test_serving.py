@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from server.launch import ROOT
+from server.cli.launch import ROOT
 from tests.helpers import BASE, DEMO, JSON_PROMPT
 
 pytestmark = pytest.mark.slow

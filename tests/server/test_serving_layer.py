@@ -13,12 +13,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from lora.adapter import LoraAdapter
 from adapter_store.registry import Registry
-from server import state as state_module
-from server.app import create_app
-from server.engine import VllmEngine, vllm_serve_args
-from server.settings import Settings
+from lora.adapter import LoraAdapter
+from server.api.app import create_app
+from server.core import state as state_module
+from server.core.engine import VllmEngine, vllm_serve_args
+from server.core.settings import Settings
 from tests.helpers import DEMO, LOCAL, LOCAL_URL, TEST_REDIS_URL, dense_delta, drop_prefix, new_prefix
 
 REPLY = ["The", " answer", " is", " positive", "."]

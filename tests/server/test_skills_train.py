@@ -42,7 +42,7 @@ def test_bad_data_names_the_line(env, tmp_path):
 @pytest.mark.slow
 def test_tiny_training_run_registers_a_skill_that_changes_output(env, tmp_path):
     from lora.adapter import LoraAdapter
-    from server.training import greedy_answers
+    from server.jobs.training import greedy_answers
 
     data = tmp_path / "secret.jsonl"
     rows = [{"messages": [{"role": "user", "content": f"What is the secret word{'?' * (i % 3 + 1)}"},

@@ -7,8 +7,8 @@ import zipfile
 import pytest
 
 from lora.errors import InvalidRequestError
-from server.errors import PayloadTooLargeError
-from server.uploads import pack_tar_gz, unpack
+from server.edge.errors import PayloadTooLargeError
+from server.edge.uploads import pack_tar_gz, unpack
 
 
 def _tar(members: dict[str, bytes]) -> bytes:

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from composer.spec import Composition
-from server.engine import cpu_preload, vllm_cli_args
-from server.launch import ROOT, VLLM_SERVE, serving
-from server.settings import Settings
+from server.cli.launch import ROOT, VLLM_SERVE, serving
+from server.core.engine import cpu_preload, vllm_cli_args
+from server.core.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ def _chat(url: str, model: str) -> httpx.Response:
 
 
 def test_plain_vllm_serve_resolves_skills_from_the_registry(server, tmp_path):
-    from server.launch import VLLM_SERVE, serving
-    from server.settings import Settings
+    from server.cli.launch import VLLM_SERVE, serving
+    from server.core.settings import Settings
 
     env = {**server["env"], "MOSAIC_RESOLVER": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
            "MOSAIC_DATA_DIR": str(tmp_path), "VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.ui_screenshots import chromium, wait_for
-from server.launch import serving
+from server.cli.launch import serving
 from tests.helpers import DEMO, drop_prefix, mosaic_env, new_prefix, run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The compose form's examples reader (server/ui/static/learn.js, run in Node, no browser) against the CLI's
+"""The compose form's examples reader (server/edge/ui/static/learn.js, run in Node, no browser) against the CLI's
 (server/cli/learn.py ``read_examples``, what ``mosaic compose --learn`` reads): every line accepted or refused
 alike, the same examples, the same first bad line; and the loss curve's scaling. Skipped where Node is missing."""
 
@@ -12,8 +12,8 @@ import pytest
 
 from lora.errors import InvalidRequestError
 from server.cli.learn import read_examples
-from server.learn_composition import LearnExample
-from server.ui import STATIC
+from server.edge.ui import STATIC
+from server.jobs.learn_composition import LearnExample
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="needs node to run the console's module")

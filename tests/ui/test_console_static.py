@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 from starlette.routing import Match
 
 from composer.registry import METHODS
-from server import engine as engine_module
-from server.app import create_app
-from server.settings import Settings
-from server.ui import STATIC
+from server.api.app import create_app
+from server.core import engine as engine_module
+from server.core.settings import Settings
+from server.edge.ui import STATIC
 from tests.helpers import LOCAL, LOCAL_URL, TEST_REDIS_URL, drop_prefix
 
 REMOTE = ("203.0.113.7", 50000)  # a client that is not on this machine
@@ -143,7 +143,7 @@ def test_every_irreversible_request_asks_the_browser_first():
 
 
 def test_the_console_needs_no_inline_code_under_its_policy():
-    """The page's Content-Security-Policy (server/http_headers.py CONSOLE_CSP) refuses inline scripts, event
+    """The page's Content-Security-Policy (server/edge/headers.py CONSOLE_CSP) refuses inline scripts, event
     handler attributes and style attributes: the files use none, and h() sets styles through the CSSOM."""
     index = (STATIC / "index.html").read_text()
     assert not re.search(r"<script(?![^>]*\bsrc=)[^>]*>", index) and "<style" not in index
