@@ -45,6 +45,18 @@ class HeldAdapter(EngineAdapter):
     hold: Hold | None = field(default=None, compare=False, repr=False)
 
 
+@dataclass(frozen=True)
+class Target:
+    """The adapter that serves a plan, decided in one place (server/core/planner.py ``target_for``): one skill, or
+    one composition, with the skill versions it was decided from and its key, which names its folder, its engine id
+    and, under Ray, the multiplexed model id the ingress routes by. A skill's key is its content id (past the
+    engine's rank limit it is served cut to that rank, and the key says so); a composition's, its content key."""
+
+    key: str
+    skills: tuple[SkillInfo, ...]
+    composition: Composition | None = None  # None: skills[0] alone
+
+
 @dataclass
 class Served:
     adapter: EngineAdapter
@@ -83,6 +95,28 @@ class AdapterCache:
         """Whether ``ref`` was served here and its folder is still on disk (servable without Redis)."""
         info = self._served.get(ref)
         return info is not None and (self._skill_folder(info) / "adapter_config.json").exists()
+
+    def skill_target(self, info: SkillInfo) -> Target:
+        """One skill served alone."""
+        return Target(self._skill_key(info), (info,))
+
+    def composition_target(self, comp: Composition, infos: list[SkillInfo]) -> Target:
+        """``comp`` over the skill versions ``infos`` (its skills, resolved, in order)."""
+        return Target(comp.content_key([i.content_id for i in infos], self.max_rank), tuple(infos), comp)
+
+    async def serve(self, target: Target) -> Served:
+        """The engine-ready adapter of ``target``, from the versions it names (nothing is resolved again)."""
+        if target.composition is None:
+            return await self._serve_skill(target.skills[0])
+        return await self._serve_composition(target)
+
+    async def skill(self, ref: str) -> Served:
+        """``ref`` served alone (resolved now)."""
+        return await self.serve(self.skill_target(await self._info(ref)))
+
+    async def composition(self, comp: Composition) -> Served:
+        """``comp`` served (its skills resolved now)."""
+        return await self.serve(self.composition_target(comp, [await self._info(ref) for ref in comp.skills]))
 
     async def resolve(self, ref: str) -> SkillInfo:
         """The skill version ``ref`` names (NotFoundError if none); answered from memory during a Redis outage."""
@@ -161,13 +195,15 @@ class AdapterCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _skill_folder(self, info: SkillInfo) -> Path:
-        """By content id; a skill above the engine's rank limit is cut to it, so that folder also names the limit."""
-        name = info.content_id if info.rank <= self.max_rank else f"{info.content_id}-r{self.max_rank}"
-        return self.dir / "adapters" / name
+    def _skill_key(self, info: SkillInfo) -> str:
+        """By content id; a skill above the engine's rank limit is cut to it, so its key also names the limit."""
+        return info.content_id if info.rank <= self.max_rank else f"{info.content_id}-r{self.max_rank}"
 
-    async def skill(self, ref: str) -> Served:
-        info = await self._info(ref)
+    def _skill_folder(self, info: SkillInfo) -> Path:
+        return self.dir / "adapters" / self._skill_key(info)
+
+    async def _serve_skill(self, info: SkillInfo) -> Served:
+        ref = info.ref
         folder = self._skill_folder(info)
         refactored, rel, rank = False, 0.0, info.rank
         async with self._lock(folder.name):
@@ -187,10 +223,9 @@ class AdapterCache:
         engine_adapter = HeldAdapter(info.ref, await self.engine_id(folder.name), str(folder), hold)
         return Served(engine_adapter, [info.ref], [1.0], None, None, rank, refactored, rel)
 
-    async def composition(self, comp: Composition) -> Served:
-        infos: list[SkillInfo] = [await self._info(ref) for ref in comp.skills]
+    async def _serve_composition(self, target: Target) -> Served:
+        comp, infos, key = target.composition, list(target.skills), target.key
         inputs = sorted({i.content_id for i in infos})
-        key = comp.content_key([i.content_id for i in infos], self.max_rank)
         folder = self.dir / "compositions" / key
         async with self._lock(key):
             meta: dict

@@ -12,6 +12,7 @@ from lora.errors import ForbiddenError, NotFoundError, UnavailableError
 from router.plan import Plan
 from server.core import metrics
 from server.core.compose_budget import check_composition
+from server.core.adapter_cache import Target
 from server.core.engine import EngineAdapter
 from server.core.protocol import MosaicInfo
 from server.core.state import Service
@@ -71,23 +72,33 @@ def stored_template(info: SkillInfo) -> Composition | None:
     return Composition.model_validate({k: v for k, v in stored.items() if k in Composition.model_fields})
 
 
+async def target_for(service: Service, plan: Plan) -> Target | None:
+    """The one decision of which adapter serves ``plan`` (None: the base model), made here for the server, the
+    Ray ingress and the quality report alike. A context-aware plan leaves out the skills whose weight came out 0;
+    one left is served alone, exactly."""
+    cache = service.cache
+    if plan.kind == "base":
+        return None
+    if plan.kind == "skill":
+        return cache.skill_target(await cache.resolve(plan.skill))
+    comp = plan.composition
+    if plan.alpha is not None:
+        active = plan.active
+        if len(active) == 1:
+            return cache.skill_target(await cache.resolve(active[0][0]))
+        skills, weights = zip(*active)
+        comp = comp.model_validate({**comp.model_dump(), "skills": skills, "weights": weights})
+    return cache.composition_target(comp, [await cache.resolve(ref) for ref in comp.skills])
+
+
 async def serve_plan(service: Service, plan: Plan) -> tuple[EngineAdapter | None, MosaicInfo]:
     """The adapter that serves ``plan`` (None: the base model), and what served it (the ``mosaic`` field)."""
     info = {"plan": plan.kind, "reason": plan.reason, "scores": plan.scores or None}
-    if plan.kind == "base":
+    target = await target_for(service, plan)
+    if target is None:
         return None, MosaicInfo(**info)
-    if plan.kind == "skill":
-        served = await service.cache.skill(plan.skill)
-    elif plan.alpha is None:
-        served = await service.cache.composition(plan.composition)
-    else:  # context-aware: skills whose weight came out 0 are left out; one left is served alone, exactly
-        active = plan.active
-        if len(active) == 1:
-            served = await service.cache.skill(active[0][0])
-        else:
-            skills, weights = zip(*active)
-            served = await service.cache.composition(plan.composition.model_validate(
-                {**plan.composition.model_dump(), "skills": skills, "weights": weights}))
+    served = await service.cache.serve(target)
+    if plan.alpha is not None:
         info |= {"alpha": dict(zip(plan.composition.skills, plan.alpha)), "weights_from": "auto",
                  "template": {"skills": list(plan.composition.skills), "method": plan.composition.method}}
     if served.cache is not None:

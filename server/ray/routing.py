@@ -136,21 +136,12 @@ def adapter_header(service, scope, status: int, key: str) -> dict[str, str]:
 
 
 async def plan_key(service, plan: Plan) -> str:
-    """What the replica will serve ``plan`` with, named as its adapter folder is (server/core/planner.py
-    ``serve_plan``): a skill by its content id, a composition by its content key."""
-    if plan.kind == "base":
-        return ""
-    if plan.kind == "skill":
-        return (await service.cache.resolve(plan.skill)).content_id
-    comp = plan.composition
-    if plan.alpha is not None:  # context-aware: the skills left at weight 0 are not part of the adapter
-        active = plan.active
-        if len(active) == 1:
-            return (await service.cache.resolve(active[0][0])).content_id
-        skills, weights = zip(*active)
-        comp = comp.model_validate({**comp.model_dump(), "skills": skills, "weights": weights})
-    infos = [await service.cache.resolve(ref) for ref in comp.skills]
-    return comp.content_key([i.content_id for i in infos], service.settings.max_lora_rank)
+    """What the replica will serve ``plan`` with: the key of its Target (server/core/planner.py ``target_for``,
+    the one decision), which also names the replica's adapter folder and engine id; "" for the base model."""
+    from server.core.planner import target_for
+
+    target = await target_for(service, plan)
+    return "" if target is None else target.key
 
 
 # ---- a replica that failed ----------------------------------------------------------------------------------
