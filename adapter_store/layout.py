@@ -24,6 +24,9 @@
 ``P:engine-ids``             HASH served content key -> the engine's integer id (``P:engine-ids:next``
                              the last one handed out): one id per content, the same on every replica
 ``P:aux:KEY``                HASH of another room's state (e.g. the router's trained model)
+``P:job:ID``, ``P:jobs``     a background job's record (JSON) and the index of jobs by start time;
+                             ``P:job:ID:cancel`` asks its owner to stop it, ``P:jobslot:NAME`` is held by one
+                             running job at a time (adapter_store/jobs.py)
 """
 
 from __future__ import annotations

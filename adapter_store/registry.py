@@ -24,16 +24,17 @@ import cachetools
 import redis
 
 from adapter_store import mos
-from lora.adapter import LoraAdapter
 from adapter_store.composition_cache import CompositionCache
-from lora.errors import NotFoundError, UnavailableError
 from adapter_store.guard import Guarded, Observer, redis_guard
 from adapter_store.high_water import HighWater
+from adapter_store.jobs import JobStore
 from adapter_store.layout import CHANGE_LOG, KeyLayout, announce
 from adapter_store.shard_store import Current, ShardStore, Stored
 from adapter_store.side_state import AuxStore, EngineIds
 from adapter_store.skill_info import SkillInfo, parse_ref, read_meta
 from adapter_store.validation import in_namespace
+from lora.adapter import LoraAdapter
+from lora.errors import NotFoundError, UnavailableError
 
 log = logging.getLogger("mosaic.registry")
 
@@ -77,6 +78,7 @@ class Registry:
         self.compositions = Guarded(self._compositions, "compositions", observer)
         self.engine_ids = Guarded(EngineIds(client, self.keys), "engine_ids", observer)
         self.aux = Guarded(AuxStore(client, self.keys), "aux", observer)
+        self.jobs = Guarded(JobStore(client, self.keys), "jobs", observer)
         # compression's side of the shard store: compression() (the current pools' options), put_pools,
         # stop, running, lock
         self.shards = Guarded(self._shards, "shards", observer)

@@ -118,6 +118,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             task.cancel()
             warm.cancel()
+            if hasattr(app.state, "job_board"):  # jobs still running here are reported stopped within DEAD_AFTER
+                app.state.job_board.close()
             await service.engine.stop()
 
     app = MosaicApp(title="Mosaic", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,

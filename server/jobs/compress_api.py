@@ -1,7 +1,8 @@
 """Library compression (MoS shard pools) as a background job of the server.
 
-``POST /v1/admin/compress`` starts one (202; 409 while one runs, here or in another replica — the
-Redis lock decides), ``GET /v1/admin/compress`` tells how it goes. The job runs in a worker thread:
+``POST /v1/admin/compress`` starts one (202; 409 while one runs, here or in another replica, or from the
+CLI — the job board's slot and the compression's Redis lock decide), ``GET /v1/admin/compress`` tells how
+the newest one goes, on whichever replica it runs (server/jobs/board.py). The job runs in a worker thread:
 requests keep being served, and each skill moves to its new form in its own transaction.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -18,6 +20,7 @@ from adapter_store.compression import CompressOptions, compress_library, decompr
 from lora.errors import ConflictError, MosaicError
 from server.edge import auth
 from server.edge.auth import require_scope
+from server.jobs.board import board
 
 router = APIRouter(tags=["skills"])
 admin = [Depends(require_scope("admin"))]
@@ -27,7 +30,11 @@ class CompressRequest(CompressOptions):
     off: bool = False  # store every skill exact again and stop encoding uploads
 
 
+KIND = "compress"
+
+
 class CompressJob(BaseModel):
+    id: str | None = None
     state: Literal["idle", "running", "done", "failed"] = "idle"
     request: CompressRequest | None = None
     started: float | None = None
@@ -37,25 +44,15 @@ class CompressJob(BaseModel):
     error: str | None = None
 
 
-def _job(request: Request) -> CompressJob:
-    state = request.app.state
-    if not hasattr(state, "compress_job"):
-        state.compress_job = CompressJob()
-    return state.compress_job
-
-
 @router.post("/v1/admin/compress", status_code=202, response_model=CompressJob, dependencies=admin)
 async def start_compress(body: CompressRequest, request: Request) -> CompressJob:
     auth.whole_library(request, "compression")
-    registry = request.app.state.mosaic.registry
-    previous = _job(request)
-    if previous.state == "running":
+    registry, jobs = request.app.state.mosaic.registry, board(request.app.state)
+    if await asyncio.to_thread(registry.shards.running):  # the CLI's run (or a replica's, past its first step)
         raise ConflictError("a compression is already running")
-    # claimed before the first await, so two requests to this server cannot both start one
-    job = request.app.state.compress_job = CompressJob(state="running", request=body, started=time.time())
-    if await asyncio.to_thread(registry.shards.running):  # another replica's (or the CLI's) run
-        request.app.state.compress_job = previous
-        raise ConflictError("a compression is already running")
+    job = CompressJob(id=uuid.uuid4().hex[:16], state="running", request=body, started=time.time())
+    # the slot is taken in one Redis step: two requests, to this replica or another, cannot both start one
+    await asyncio.to_thread(jobs.start, job, KIND, slot=KIND, busy="a compression is already running")
 
     def progress(what: str, done: int, total: int) -> None:
         job.progress = {"step": what, "done": done, "total": total}
@@ -75,6 +72,7 @@ async def start_compress(body: CompressRequest, request: Request) -> CompressJob
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             job.finished = time.time()
+            jobs.finish(job)
 
     tasks = request.app.state.mosaic.tasks
     tasks.append(asyncio.get_running_loop().create_task(asyncio.to_thread(run)))
@@ -84,4 +82,5 @@ async def start_compress(body: CompressRequest, request: Request) -> CompressJob
 @router.get("/v1/admin/compress", response_model=CompressJob, dependencies=admin)
 async def compress_status(request: Request) -> CompressJob:
     auth.whole_library(request, "compression")
-    return _job(request)
+    listed = await asyncio.to_thread(board(request.app.state).list, CompressJob, KIND)
+    return listed[-1][0] if listed else CompressJob()

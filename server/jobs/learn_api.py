@@ -27,10 +27,11 @@ from lora.errors import InvalidRequestError, MosaicError
 from server.core.settings import Settings
 from server.core.state import Service
 from server.edge import auth
+from server.jobs.board import Board, board
 from server.jobs.expansion import ExpandOptions
 from server.jobs.learn_composition import LearnCancelled, Learned, LearnOptions, learn_composition, router_weigher
 from server.jobs.learned_weights import base_tokenizer, check_examples, reference_model
-from server.jobs.optimize_api import OptimizeJob, _check_slot, _jobs, _search_threads, claim
+from server.jobs.optimize_api import OptimizeJob, _search_threads, claim
 
 log = logging.getLogger("mosaic.learn")
 
@@ -90,8 +91,7 @@ def check_request(comp: Composition, fields_set: set[str], min_agreement: float 
 async def start(request: Request, service: Service, comp: Composition, options: LearnOptions, *, name: str,
                 description: str, examples: list[str]) -> OptimizeJob:
     """Check the job (skills exist, examples within their limits), then start it (202)."""
-    jobs, namespace = _jobs(request), auth.namespace(request)
-    _check_slot(jobs, namespace, service.settings.max_searches)
+    namespace = auth.namespace(request)
     infos = [await service.cache.resolve(ref) for ref in comp.skills]  # a missing skill is a 404 now
     tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
     await asyncio.to_thread(check_learn, options, service.settings, tokenizer, [i.rank for i in infos])
@@ -104,12 +104,14 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     threads = _search_threads(request, service.settings.max_searches)
     start_weights = list(comp.weights) if isinstance(comp.weights, tuple) else 1.0
     service.tasks.append(asyncio.get_running_loop().create_task(_run(
-        service, job, [i.ref for i in infos], options, start_weights, stop, threads, description, examples)))
+        service, job, [i.ref for i in infos], options, start_weights, stop, threads, description, examples,
+        board(request.app.state))))
     return job
 
 
 async def _run(service: Service, job: OptimizeJob, refs: list[str], options: LearnOptions, start_weights,
-               stop: threading.Event, threads: ThreadPoolExecutor, description: str, examples: list[str]) -> None:
+               stop: threading.Event, threads: ThreadPoolExecutor, description: str, examples: list[str],
+               jobs: Board) -> None:
     curves: dict[str, list[list[float]]] = {}
 
     def progress(stage: str, step: int, steps: int, train_loss: float, val_loss: float) -> None:
@@ -142,6 +144,7 @@ async def _run(service: Service, job: OptimizeJob, refs: list[str], options: Lea
         job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
         job.finished = time.time()
+        await asyncio.to_thread(jobs.finish, job)
 
 
 def store_learned(registry: Registry, spec: BaseModelSpec, learned: Learned, infos: list[SkillInfo],

@@ -3,9 +3,11 @@
 ``POST /v1/compositions`` with ``"optimize"`` answers 202 with a job; ``GET /v1/compositions/jobs/{id}``
 tells how it goes (evaluations done, best objective and weights so far); ``DELETE`` cancels it between
 two evaluations. When the search ends the composition is stored with the best weights, its quality
-report and the search trace. One search runs at a time per namespace (409 otherwise; keys without a
-namespace share one); searches of different namespaces take turns on the server's reference model,
-one evaluation at a time. What one search may cost is checked before it starts (learned_weights.check_job).
+report and the search trace. One search (or learn job, server/jobs/learn_api.py) runs at a time per
+namespace across every replica (409 otherwise; keys without a namespace share one); searches of different
+namespaces take turns on the server's reference model, one evaluation at a time. What one search may cost
+is checked before it starts (learned_weights.check_job). The jobs live on the job board in Redis
+(server/jobs/board.py): any replica lists, shows and cancels them.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from adapter_store.skill_info import SkillInfo
 from adapter_store.validation import in_namespace
 from composer import CompositionCancelled
 from composer.spec import Composition
-from lora.errors import ConflictError, MosaicError, NotFoundError
+from lora.errors import MosaicError, NotFoundError
 from server.core.state import Service
 from server.edge import auth
 from server.edge.auth import require_scope
+from server.jobs.board import Board, board
 from server.jobs.learned_weights import (
     OptimizeOptions,
     Trial,
@@ -65,26 +68,11 @@ class OptimizeJob(BaseModel):
     namespace: str | None = Field(default=None, exclude=True)
 
 
-KEEP_JOBS = 100  # finished jobs kept for GET /v1/compositions/jobs
+KIND = "composition"  # the board's kind for weight searches and learn jobs
 
 
-def _jobs(request: Request) -> dict[str, OptimizeJob]:
-    state = request.app.state
-    if not hasattr(state, "optimize_jobs"):
-        state.optimize_jobs, state.optimize_cancel = {}, {}
-    return state.optimize_jobs
-
-
-def _check_slot(jobs: dict[str, OptimizeJob], namespace: str | None, most: int) -> None:
-    """One search at a time per namespace (keys without one, the root's included, share theirs), and at most
-    ``most`` in all (MOSAIC_MAX_SEARCHES: each holds one of the searches' own threads for up to an hour)."""
-    running = [j for j in jobs.values() if j.state == "running"]
-    if any(j.namespace == namespace for j in running):
-        whose = f"namespace {namespace!r}" if namespace is not None else "keys without a namespace"
-        raise ConflictError(f"a weight search is already running for {whose}: wait for it or cancel it")
-    if len(running) >= most:
-        raise ConflictError(f"{len(running)} weight searches are running, the most this server runs at once "
-                            "(setting MOSAIC_MAX_SEARCHES): wait for one to end")
+FULL = ("{n} weight searches are running, the most this server runs at once (setting MOSAIC_MAX_SEARCHES): "
+        "wait for one to end")
 
 
 def _search_threads(request: Request, most: int) -> ThreadPoolExecutor:
@@ -100,8 +88,7 @@ async def start(request: Request, service: Service, comp: Composition, options: 
     """Check the search (its skills exist, each evaluation's composition is within the compose budget, its
     examples within their limits), then start it: the namespace's slot is claimed after the last await, so two
     requests cannot both run one."""
-    jobs, namespace, most = _jobs(request), auth.namespace(request), service.settings.max_searches
-    _check_slot(jobs, namespace, most)
+    namespace, most = auth.namespace(request), service.settings.max_searches
     infos = [await service.cache.resolve(ref) for ref in comp.skills]  # a missing skill is a 404 now, not a failed job later
     service.cache.composer.check(comp, infos)  # each evaluation composes it
     tokenizer = await asyncio.to_thread(base_tokenizer, service.model_dir)
@@ -116,26 +103,26 @@ async def start(request: Request, service: Service, comp: Composition, options: 
         quality_prompts=quality_prompts, min_agreement=min_agreement, composer=service.cache.composer,
         text=service.settings.text_limits())
     threads = _search_threads(request, most)
-    service.tasks.append(asyncio.get_running_loop().create_task(_run(service, job, comp, options, stop, store, threads)))
+    service.tasks.append(asyncio.get_running_loop().create_task(
+        _run(service, job, comp, options, stop, store, threads, board(request.app.state))))
     return job
 
 
 def claim(request: Request, job: OptimizeJob) -> tuple[OptimizeJob, threading.Event]:
-    """Register a new job (its namespace's slot checked again: call after the last await) and its cancel event;
-    finished jobs beyond the last KEEP_JOBS are forgotten."""
-    jobs = _jobs(request)
-    _check_slot(jobs, job.namespace, request.app.state.mosaic.settings.max_searches)
-    jobs[job.id] = job
-    cancels: dict[str, threading.Event] = request.app.state.optimize_cancel
-    for old in [j.id for j in jobs.values() if j.state != "running"][:-KEEP_JOBS]:  # finished ones: the last few
-        jobs.pop(old, None)
-        cancels.pop(old, None)
-    cancels[job.id] = threading.Event()
-    return job, cancels[job.id]
+    """Put a new job on the board (call after the last await): its namespace's slot taken across every replica
+    (409 while another search or learn job of the namespace runs), then a place among the MOSAIC_MAX_SEARCHES
+    jobs this server runs at once (each holds one of the searches' own threads for up to an hour); returns it
+    with its stop event."""
+    whose = f"namespace {job.namespace!r}" if job.namespace is not None else "keys without a namespace"
+    stop = board(request.app.state).start(
+        job, KIND, namespace=job.namespace, slot=f"compositions:{job.namespace or ''}",
+        busy=f"a weight search or learn job is already running for {whose}: wait for it or cancel it",
+        most=request.app.state.mosaic.settings.max_searches, full=FULL)
+    return job, stop
 
 
 async def _run(service: Service, job: OptimizeJob, comp: Composition, options: OptimizeOptions, stop: threading.Event,
-               store: Callable[..., Awaitable[SkillInfo]], threads: ThreadPoolExecutor) -> None:
+               store: Callable[..., Awaitable[SkillInfo]], threads: ThreadPoolExecutor, jobs: Board) -> None:
     """The search in a worker thread (each candidate composed on the server's compose threads), then
     ``store(learned, extra=...)``; DELETE sets ``stop``."""
     def progress(done: int, trial: Trial, best: Trial) -> None:
@@ -164,27 +151,31 @@ async def _run(service: Service, job: OptimizeJob, comp: Composition, options: O
         job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
     finally:
         job.finished = time.time()
+        await asyncio.to_thread(jobs.finish, job)
 
 
 @router.get("/v1/compositions/jobs", response_model=list[OptimizeJob], dependencies=admin)
 async def list_jobs(request: Request) -> list[OptimizeJob]:
+    """Every replica's weight searches and learn jobs (the newest, oldest first) the caller's key may see."""
     ns = auth.namespace(request)
-    return sorted((j for j in _jobs(request).values() if ns is None or in_namespace(j.name, ns)), key=lambda j: j.started)
+    listed = await asyncio.to_thread(board(request.app.state).list, OptimizeJob, KIND)
+    return [j for j, _ in listed if ns is None or in_namespace(j.name, ns)]
 
 
 @router.get("/v1/compositions/jobs/{job_id}", response_model=OptimizeJob, dependencies=admin)
 async def get_job(job_id: str, request: Request) -> OptimizeJob:
-    job = _jobs(request).get(job_id)
+    found = await asyncio.to_thread(board(request.app.state).get, job_id, OptimizeJob, KIND)
     ns = auth.namespace(request)
-    if job is None or (ns is not None and not in_namespace(job.name, ns)):
-        raise NotFoundError(f"no weight search {job_id!r} on this server", param="job_id")
-    return job
+    if found is None or (ns is not None and not in_namespace(found[0].name, ns)):
+        raise NotFoundError(f"no weight search or learn job {job_id!r}", param="job_id")
+    return found[0]
 
 
 @router.delete("/v1/compositions/jobs/{job_id}", response_model=OptimizeJob, dependencies=admin)
 async def cancel_job(job_id: str, request: Request) -> OptimizeJob:
-    """Cancel a running search (it stops after the evaluation in progress; nothing is stored)."""
+    """Cancel a running search or learn job, on whichever replica runs it (it stops after the evaluation or
+    step in progress; nothing is stored)."""
     job = await get_job(job_id, request)
     if job.state == "running":
-        request.app.state.optimize_cancel[job_id].set()
+        await asyncio.to_thread(board(request.app.state).cancel, job_id)
     return job
