@@ -132,10 +132,9 @@ def validate_files(
     max_tensors: int = MAX_TENSORS,
 ) -> LoraAdapter:
     """Check an uploaded PEFT folder (file name -> bytes); return the adapter or raise with all problems.
-    The weights file's tensors are counted from its header first: over ``max_tensors``, nothing is loaded."""
-    problems: list[str] = check_name(name, reserved=(spec.model_id,)) if name is not None else []
-    if name is not None and name == spec.model_id:
-        problems.append(f"name {name!r} is the base model's id")
+    The weights file's tensors are counted from its header first: over ``max_tensors``, nothing is loaded;
+    the file is parsed once, and the adapter returned keeps its bytes as they came (a bit-exact round trip)."""
+    problems = _name_problems(name, spec)
     pickles = [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
     if pickles:
         problems.append(
@@ -171,14 +170,31 @@ def validate_files(
     if problems:
         raise AdapterValidationError(problems)
     assert config is not None and tensors is not None
-    return LoraAdapter.from_bytes(files[CONFIG_FILE], files[WEIGHTS_FILE])
+    return LoraAdapter(config=config, tensors=tensors, _weights_bytes=files[WEIGHTS_FILE])
 
 
-def validate_adapter(adapter: LoraAdapter, spec: BaseModelSpec, *, max_rank: int, name: str | None = None) -> None:
-    """The same checks for an adapter already in memory (e.g. a composition result)."""
-    validate_files(
-        {CONFIG_FILE: adapter.config_bytes(), WEIGHTS_FILE: adapter.weights_bytes()}, spec, max_rank=max_rank, name=name
-    )
+def validate_adapter(adapter: LoraAdapter, spec: BaseModelSpec, *, max_rank: int, name: str | None = None,
+                     max_tensors: int = MAX_TENSORS) -> None:
+    """The same checks for an adapter already in memory (e.g. a composition result), on its config and tensors
+    as they are: nothing is serialised or parsed again."""
+    problems = _name_problems(name, spec)
+    if len(adapter.tensors) > max_tensors:
+        problems.append(f"{len(adapter.tensors):,} tensors; the most an adapter may hold is {max_tensors:,} "
+                        "(setting MOSAIC_MAX_TENSORS)")
+    else:
+        problems += _check_config(adapter.config, max_rank) + _check_tensors(adapter.config, adapter.tensors, spec,
+                                                                             max_rank)
+    if problems:
+        raise AdapterValidationError(problems)
+
+
+def _name_problems(name: str | None, spec: BaseModelSpec) -> list[str]:
+    if name is None:
+        return []
+    problems = check_name(name, reserved=(spec.model_id,))
+    if name == spec.model_id:
+        problems.append(f"name {name!r} is the base model's id")
+    return problems
 
 
 def _check_header(data: bytes, max_tensors: int) -> list[str]:

@@ -77,10 +77,13 @@ async def upload_adapter(
     service = _state(request)
     auth.check_names(request, [name])
     limit = service.settings.max_upload_mb * 1024 * 1024  # the body as a whole is capped by limits.BodySizeLimit
-    raw = [(f.filename or "", await f.read()) for f in files]
     example_list, tag_list = _json_list(examples, "examples"), _json_list(tags, "tags")
     check_text(service.settings.text_limits(), description=description, examples=example_list, tags=tag_list)
+    raw = [(f.filename or "", await f.read()) for f in files]
+    for f in files:  # python-multipart's spooled copy goes now, not when the response is sent
+        await f.close()
     payload = await asyncio.to_thread(unpack, raw, limit)
+    del raw  # an archive's bytes, once unpacked (loose files live on in payload)
     adapter = await asyncio.to_thread(validate_files, payload, service.base_spec, max_rank=service.settings.max_adapter_rank,
                                       name=name, max_tensors=service.settings.max_tensors)
     return await asyncio.to_thread(

@@ -26,6 +26,26 @@ def test_good_adapter_passes(base_spec):
     assert got.weights_bytes() == adapter.weights_bytes()
 
 
+def test_an_upload_is_parsed_once_and_kept_as_it_came(base_spec, monkeypatch):
+    """The weights are read once (the checks and the adapter share the tensors) and the adapter keeps the bytes
+    uploaded, not a re-encoding; an adapter in memory is checked without being serialised."""
+    from adapter_store import validation
+    from lora.adapter import LoraAdapter
+
+    adapter = random_adapter({Q: base_spec.shapes[Q], V: base_spec.shapes[V]}, r=4)
+    files = _files(adapter)
+    loads, real = [], validation.st_load
+    monkeypatch.setattr(validation, "st_load", lambda data: loads.append(len(data)) or real(data))
+    monkeypatch.setattr(LoraAdapter, "from_bytes", classmethod(lambda *a: pytest.fail("parsed a second time")))
+    got = validate_files(files, base_spec, max_rank=64, name="once")
+    assert loads == [len(files[WEIGHTS_FILE])] and got.weights_bytes() is files[WEIGHTS_FILE]
+    assert torch.equal(got.tensors[factor_key(Q, "A")], adapter.tensors[factor_key(Q, "A")])
+    monkeypatch.setattr(LoraAdapter, "weights_bytes", lambda self: pytest.fail("serialised to be checked"))
+    validation.validate_adapter(got, base_spec, max_rank=64, name="once")
+    with pytest.raises(AdapterValidationError, match="rank r=4 exceeds the maximum 2"):
+        validation.validate_adapter(got, base_spec, max_rank=2)
+
+
 def test_every_problem_is_reported_at_once(base_spec):
     d_out, d_in = base_spec.shapes[Q]
     tensors = {
