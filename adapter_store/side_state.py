@@ -4,7 +4,10 @@ exposes them under its guard (``registry.engine_ids``, ``registry.aux``)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import redis
+from redis.exceptions import LockNotOwnedError
 
 from adapter_store.layout import KeyLayout
 
@@ -69,9 +72,24 @@ class AuxStore:
         """Delete ``fields`` from the hash (a batch per command, so Redis never stalls on one); how many were there."""
         return sum(self.r.hdel(self.keys.aux(key), *fields[i:i + batch]) for i in range(0, len(fields), batch))
 
-    def lock(self, name: str, seconds: float) -> redis.lock.Lock:
-        """A Redis lock named ``name`` beside this state, shared by replicas (it expires after ``seconds``)."""
-        return self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds)
+    def lock(self, name: str, seconds: float) -> SharedLock:
+        """A lock named ``name`` beside this state, shared by replicas (it expires after ``seconds``)."""
+        return SharedLock(self.r.lock(self.keys.aux(f"{name}:lock"), timeout=seconds))
 
 
-__all__ = ["AuxStore", "EngineIds"]
+class SharedLock:
+    """A lock replicas share (a Redis lock with an expiry), so that other rooms need not know Redis's: ``acquire``
+    waits at most ``wait`` seconds; ``release`` of a lock that expired meanwhile is a no-op (it is gone)."""
+
+    def __init__(self, lock: redis.lock.Lock) -> None:
+        self._lock = lock
+
+    def acquire(self, wait: float) -> bool:
+        return bool(self._lock.acquire(blocking=True, blocking_timeout=wait))
+
+    def release(self) -> None:
+        with contextlib.suppress(LockNotOwnedError):
+            self._lock.release()
+
+
+__all__ = ["AuxStore", "EngineIds", "SharedLock"]

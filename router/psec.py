@@ -35,13 +35,11 @@ the index (no fit) and routes by nearest example similarity.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Sequence
 
 import numpy as np
-from redis.exceptions import LockNotOwnedError
 from sklearn.linear_model import LogisticRegression
 
 from adapter_store.registry import Registry
@@ -206,13 +204,12 @@ class PsecRouter:
         while True:
             if (stored := self._stored(key, index)) is not None:
                 return stored
-            if lock.acquire(blocking=True, blocking_timeout=1.0):
+            if lock.acquire(wait=1.0):
                 break
         try:
             return self._stored(key, index) or self.train(skills, index)
         finally:
-            with contextlib.suppress(LockNotOwnedError):  # it expired (or Redis lost it): the model stands
-                lock.release()
+            lock.release()  # (expired meanwhile, or lost with Redis: the model stands)
 
     def _stored(self, key: str, index: ProfileIndex) -> RouterModel | None:
         """The model stored in Redis when it is this library's under these settings, else None."""
