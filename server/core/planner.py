@@ -18,6 +18,9 @@ from server.core.protocol import MosaicInfo
 from server.core.state import Service
 
 
+PLANNED = "mosaic.plan"  # ASGI scope key: the plan made for this request upstream (the Ray ingress), served as is
+
+
 async def plan_for(service: Service, model: str, composition: Composition | None, text: str,
                    namespace: str | None = None) -> Plan:
     """Explicit plans (base, a named skill, a composition) and ``auto`` (the router's choice).

@@ -213,6 +213,8 @@ def refusal(fastapi_app, scope):
     :class:`AuthGate` and by the Ray ingress (server/ray/app.py), before either reads the body."""
     from starlette.datastructures import Headers
 
+    if scope.get(CHECKED):  # checked where the scope was built (the Ray ingress, for the replica it calls)
+        return None
     wanted, is_mount = route_scope(fastapi_app, scope)
     if wanted is None:
         return None

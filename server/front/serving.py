@@ -14,8 +14,9 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from lora.errors import InvalidRequestError, NotFoundError, UnavailableError
+from router.plan import Plan
 from server.core.engine import EngineAdapter
-from server.core.planner import plan_for, serve_plan
+from server.core.planner import PLANNED, plan_for, serve_plan
 from server.core.protocol import MosaicInfo
 from server.core.state import Service
 from server.edge import auth
@@ -113,7 +114,10 @@ async def planned(service: Service, request: Request, model: str, composition, t
     is built: the router then decides again, once, on the library as it is now (the client named a valid
     model; a 404 for a skill it never named would be wrong)."""
     namespace = auth.namespace(request)
-    plan = await plan_for(service, model, composition, text, namespace)
+    if (handed := request.scope.get(PLANNED)) is not None:  # planned by the Ray ingress for this very request
+        plan = Plan.model_validate(handed)
+    else:
+        plan = await plan_for(service, model, composition, text, namespace)
     try:
         return await serve_plan(service, plan)
     except NotFoundError:

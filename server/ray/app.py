@@ -37,6 +37,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from server.core.planner import PLANNED
+from server.edge import auth
 from server.edge.auth import require_scope, whole_library
 from server.edge.headers import forbid_framing
 from server.ray.routing import (
@@ -119,6 +121,10 @@ class MosaicIngress:
             "query": request.url.query, "body": body,
             "headers": [(k, v) for k, v in request.headers.items()],
             "client": list(request.client) if request.client else None,
+            # what the ingress decided, so that the replica does not decide it again: the key was checked (and
+            # its namespace), and the plan made (when it was, within plan_timeout_s)
+            "checked": request.scope.get(auth.CHECKED, False), "namespace": request.scope.get(auth.NAMESPACE),
+            "plan": request.scope.get(PLANNED),
         }
         handle = self.replicas.options(stream=True, multiplexed_model_id=key) if key else self.replicas.options(stream=True)
         answer = handle.serve.remote(call)
@@ -218,6 +224,12 @@ class MosaicReplica:
             "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in call["headers"]],
             "client": tuple(call["client"]) if call["client"] else None, "server": ("127.0.0.1", 8000),
         }
+        if call.get("checked"):  # the ingress checked the key: the replica is reached only through it
+            scope[auth.CHECKED] = True
+            if call.get("namespace") is not None:
+                scope[auth.NAMESPACE] = call["namespace"]
+        if call.get("plan") is not None:
+            scope[PLANNED] = call["plan"]
         task = asyncio.create_task(self.app(scope, receive, messages.put))
         task.add_done_callback(lambda _: messages.put_nowait(None))
         task.add_done_callback(_log_failure)

@@ -70,7 +70,7 @@ async def routing_key(service, request: Request, body: bytes, timeout: float) ->
     the namespace of the request's key, as the replica plans it: a name outside it gets no id."""
     ns = request.scope.get(auth.NAMESPACE)
     if request.method == "POST":
-        planned = adapter_key(service, request.url.path, body, ns)
+        planned = adapter_key(service, request.url.path, body, ns, request.scope)
     elif request.url.path == INFO_PATH and request.query_params.get("model") and ns is None:
         planned = model_key(service, request.query_params["model"])
     else:
@@ -84,17 +84,18 @@ async def routing_key(service, request: Request, body: bytes, timeout: float) ->
     return ""
 
 
-async def adapter_key(service, path: str, body: bytes, namespace: str | None = None) -> str:
-    """The multiplexed model id of an inference request: the content id of the adapter that will serve
-    it ("" for the base model, a route that does not generate, or a request the replica will refuse,
-    such as one naming a skill outside the key's ``namespace``: any replica then answers it, with its error)."""
+async def adapter_key(service, path: str, body: bytes, namespace: str | None = None, scope: dict | None = None) -> str:
+    """The multiplexed model id of an inference request: the key of the adapter that will serve it ("" for the
+    base model, a route that does not generate, or a request the replica will refuse, such as one naming a
+    skill outside the key's ``namespace``: any replica then answers it, with its error). The plan is recorded
+    in ``scope`` (``PLANNED``): the ingress hands it to the replica, which serves it without planning again."""
     kind = INFERENCE.get(path)
     if kind is None:
         return ""
     from vllm.exceptions import VLLMClientError
 
     from composer.spec import Composition
-    from server.core.planner import plan_for
+    from server.core.planner import PLANNED, plan_for
     from server.front.endpoints import endpoint
     from server.front.parse import loads
 
@@ -109,7 +110,10 @@ async def adapter_key(service, path: str, body: bytes, namespace: str | None = N
         req = ep.protocol(data).model_validate(data)
         composition = None if raw is None else Composition.model_validate(raw)
         plan = await plan_for(service, req.model or service.base_id, composition, ep.routed(service, req), namespace)
-        return await plan_key(service, plan)
+        key = await plan_key(service, plan)
+        if scope is not None:
+            scope[PLANNED] = plan.model_dump(mode="json")
+        return key
     except (MosaicError, ValueError, VLLMClientError) as exc:  # not found, refused, malformed: the replica says so
         log.debug("no adapter key for %s: %s", path, exc)
         return ""

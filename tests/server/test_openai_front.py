@@ -356,6 +356,30 @@ def test_auto_decides_again_when_its_choice_is_deleted_before_it_is_served(monke
     assert decided == ["sentiment"]
 
 
+def test_a_plan_made_by_the_ray_ingress_is_served_without_planning_again(monkeypatch):
+    """Under Ray the ingress plans a request to route it, and hands the plan to the replica in the ASGI scope
+    (PLANNED): the replica serves that plan (the router does not run twice); without one, it plans."""
+    from router.plan import Plan
+    from server.core.planner import PLANNED
+
+    decided = []
+
+    async def plan_for(service, model, composition, text, namespace):
+        decided.append(model)
+        return Plan(kind="base", reason="planned here")
+
+    async def serve_plan(service, plan):
+        return "adapter", plan
+
+    monkeypatch.setattr(serving, "plan_for", plan_for)
+    monkeypatch.setattr(serving, "serve_plan", serve_plan)
+    handed = Plan(kind="skill", skill="sentiment@2", reason="planned by the ingress")
+    request = SimpleNamespace(scope={PLANNED: handed.model_dump(mode="json")})
+    assert asyncio.run(serving.planned(None, request, "auto", None, "hi")) == ("adapter", handed) and decided == []
+    assert asyncio.run(serving.planned(None, SimpleNamespace(scope={}), "auto", None, "hi"))[1].reason == "planned here"
+    assert decided == ["auto"]
+
+
 def test_the_generation_bound_reads_the_largest_max_tokens_field():
     """vLLM's chat reads max_completion_tokens before max_tokens: a small max_tokens beside it counts for nothing."""
     req, _ = _parse_now("chat", {**CHAT, "n": 16, "max_tokens": 1, "max_completion_tokens": 2048})
