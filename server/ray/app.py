@@ -311,7 +311,10 @@ def run(host: str, port: int, replicas: int) -> None:
     else:  # one machine: the replicas share its cores (Ray's count is for placement; the engines use them all)
         total = float(os.cpu_count() or 2)
         # an upload travels through Ray's object store on its way to a replica: room for a few at the upload limit
-        ray.init(num_cpus=total, include_dashboard=False, object_store_memory=1 << 30)
+        # each worker in its own process group, killed with it: a replica that dies (killed for memory, or by
+        # hand) takes its vLLM engine processes along instead of leaving them running, holding GBs, unowned
+        ray.init(num_cpus=total, include_dashboard=False, object_store_memory=1 << 30,
+                 _system_config={"process_group_cleanup_enabled": True})
         cpus = min(1.0, (total - 0.25) / replicas)
     node = ray.get_runtime_context().get_node_id()
 
