@@ -105,9 +105,10 @@ class Board:
         self._closed.set()
 
     def _publish(self, running: _Running, finished: bool = False) -> None:
-        record = {"kind": running.kind, "namespace": running.namespace, "seen": time.time(),
-                  "job": running.job.model_dump(mode="json")}
-        self.registry.jobs.put(running.job.id, _dumps(record), running.job.started, finished)
+        job = running.job.model_dump(mode="json")
+        record = {"kind": running.kind, "namespace": running.namespace, "seen": time.time(), "job": job}
+        # a heartbeat that raced the job's end writes an ended job too: it expires as the last record would
+        self.registry.jobs.put(running.job.id, _dumps(record), running.job.started, finished or job["state"] != "running")
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(self.beat):
