@@ -9,6 +9,7 @@ requests keep being served, and each skill moves to its new form in its own tran
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Literal
@@ -22,6 +23,7 @@ from server.edge import auth
 from server.edge.auth import require_scope
 from server.jobs.board import board
 
+log = logging.getLogger("mosaic.compress")
 router = APIRouter(tags=["skills"])
 admin = [Depends(require_scope("admin"))]
 
@@ -68,7 +70,8 @@ async def start_compress(body: CompressRequest, request: Request) -> CompressJob
             job.state = "done"
         except MosaicError as exc:
             job.state, job.error = "failed", exc.message
-        except Exception as exc:  # reported to whoever polls; the registry is consistent (see compression.py)
+        except Exception as exc:  # reported to whoever polls (and logged); the registry is consistent (compression.py)
+            log.exception("compression %s failed", job.id)
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             job.finished = time.time()
